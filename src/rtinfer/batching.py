@@ -1,0 +1,367 @@
+"""The dynamic micro-batcher: one per model, shared by every caller of the model.
+
+Callers (stream pipelines, and later HTTP and gRPC requests) :meth:`submit`
+named input arrays of one or more rows and get back exactly their own rows of
+the outputs, or their own error. Requests queue; a batch of up to
+``max_batch_size`` rows starts as soon as a slot is free (at most
+``max_in_flight`` batches run at once) and either enough rows are waiting to
+fill it or the oldest request has waited ``max_delay``. Under load, batches
+fill themselves while the model is busy; at low load a request waits at most
+``max_delay``.
+
+It is event-driven: a submit, a finished batch or one timer armed for the
+oldest request's ``max_delay`` are the only things that start a batch; there
+is no polling loop. The model runs on a thread pool of ``max_in_flight``
+threads, never on the event loop, with the caller's context variables.
+
+Guarantees (property-tested):
+
+- a batch never holds more than ``max_batch_size`` rows (a larger request is
+  split, and its parts reassembled);
+- a request whose deadline has passed is never put in a batch: it fails with
+  :class:`~rtinfer.exceptions.DeadlineExceeded`;
+- every caller gets its own result or its own error: if a batch of several
+  requests fails, each request is retried alone, so one poisonous request
+  does not fail the others;
+- the queue is bounded (``max_queue_rows``): past it a submit either waits
+  for room (``wait=True``, what streams do: backpressure) or fails at once
+  with :class:`~rtinfer.exceptions.Overloaded` (what requests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .exceptions import Closed, DeadlineExceeded, ModelError, Overloaded
+from .models.base import check_inputs, rows_of
+from .observability.metrics import Metrics
+from .types import Arrays, Model
+
+__all__ = ["MicroBatcher", "warmup_sizes"]
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes worth warming up: powers of two up to the maximum, and the maximum."""
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+class _Request:
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "rows")
+
+    def __init__(
+        self,
+        inputs: Arrays,
+        rows: int,
+        deadline: float | None,
+        future: asyncio.Future[Arrays],
+        enqueued: float,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.deadline = deadline
+        self.future = future
+        self.enqueued = enqueued
+
+
+class MicroBatcher:
+    """Groups concurrent requests to one model into batches and runs them off the loop.
+
+    ``max_delay`` is in seconds (``0``: never wait for more rows; batches still
+    form while the model is busy). Call :meth:`start` (loads and warms the
+    model) before submitting, and :meth:`aclose` at the end.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_batch_size: int = 256,
+        max_delay: float = 0.001,
+        max_in_flight: int = 1,
+        max_queue_rows: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if max_delay < 0:
+            raise ValueError(f"max_delay must be 0 or more seconds, got {max_delay}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay
+        self.max_in_flight = max_in_flight
+        self.max_queue_rows = max_queue_rows or max(16 * max_batch_size, 4096)
+        if self.max_queue_rows < max_batch_size:
+            raise ValueError(
+                f"max_queue_rows ({self.max_queue_rows}) must hold at least one full batch "
+                f"({max_batch_size})"
+            )
+        self.metrics = metrics or Metrics()
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._in_flight = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._started = False
+        #: Model calls made and rows run, for summaries (the histograms have the detail).
+        self.batches = 0
+        self.rows = 0
+        label = model.name
+        self._m_wait = self.metrics.queue_wait.labels(label)
+        self._m_size = self.metrics.batch_size.labels(label)
+        self._m_model = self.metrics.model_seconds.labels(label)
+        self._m_queued = self.metrics.batcher_queued.labels(label)
+        self._m_expired = self.metrics.batcher_rejected.labels(label, "deadline")
+        self._m_overloaded = self.metrics.batcher_rejected.labels(label, "overloaded")
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed up, until the batcher is closed."""
+        return self._started and not self._closed
+
+    async def start(self) -> None:
+        """Load the model and warm up every batch size in use, on the model's thread."""
+        if self._started:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.max_in_flight, thread_name_prefix=f"rtinfer-model-{self.model.name}"
+        )
+        model = self.model
+
+        def load_and_warm() -> None:
+            model.load()
+            model.warmup(warmup_sizes(self.max_batch_size))
+
+        await self._loop.run_in_executor(self._executor, load_and_warm)
+        self._started = True
+
+    async def submit(
+        self, inputs: Arrays, *, deadline: float | None = None, wait: bool = False
+    ) -> Arrays:
+        """Run ``inputs`` (named arrays, rows along axis 0) through the model in a batch.
+
+        ``deadline`` is a ``time.time()`` instant after which the request is not
+        run. When the queue is full, ``wait=True`` waits for room; otherwise
+        :class:`Overloaded` is raised at once.
+        """
+        if not self._started or self._closed:
+            raise Closed(
+                f"micro-batcher of model {self.model.name!r} is "
+                + ("closed" if self._closed else "not started; call start() first")
+            )
+        rows = check_inputs(self.model.name, self.model.inputs, inputs)
+        if rows > self.max_batch_size:
+            return await self._submit_split(inputs, rows, deadline, wait)
+        if deadline is not None and deadline <= time.time():
+            self._m_expired.inc()
+            raise DeadlineExceeded(
+                f"deadline passed {1e3 * (time.time() - deadline):.1f} ms before the request "
+                f"reached model {self.model.name!r}"
+            )
+        while self._queued_rows + rows > self.max_queue_rows:
+            if not wait:
+                self._m_overloaded.inc()
+                raise Overloaded(
+                    f"model {self.model.name!r} has {self._queued_rows} rows queued "
+                    f"(limit {self.max_queue_rows}); retry shortly",
+                    retry_after=1.0,
+                )
+            self._room.clear()
+            await self._room.wait()
+            if self._closed:
+                raise Closed(f"micro-batcher of model {self.model.name!r} was closed")
+        assert self._loop is not None
+        future: asyncio.Future[Arrays] = self._loop.create_future()
+        self._queue.append(_Request(inputs, rows, deadline, future, self._loop.time()))
+        self._queued_rows += rows
+        self._m_queued.set(self._queued_rows)
+        self._idle.clear()
+        self._pump()
+        return await future
+
+    async def _submit_split(
+        self, inputs: Arrays, rows: int, deadline: float | None, wait: bool
+    ) -> Arrays:
+        step = self.max_batch_size
+        parts = await asyncio.gather(
+            *(
+                self.submit(
+                    {k: v[start : start + step] for k, v in inputs.items()},
+                    deadline=deadline,
+                    wait=wait,
+                )
+                for start in range(0, rows, step)
+            )
+        )
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start every batch that may start now; arm the timer for the one that may not yet."""
+        assert self._loop is not None
+        while self._queue and self._in_flight < self.max_in_flight:
+            if self._queued_rows < self.max_batch_size and self.max_delay > 0:
+                due = self._queue[0].enqueued + self.max_delay
+                if self._loop.time() < due:
+                    if self._timer is None:
+                        self._timer = self._loop.call_at(due, self._on_timer)
+                    return
+            batch = self._take()
+            if batch:
+                self._in_flight += 1
+                self._loop.create_task(self._run(batch))
+        if not self._queue and self._in_flight == 0:
+            self._idle.set()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _take(self) -> list[_Request]:
+        """Pop up to a full batch of live requests; fail expired ones without batching them."""
+        assert self._loop is not None
+        batch: list[_Request] = []
+        size = 0
+        now_wall = time.time()
+        now = self._loop.time()
+        queue = self._queue
+        while queue and size + queue[0].rows <= self.max_batch_size:
+            request = queue.popleft()
+            self._queued_rows -= request.rows
+            if request.future.done():  # the caller gave up (cancelled)
+                continue
+            if request.deadline is not None and request.deadline <= now_wall:
+                self._m_expired.inc()
+                request.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {1e3 * (now - request.enqueued):.1f} ms in the "
+                        f"queue of model {self.model.name!r}; the request was not run"
+                    )
+                )
+                continue
+            self._m_wait.observe(now - request.enqueued)
+            batch.append(request)
+            size += request.rows
+        self._m_queued.set(self._queued_rows)
+        if self._queued_rows + self.max_batch_size <= self.max_queue_rows:
+            self._room.set()
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
+        assert self._loop is not None
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {
+                    name: np.concatenate([r.inputs[name] for r in batch])
+                    for name in batch[0].inputs
+                }
+            try:
+                outputs = await self._predict(inputs)
+            except Exception as exc:
+                if len(batch) == 1:
+                    _fail(batch[0], exc)
+                else:
+                    await self._run_alone(batch)
+                return
+            offset = 0
+            for request in batch:
+                end = offset + request.rows
+                if not request.future.done():
+                    request.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+                offset = end
+        except BaseException as exc:  # never leave a caller waiting forever
+            for request in batch:
+                _fail(request, exc if isinstance(exc, Exception) else Closed("batch cancelled"))
+            raise
+        finally:
+            self._in_flight -= 1
+            self._pump()
+
+    async def _run_alone(self, batch: Sequence[_Request]) -> None:
+        """After a batch of several requests failed: give each its own result or error."""
+        for request in batch:
+            if request.future.done():
+                continue
+            try:
+                outputs = await self._predict(request.inputs)
+            except Exception as exc:
+                _fail(request, exc)
+            else:
+                request.future.set_result(outputs)
+
+    async def _predict(self, inputs: Arrays) -> Arrays:
+        assert self._loop is not None
+        rows = rows_of(inputs)
+        context = contextvars.copy_context()
+        started = time.perf_counter()
+        outputs = await self._loop.run_in_executor(
+            self._executor, functools.partial(context.run, self.model.predict, inputs)
+        )
+        self._m_model.observe(time.perf_counter() - started)
+        self._m_size.observe(rows)
+        self.batches += 1
+        self.rows += rows
+        for name, array in outputs.items():
+            if not isinstance(array, np.ndarray) or array.shape[:1] != (rows,):
+                got: Any = getattr(array, "shape", type(array).__name__)
+                raise ModelError(
+                    f"model {self.model.name!r} output {name!r} has shape {got} for a batch of "
+                    f"{rows} rows; every output needs one row per input row"
+                )
+        return outputs
+
+    # -- shutdown ---------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until every queued request has been run."""
+        await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Finish queued work, then stop the model's threads. Later submits raise Closed."""
+        if self._closed:
+            return
+        if self._started:
+            await self.drain()
+        self._closed = True
+        self._room.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MicroBatcher model={self.model.name!r} max_batch_size={self.max_batch_size} "
+            f"max_delay={self.max_delay} queued_rows={self._queued_rows} "
+            f"in_flight={self._in_flight}>"
+        )
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(exc)

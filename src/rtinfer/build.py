@@ -1,0 +1,194 @@
+"""Build a runnable :class:`~rtinfer.pipeline.Pipeline` from a checked :class:`PipelineConfig`.
+
+The Python API builds the same objects directly; this module is only the
+mapping from the file's keys to them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .batching import MicroBatcher
+from .broker import Broker
+from .config import (
+    DecodeConfig,
+    FileSinkConfig,
+    FileSourceConfig,
+    MemorySinkConfig,
+    MemorySourceConfig,
+    ModelConfig,
+    PipelineConfig,
+    PythonStageConfig,
+    SinkConfig,
+    SourceConfig,
+    StageConfig,
+    StdoutSinkConfig,
+    VectorizeStageConfig,
+    import_object,
+    load_config,
+)
+from .exceptions import ConfigError
+from .models import load_model
+from .observability.metrics import Metrics
+from .pipeline import Pipeline
+from .sinks import BrokerSink, JsonLinesSink, StdoutSink
+from .sources import BrokerSource, JsonLinesSource
+from .stages import Decide, Decode, Outputs, Predict, Stage, Vectorize
+from .types import Model, Sink, Source
+
+__all__ = ["build_model", "build_pipeline", "load_pipeline"]
+
+_FIELD_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "any": Any}
+
+
+def load_pipeline(
+    path: str | os.PathLike[str], *, broker: Broker | None = None, metrics: Metrics | None = None
+) -> Pipeline:
+    """Read a pipeline file and build the pipeline it describes."""
+    return build_pipeline(load_config(path), broker=broker, metrics=metrics, file=str(path))
+
+
+def build_pipeline(
+    config: PipelineConfig,
+    *,
+    broker: Broker | None = None,
+    metrics: Metrics | None = None,
+    file: str | None = None,
+) -> Pipeline:
+    """Build a pipeline; ``broker`` is the in-process broker that ``memory`` sources use."""
+    broker = broker or Broker()
+    metrics = metrics or Metrics()
+    model = build_model(config.model, file=file)
+    b = config.model.batching
+    batcher = MicroBatcher(
+        model,
+        max_batch_size=b.max_batch_size,
+        max_delay=b.max_delay_ms / 1e3,
+        max_in_flight=b.max_in_flight,
+        max_queue_rows=b.max_queue_rows,
+        metrics=metrics,
+    )
+    stages: list[Stage] = [_decode(config.decode, file)]
+    stages += [_stage(s, i, file) for i, s in enumerate(config.stages)]
+    stages.append(Predict(batcher, allow_nan=config.model.allow_nan))
+    if config.decision is not None:
+        d = config.decision
+        stages.append(
+            Decide(
+                output=d.output,
+                column=d.column,
+                thresholds=d.thresholds,
+                default=d.default,
+                include=d.include,
+                model_version=lambda: model.version,
+            )
+        )
+    else:
+        stages.append(Outputs(model_version=lambda: model.version))
+    r = config.runtime
+    return Pipeline(
+        _source(config.source, broker),
+        stages,
+        [_sink(s, broker) for s in config.sinks],
+        dead_letters=_sink(config.dead_letters, broker) if config.dead_letters else None,
+        name=config.name,
+        read_size=r.read_size,
+        max_in_flight=r.max_in_flight,
+        flush_interval=r.flush_interval_ms / 1e3,
+        metrics=metrics,
+    )
+
+
+def build_model(config: ModelConfig, *, file: str | None = None) -> Model:
+    """The model a ``model:`` section names (not loaded yet: the batcher loads it off the loop)."""
+    options: dict[str, Any] = {
+        "intra_op_threads": config.intra_op_threads,
+        "inter_op_threads": config.inter_op_threads,
+        "providers": config.providers,
+    }
+    if config.path is not None:
+        return load_model(
+            config.path,
+            name=config.name,
+            version=config.version,
+            allow_pickle=config.allow_pickle,
+            **options,
+        )
+    assert config.factory is not None
+    factory = import_object(config.factory, key="model.factory", file=file)
+    made = factory()
+    if isinstance(made, str | os.PathLike):
+        return load_model(
+            Path(made),
+            name=config.name,
+            version=config.version,
+            allow_pickle=config.allow_pickle,
+            **options,
+        )
+    if isinstance(made, Model):
+        return made
+    raise ConfigError(
+        f"factory {config.factory!r} returned {type(made).__name__}; it must return a model "
+        f"file path or a model (load, warmup, predict)",
+        key="model.factory",
+        file=file,
+    )
+
+
+def _decode(config: DecodeConfig, file: str | None) -> Decode:
+    schema: Any = None
+    if config.schema is not None:
+        schema = import_object(config.schema, key="decode.schema", file=file)
+    elif config.fields is not None:
+        schema = msgspec.defstruct(
+            "Event", [(name, _FIELD_TYPES[kind]) for name, kind in config.fields.items()]
+        )
+    return Decode(
+        schema,
+        codec=config.codec,
+        id_field=config.id_field,
+        event_time_field=config.event_time_field,
+        event_time_unit=config.event_time_unit,
+    )
+
+
+def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
+    if isinstance(config, VectorizeStageConfig):
+        return Vectorize(config.fields, input=config.input, dtype=config.dtype)
+    assert isinstance(config, PythonStageConfig)
+    key = f"stages.{index}.use"
+    factory = import_object(config.use, key=key, file=file)
+    try:
+        stage = factory(**config.args)
+    except TypeError as exc:
+        raise ConfigError(
+            f"cannot build {config.use!r} with args {config.args}: {exc}", key=key, file=file
+        ) from exc
+    if not callable(stage):
+        raise ConfigError(
+            f"{config.use!r} built a {type(stage).__name__}, which is not callable; a stage "
+            f"takes a Batch and returns it",
+            key=key,
+            file=file,
+        )
+    return stage  # type: ignore[no-any-return]
+
+
+def _source(config: SourceConfig, broker: Broker) -> Source:
+    if isinstance(config, MemorySourceConfig):
+        return BrokerSource(broker, config.topic, group=config.group)
+    assert isinstance(config, FileSourceConfig)
+    return JsonLinesSource(config.path, checkpoint=config.checkpoint, follow=config.follow)
+
+
+def _sink(config: SinkConfig, broker: Broker) -> Sink:
+    if isinstance(config, MemorySinkConfig):
+        return BrokerSink(broker, config.topic)
+    if isinstance(config, FileSinkConfig):
+        return JsonLinesSink(config.path, fsync=config.fsync)
+    assert isinstance(config, StdoutSinkConfig)
+    return StdoutSink()

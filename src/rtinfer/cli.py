@@ -1,0 +1,182 @@
+"""The ``rtinfer`` command: thin wrappers over the Python API.
+
+::
+
+    rtinfer run PIPELINE.yaml [--summary-json PATH] [--metrics-port PORT]
+    rtinfer check PIPELINE.yaml
+    rtinfer demo [--events N] [--rate EVENTS_PER_S] [--summary-json PATH] [--metrics-port PORT]
+    rtinfer demo generate --events N --out FILE.jsonl
+    rtinfer demo train
+
+Exit status: 0 on success (a run stopped by one SIGINT/SIGTERM included), 2
+for a configuration or usage error, 1 for any other failure, 130 after a
+second signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import __version__
+from .exceptions import ConfigError, RtinferError
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtinfer",
+        description="Real-time AI: models on live streams, answered in milliseconds.",
+    )
+    parser.add_argument("--version", action="version", version=f"rtinfer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a pipeline file until its source ends or a signal")
+    run.add_argument("pipeline", type=Path, help="the pipeline YAML file")
+    _add_run_options(run)
+
+    check = commands.add_parser("check", help="check a pipeline file without running it")
+    check.add_argument("pipeline", type=Path)
+
+    demo = commands.add_parser("demo", help="live fraud scoring on the embedded broker")
+    demo.add_argument("--events", type=_positive_int, default=200_000, help="default 200,000")
+    demo.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=None,
+        help="events/s, open-loop arrivals (default: as fast as possible)",
+    )
+    demo.add_argument("--seed", type=int, default=7, help="the stream's random seed")
+    _add_run_options(demo)
+    demo_commands = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
+    generate = demo_commands.add_parser("generate", help="write the demo's events as JSON Lines")
+    generate.add_argument("--events", type=_positive_int, required=True)
+    generate.add_argument("--out", type=Path, required=True)
+    generate.add_argument("--seed", type=int, default=7)
+    demo_commands.add_parser("train", help="train (or find) the demo's model; print its path")
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--summary-json", type=Path, help="write the run's summary here")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--no-live", dest="live", action="store_false", help="no live view on stderr"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            summary = _run(_run_pipeline(args.pipeline, args.metrics_port, args.live))
+            _report(summary, args.summary_json)
+        elif args.command == "check":
+            from .build import load_pipeline
+
+            pipeline = load_pipeline(args.pipeline)
+            print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages)")
+        elif args.command == "demo":
+            return _demo(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RtinferError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.demo_command == "generate":
+        from .demo.generator import write_jsonl
+
+        write_jsonl(args.out, args.events, seed=args.seed)
+        print(f"wrote {args.events:,} events to {args.out}", file=sys.stderr)
+        return 0
+    if args.demo_command == "train":
+        from .demo.training import ensure_model
+
+        print(ensure_model())
+        return 0
+    from .demo.run import run_demo
+
+    summary = _run(
+        run_demo(
+            events=args.events,
+            rate=args.rate,
+            metrics_port=args.metrics_port,
+            live=args.live,
+            seed=args.seed,
+        )
+    )
+    _report(summary, args.summary_json)
+    return 0
+
+
+async def _run_pipeline(path: Path, metrics_port: int | None, live: bool) -> dict[str, Any]:
+    from .build import load_pipeline
+    from .observability.live import LiveView
+    from .signals import handle_signals
+
+    pipeline = load_pipeline(path)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=pipeline.metrics.registry)
+    remove = handle_signals(pipeline.stop)
+    view = asyncio.create_task(LiveView(pipeline, title=pipeline.name).run()) if live else None
+    try:
+        summary = await pipeline.run()
+    finally:
+        remove()
+        if view is not None:
+            view.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await view
+    return summary.as_dict()
+
+
+def _report(summary: dict[str, Any], path: Path | None) -> None:
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

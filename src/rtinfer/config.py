@@ -1,0 +1,317 @@
+"""The pipeline file: YAML, with ``${ENV_VAR:-default}`` interpolation, checked field by field.
+
+One file serves several environments: ``${NAME}`` is replaced by the
+environment variable (an error if it is unset), ``${NAME:-default}`` falls
+back to the default when it is unset or empty, and ``$$`` is a literal ``$``.
+Interpolation happens on the text, before YAML parsing, so a value may
+become a number.
+
+Every mistake is reported with the file, the key, what was expected and what
+was found; unknown keys are errors (a misspelt key silently ignored is a
+setting silently lost). Relative paths in the file are relative to the
+current directory, as on a command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from .exceptions import ConfigError
+
+__all__ = [
+    "BatchingConfig",
+    "DecisionConfig",
+    "DecodeConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "RuntimeConfig",
+    "import_object",
+    "interpolate",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# -- sources and sinks: a ``type`` key picks the kind -------------------------------------
+
+
+class MemorySourceConfig(_Strict, tag="memory", tag_field="type"):
+    """The in-process broker: a topic read by a consumer group."""
+
+    topic: str
+    group: str = "rtinfer"
+
+
+class FileSourceConfig(_Strict, tag="file", tag_field="type"):
+    """A JSON Lines file, one event per line; ``checkpoint`` makes restarts resume."""
+
+    path: str
+    checkpoint: str | None = None
+    follow: bool = False
+
+
+class MemorySinkConfig(_Strict, tag="memory", tag_field="type"):
+    topic: str
+
+
+class FileSinkConfig(_Strict, tag="file", tag_field="type"):
+    path: str
+    fsync: bool = False
+
+
+class StdoutSinkConfig(_Strict, tag="stdout", tag_field="type"):
+    pass
+
+
+SourceConfig = MemorySourceConfig | FileSourceConfig
+SinkConfig = MemorySinkConfig | FileSinkConfig | StdoutSinkConfig
+
+
+# -- stages -------------------------------------------------------------------------------
+
+
+class DecodeConfig(_Strict):
+    """How event bytes become data: codec, schema (a Struct's import path, or inline fields)."""
+
+    codec: Literal["json", "msgpack"] = "json"
+    schema: str | None = None
+    fields: dict[str, Literal["str", "int", "float", "bool", "any"]] | None = None
+    id_field: str | None = "id"
+    event_time_field: str | None = None
+    event_time_unit: Literal["s", "ms"] = "ms"
+
+    def __post_init__(self) -> None:
+        if self.schema is not None and self.fields is not None:
+            raise ValueError("give either schema (an import path) or fields, not both")
+
+
+class VectorizeStageConfig(_Strict, tag="vectorize", tag_field="type"):
+    """Model input from named fields of the decoded event."""
+
+    fields: list[str]
+    input: str = "features"
+    dtype: str = "float32"
+
+
+class PythonStageConfig(_Strict, tag="python", tag_field="type"):
+    """A stage written in Python: ``use`` is ``module:Class`` (or a function), ``args`` its kwargs."""
+
+    use: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+StageConfig = VectorizeStageConfig | PythonStageConfig
+
+
+class BatchingConfig(_Strict):
+    """The model's micro-batcher (see :class:`rtinfer.batching.MicroBatcher`)."""
+
+    max_batch_size: int = 256
+    max_delay_ms: float = 1.0
+    max_in_flight: int = 1
+    max_queue_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be 0 or more, got {self.max_delay_ms}")
+
+
+class ModelConfig(_Strict):
+    """Which model, how to run it: ``path`` to a model file, or ``factory`` returning one."""
+
+    path: str | None = None
+    factory: str | None = None
+    name: str | None = None
+    version: str | None = None
+    allow_pickle: bool = False
+    allow_nan: bool = False
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    providers: list[str] | None = None
+    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("give exactly one of path (a model file) or factory (module:function)")
+
+
+class DecisionConfig(_Strict):
+    """Score to decision: ``thresholds`` maps each decision to the lowest score that earns it."""
+
+    output: str = "probabilities"
+    column: int | None = 1
+    thresholds: dict[str, float] = msgspec.field(default_factory=dict)
+    default: str = "approve"
+    include: list[str] = msgspec.field(default_factory=list)
+
+
+class RuntimeConfig(_Strict):
+    """How the pipeline runs: batch read size, batches in flight, flush interval."""
+
+    read_size: int = 256
+    max_in_flight: int = 4
+    flush_interval_ms: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.read_size < 1:
+            raise ValueError(f"read_size must be at least 1, got {self.read_size}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
+
+
+class PipelineConfig(_Strict):
+    """A whole pipeline: source → decode → stages → model → decision → sinks."""
+
+    source: SourceConfig
+    model: ModelConfig
+    sinks: list[SinkConfig]
+    name: str = "pipeline"
+    decode: DecodeConfig = msgspec.field(default_factory=DecodeConfig)
+    stages: list[StageConfig] = msgspec.field(default_factory=list)
+    decision: DecisionConfig | None = None
+    dead_letters: SinkConfig | None = None
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\{([^}]*)\})")
+
+
+def interpolate(text: str, environ: dict[str, str] | None = None, *, file: str = "<text>") -> str:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` with environment values; ``$$`` is ``$``."""
+    env = os.environ if environ is None else environ
+    out_lines = []
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+
+        def substitute(match: re.Match[str], number: int = number) -> str:
+            whole = match.group(0)
+            if whole == "$$":
+                return "$"
+            if match.group(3) is not None:
+                raise ConfigError(
+                    f"line {number}: {whole!r} is not a valid variable; "
+                    f"use ${{NAME}} or ${{NAME:-default}}",
+                    file=file,
+                )
+            name, default = match.group(1), match.group(2)
+            value = env.get(name)
+            if value is None or (value == "" and ":-" in whole):
+                if default is None:
+                    raise ConfigError(
+                        f"line {number}: environment variable {name} is not set and "
+                        f"${{{name}}} has no default; set it or write ${{{name}:-default}}",
+                        file=file,
+                    )
+                return default
+            return value
+
+        out_lines.append(_VAR.sub(substitute, line))
+    return "".join(out_lines)
+
+
+def parse_config(
+    text: str, *, file: str = "<text>", environ: dict[str, str] | None = None
+) -> PipelineConfig:
+    """Parse and check a pipeline file's text."""
+    try:
+        raw = yaml.safe_load(interpolate(text, environ, file=file))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}invalid YAML: {problem}", file=file) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"expected a mapping of settings (source, model, sinks, ...), "
+            f"found {type(raw).__name__}",
+            file=file,
+        )
+    try:
+        return msgspec.convert(raw, PipelineConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, raw, file) from None
+
+
+def load_config(
+    path: str | os.PathLike[str], *, environ: dict[str, str] | None = None
+) -> PipelineConfig:
+    """Read, interpolate and check a pipeline YAML file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("pipeline file not found", file=str(p)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the pipeline file: {exc}", file=str(p)) from None
+    return parse_config(text, file=str(p), environ=environ)
+
+
+_AT = re.compile(r" - at `\$(.*)`$")
+
+
+def _explain(exc: msgspec.ValidationError, raw: Any, file: str) -> ConfigError:
+    """Turn msgspec's message into one naming the dotted key and the value found there."""
+    message = str(exc)
+    match = _AT.search(message)
+    if match is None:
+        return ConfigError(message, file=file)
+    path = match.group(1)
+    key = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+    message = message[: match.start()]
+    found = _lookup(raw, key)
+    if found is not _MISSING and message.startswith("Expected"):
+        message += f", found {found!r}"
+    return ConfigError(message, file=file, key=key or None)
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, key: str) -> Any:
+    node = raw
+    for part in key.split(".") if key else []:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def import_object(spec: str, *, key: str | None = None, file: str | None = None) -> Any:
+    """Import ``package.module:attribute`` (what ``use`` and ``factory`` name)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected 'package.module:name', found {spec!r}", key=key, file=file)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import module {module_name!r}: {exc}", key=key, file=file
+        ) from exc
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"module {module_name!r} has no attribute {attr!r}", key=key, file=file
+            ) from None
+    return obj

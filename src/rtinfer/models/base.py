@@ -1,0 +1,83 @@
+"""What every model shares: checking inputs against the model's tensor specs.
+
+A model's ``inputs`` are known once it is loaded. :func:`check_inputs` compares
+a batch of named arrays with them, so a wrong name, shape or dtype fails with
+a message that says what was expected and what was found, before the model
+ever sees the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import ModelInputError
+from ..types import Arrays, TensorSpec
+
+__all__ = ["check_inputs", "example_inputs", "rows_of"]
+
+
+def _shape_str(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("-1" if d is None else str(d) for d in shape) + "]"
+
+
+def check_inputs(model_name: str, specs: Sequence[TensorSpec], inputs: Arrays) -> int:
+    """Check ``inputs`` against ``specs`` and return the number of rows.
+
+    Raises :class:`ModelInputError` naming the input, the expected and the found
+    shape or dtype. Arrays of another numeric dtype are not converted silently:
+    the caller converts once, where the data is built.
+    """
+    names = {s.name for s in specs}
+    unknown = sorted(set(inputs) - names)
+    if unknown:
+        raise ModelInputError(
+            f"model {model_name!r} has no input {unknown[0]!r}; its inputs are {sorted(names)}"
+        )
+    rows = -1
+    for spec in specs:
+        array = inputs.get(spec.name)
+        if array is None:
+            raise ModelInputError(
+                f"model {model_name!r} input {spec.name!r} is missing; "
+                f"it expects {spec.dtype} {spec.describe_shape()}"
+            )
+        if array.dtype != spec.dtype:
+            raise ModelInputError(
+                f"model {model_name!r} input {spec.name!r} expects dtype {spec.dtype}, "
+                f"got {array.dtype}; convert with .astype(np.{spec.dtype})"
+            )
+        if array.ndim != len(spec.shape) or any(
+            want is not None and want != got
+            for want, got in zip(spec.shape[1:], array.shape[1:], strict=True)
+        ):
+            raise ModelInputError(
+                f"model {model_name!r} input {spec.name!r} expects shape "
+                f"{spec.describe_shape()}, got {_shape_str(array.shape)}"
+            )
+        if rows == -1:
+            rows = array.shape[0]
+        elif array.shape[0] != rows:
+            raise ModelInputError(
+                f"model {model_name!r} inputs disagree on the number of rows: "
+                f"{spec.name!r} has {array.shape[0]}, another has {rows}"
+            )
+    return max(rows, 0)
+
+
+def example_inputs(specs: Sequence[TensorSpec], rows: int) -> Arrays:
+    """Zero-filled inputs of ``rows`` rows matching ``specs``, for warming a model up."""
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in specs:
+        dims = [rows] + [1 if d is None else d for d in spec.shape[1:]]
+        out[spec.name] = np.zeros(dims, dtype=spec.dtype)
+    return out
+
+
+def rows_of(arrays: Arrays) -> int:
+    """The number of rows of a set of named arrays (0 if there are none)."""
+    for array in arrays.values():
+        return int(array.shape[0])
+    return 0

@@ -1,0 +1,124 @@
+"""Every Prometheus metric rtinfer exports, named in one place.
+
+Each :class:`Metrics` owns its own ``CollectorRegistry``: nothing is
+registered at import, and two pipelines in one process (or one test session)
+never collide. Per-batch figures go through ``prometheus_client``; the
+per-event latency goes through :class:`~rtinfer.observability.LatencyHistogram`,
+fed a batch at a time and exposed as an ordinary Prometheus histogram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .latency import LatencyHistogram
+
+__all__ = ["Metrics"]
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class _LatencyCollector(Collector):
+    """Exposes the pipelines' end-to-end latency histograms."""
+
+    def __init__(self) -> None:
+        self.histograms: dict[str, LatencyHistogram] = {}
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "rtinfer_event_latency_seconds",
+            "Time from an event's ingestion to its result being written to the sinks.",
+            labels=["pipeline"],
+        )
+        bounds = list(LATENCY_BUCKETS)
+        for name, hist in self.histograms.items():
+            cum = hist.cumulative(bounds)
+            buckets = [(str(b), float(c)) for b, c in zip(bounds, cum, strict=True)]
+            buckets.append(("+Inf", float(hist.count)))
+            family.add_metric([name], buckets, hist.sum)
+        yield family
+
+
+class Metrics:
+    """The metrics of one rtinfer process (pipelines, models, batchers)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter(
+            "rtinfer_events_in", "Events read from a pipeline's source.", ["pipeline"], registry=r
+        )
+        self.events_out = Counter(
+            "rtinfer_events_out",
+            "Results written to a pipeline's sinks.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "rtinfer_dead_letters",
+            "Events sent to the dead-letter sink, by the stage that gave up on them.",
+            ["pipeline", "stage"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "rtinfer_stage_seconds",
+            "Time a batch spent in each pipeline stage.",
+            ["pipeline", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "rtinfer_batcher_queue_wait_seconds",
+            "Time a request waited in a model's micro-batcher before its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rtinfer_batch_size",
+            "Rows per model call.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.model_seconds = Histogram(
+            "rtinfer_model_seconds",
+            "Time of one model call on a batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batcher_rejected = Counter(
+            "rtinfer_batcher_rejected",
+            "Requests a micro-batcher failed before running them, "
+            "by reason (deadline, overloaded).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.batcher_queued = Gauge(
+            "rtinfer_batcher_queued_rows",
+            "Rows waiting in a model's micro-batcher.",
+            ["model"],
+            registry=r,
+        )
+        self._latency = _LatencyCollector()
+        r.register(self._latency)
+
+    def latency(self, pipeline: str) -> LatencyHistogram:
+        """The end-to-end latency histogram of one pipeline (created on first use)."""
+        hist = self._latency.histograms.get(pipeline)
+        if hist is None:
+            hist = self._latency.histograms[pipeline] = LatencyHistogram()
+        return hist
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return bytes(generate_latest(self.registry))

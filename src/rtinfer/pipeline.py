@@ -1,0 +1,337 @@
+"""The pipeline: source → stages → sinks, with acknowledgement only after flush.
+
+Two tasks run a pipeline. The *reader* reads up to ``read_size`` events at a
+time from the source and starts the composed handler on them as one task per
+batch; the *writer* takes those tasks in the order they were started, writes
+each batch's results to every sink and its dead letters to the dead-letter
+sink, and from time to time flushes every sink and only then acknowledges the
+source positions of everything written before the flush. So:
+
+- **at least once**: a position is acknowledged only after every sink has
+  flushed what was derived from it; a crash before that means redelivery;
+- **order**: results leave in source order (hence per-key order);
+- **bounded**: at most ``max_in_flight`` batches are between source and sinks;
+  when they are all busy the reader stops reading, which pauses the source;
+- **dead letters alone**: a stage drops a bad event from its batch with a
+  reason; the rest of the batch carries on, and the dead letter is written
+  (and flushed) before its position is acknowledged.
+
+:meth:`Pipeline.stop` stops intake; what was read is finished, flushed and
+acknowledged before :meth:`Pipeline.run` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .exceptions import RtinferError
+from .observability.latency import LatencyHistogram
+from .observability.metrics import Metrics
+from .stages import Stage, compose
+from .types import Batch, DeadLetter, Event, Position, Sink, Source
+
+__all__ = ["Lifecycle", "Pipeline", "RunSummary", "dead_letter_record"]
+
+log = logging.getLogger("rtinfer.pipeline")
+
+
+class Lifecycle(enum.Enum):
+    """Where a pipeline is in its life; each state only moves forward."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class RunSummary:
+    """What a finished run did; :meth:`as_dict` is the ``--summary-json`` document."""
+
+    __slots__ = ("batch_size_mean", "dead_letters", "duration_s", "events_in", "events_out",
+                 "latency")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        events_in: int,
+        events_out: int,
+        dead_letters: int,
+        duration_s: float,
+        latency: LatencyHistogram,
+        batch_size_mean: float,
+    ) -> None:
+        self.events_in = events_in
+        self.events_out = events_out
+        self.dead_letters = dead_letters
+        self.duration_s = duration_s
+        self.latency = latency
+        self.batch_size_mean = batch_size_mean
+
+    @property
+    def throughput_eps(self) -> float:
+        return self.events_in / self.duration_s if self.duration_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "events_in": self.events_in,
+            "events_out": self.events_out,
+            "dead_letters": self.dead_letters,
+            "duration_s": round(self.duration_s, 3),
+            "throughput_eps": round(self.throughput_eps, 1),
+            "latency_ms": self.latency.summary_ms(),
+            "batch_size_mean": round(self.batch_size_mean, 2),
+        }
+
+
+def dead_letter_record(dead: DeadLetter, pipeline: str) -> dict[str, Any]:
+    """The record written to the dead-letter sink: why, where from, and the payload itself."""
+    event = dead.event
+    try:
+        value: str = event.value.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        value = base64.b64encode(event.value).decode("ascii")
+        encoding = "base64"
+    position = event.position or Position("unknown", 0, -1)
+    return {
+        "id": event.id,
+        "pipeline": pipeline,
+        "stage": dead.stage,
+        "reason": dead.reason,
+        "source": position.source,
+        "partition": position.partition,
+        "offset": position.offset,
+        "key": event.key.decode("utf-8", "replace") if event.key is not None else None,
+        "value": value,
+        "value_encoding": encoding,
+        "time": time.time(),
+    }
+
+
+class _LogDeadLetters:
+    """Where dead letters go when no dead-letter sink is configured: the log."""
+
+    name = "log"
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, events: Sequence[Event]) -> None:
+        for event in events:
+            log.warning("dead letter: %s", event.result)
+
+    async def flush(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Pipeline:
+    """A source, stages and sinks, run with at-least-once delivery.
+
+    ``stages`` are composed once when :meth:`run` starts; a stage with
+    ``start``/``aclose`` coroutines (the model stage loads and warms up its
+    model there) is started before the source and closed after the sinks.
+    ``flush_interval`` (seconds) bounds how long written results wait for a
+    flush (and their positions for an acknowledgement) while the pipeline is
+    busy; when it is idle, every batch is flushed at once.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        stages: Sequence[Stage],
+        sinks: Sequence[Sink],
+        *,
+        dead_letters: Sink | None = None,
+        name: str = "pipeline",
+        read_size: int = 256,
+        max_in_flight: int = 4,
+        flush_interval: float = 0.1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if read_size < 1:
+            raise ValueError(f"read_size must be at least 1, got {read_size}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.source = source
+        self.stages = list(stages)
+        self.sinks = list(sinks)
+        self.dead_letters: Sink = dead_letters or _LogDeadLetters()
+        self.name = name
+        self.read_size = read_size
+        self.max_in_flight = max_in_flight
+        self.flush_interval = flush_interval
+        self.metrics = metrics or Metrics()
+        self.state = Lifecycle.CREATED
+        self.ready = asyncio.Event()
+        self.latency = LatencyHistogram()
+        self.events_in = 0
+        self.events_out = 0
+        self.dead_count = 0
+        self._stop = asyncio.Event()
+        self._reading = False
+        self._reader: asyncio.Task[None] | None = None
+        self._m_in = self.metrics.events_in.labels(name)
+        self._m_out = self.metrics.events_out.labels(name)
+        self._m_latency = self.metrics.latency(name)
+        self._observers: list[Any] = []
+
+    def observe(self, callback: Any) -> None:
+        """Call ``callback(batch)`` after each batch is written (live views, demos, tests)."""
+        self._observers.append(callback)
+
+    def stop(self) -> None:
+        """Stop reading; in-flight events are finished, flushed and acknowledged."""
+        self._stop.set()
+        if self._reader is not None and self._reading:
+            self._reader.cancel()
+
+    async def run(self) -> RunSummary:
+        """Run until the source ends or :meth:`stop` is called; return what was done."""
+        if self.state is not Lifecycle.CREATED:
+            raise RtinferError(f"pipeline {self.name!r} is {self.state.value}; run it only once")
+        self.state = Lifecycle.STARTING
+        started_stages: list[Any] = []
+        started_sinks: list[Sink] = []
+        source_started = False
+        try:
+            for stage in self.stages:
+                start = getattr(stage, "start", None)
+                if start is not None:
+                    await start()
+                    started_stages.append(stage)
+            for sink in [*self.sinks, self.dead_letters]:
+                await sink.start()
+                started_sinks.append(sink)
+            await self.source.start()
+            source_started = True
+            handler = compose(self.stages, metrics=self.metrics, pipeline=self.name)
+            self.state = Lifecycle.RUNNING
+            self.ready.set()
+            began = time.perf_counter()
+            inflight: asyncio.Queue[asyncio.Task[Batch] | None] = asyncio.Queue(self.max_in_flight)
+            self._reader = asyncio.create_task(self._read(handler, inflight))
+            try:
+                await self._write(inflight)
+            finally:
+                if not self._reader.done():
+                    self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
+                # After a failure, batches already started are abandoned unacknowledged.
+                while not inflight.empty():
+                    pending = inflight.get_nowait()
+                    if pending is not None:
+                        pending.cancel()
+            self._reader.result()  # a failed source fails the run, after what it read is done
+            duration = time.perf_counter() - began
+        finally:
+            self.ready.clear()
+            self.state = Lifecycle.DRAINING
+            await self._close(source_started, started_sinks, started_stages)
+            self.state = Lifecycle.CLOSED
+        batchers = [getattr(s, "batcher", None) for s in self.stages]
+        batches = sum(b.batches for b in batchers if b is not None)
+        rows = sum(b.rows for b in batchers if b is not None)
+        return RunSummary(
+            events_in=self.events_in,
+            events_out=self.events_out,
+            dead_letters=self.dead_count,
+            duration_s=duration,
+            latency=self.latency,
+            batch_size_mean=rows / batches if batches else 0.0,
+        )
+
+    async def _close(self, source_started: bool, sinks: list[Sink], stages: list[Any]) -> None:
+        closers = [self.source.aclose] if source_started else []
+        closers += [s.aclose for s in sinks] + [s.aclose for s in reversed(stages)]
+        for close in closers:
+            try:
+                await close()
+            except Exception:  # the run's own outcome is what the caller sees
+                log.exception("error while closing pipeline %r", self.name)
+
+    async def _read(
+        self, handler: Any, inflight: asyncio.Queue[asyncio.Task[Batch] | None]
+    ) -> None:
+        seq = 0
+        try:
+            while not self._stop.is_set():
+                self._reading = True
+                try:
+                    events = await self.source.read(self.read_size)
+                except asyncio.CancelledError:
+                    if self._stop.is_set():  # stop() interrupted the wait: nothing was read
+                        break
+                    raise
+                finally:
+                    self._reading = False
+                if not events:
+                    break
+                self.events_in += len(events)
+                self._m_in.inc(len(events))
+                seq += 1
+                await inflight.put(asyncio.create_task(handler(Batch(events, seq))))
+        except Exception:
+            # The source failed: let the writer finish what was read, then fail the run.
+            await inflight.put(None)
+            raise
+        await inflight.put(None)
+
+    async def _write(self, inflight: asyncio.Queue[asyncio.Task[Batch] | None]) -> None:
+        sinks = self.sinks
+        pending: list[Position] = []
+        last_flush = time.perf_counter()
+        while True:
+            task = await inflight.get()
+            if task is None:
+                break
+            batch = await task
+            if batch.events:
+                for sink in sinks:
+                    await sink.write(batch.events)
+                now = time.time()
+                ingest = np.fromiter(
+                    (e.ingest_time for e in batch.events), np.float64, len(batch.events)
+                )
+                latencies = now - ingest
+                self.latency.record(latencies)
+                self._m_latency.record(latencies)
+                self.events_out += len(batch.events)
+                self._m_out.inc(len(batch.events))
+            if batch.dead:
+                await self._write_dead(batch.dead)
+            pending.extend(batch.positions)
+            for observer in self._observers:
+                observer(batch)
+            if inflight.empty() or time.perf_counter() - last_flush >= self.flush_interval:
+                await self._flush_and_ack(pending)
+                pending = []
+                last_flush = time.perf_counter()
+        await self._flush_and_ack(pending)
+
+    async def _write_dead(self, dead: list[DeadLetter]) -> None:
+        events = []
+        for letter in dead:
+            letter.event.result = dead_letter_record(letter, self.name)
+            events.append(letter.event)
+            self.metrics.dead_letters.labels(self.name, letter.stage).inc()
+        self.dead_count += len(dead)
+        await self.dead_letters.write(events)
+
+    async def _flush_and_ack(self, positions: list[Position]) -> None:
+        for sink in self.sinks:
+            await sink.flush()
+        await self.dead_letters.flush()
+        if positions:
+            await self.source.ack(positions)
