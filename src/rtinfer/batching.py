@@ -12,7 +12,8 @@ fill themselves while the model is busy; at low load a request waits at most
 It is event-driven: a submit, a finished batch or one timer armed for the
 oldest request's ``max_delay`` are the only things that start a batch; there
 is no polling loop. The model runs on a thread pool of ``max_in_flight``
-threads, never on the event loop, with the caller's context variables.
+threads, never on the event loop, with the caller's context variables (a
+batch of several requests runs with those of its oldest request).
 
 Guarantees (property-tested):
 
@@ -22,7 +23,8 @@ Guarantees (property-tested):
   :class:`~rtinfer.exceptions.DeadlineExceeded`;
 - every caller gets its own result or its own error: if a batch of several
   requests fails, each request is retried alone, so one poisonous request
-  does not fail the others;
+  does not fail the others; if a split request fails in one part, its other
+  parts are withdrawn rather than run for nothing;
 - the queue is bounded (``max_queue_rows``): past it a submit either waits
   for room (``wait=True``, what streams do: backpressure) or fails at once
   with :class:`~rtinfer.exceptions.Overloaded` (what requests do).
@@ -60,7 +62,7 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 
 
 class _Request:
-    __slots__ = ("deadline", "enqueued", "future", "inputs", "rows")
+    __slots__ = ("context", "deadline", "enqueued", "future", "inputs", "rows")
 
     def __init__(
         self,
@@ -75,6 +77,9 @@ class _Request:
         self.deadline = deadline
         self.future = future
         self.enqueued = enqueued
+        # The caller's context variables (trace spans, deadlines), for the model call.
+        # Captured here: a batch starts from whichever task frees a slot or fires the timer.
+        self.context = contextvars.copy_context()
 
 
 class MicroBatcher:
@@ -205,16 +210,24 @@ class MicroBatcher:
         self, inputs: Arrays, rows: int, deadline: float | None, wait: bool
     ) -> Arrays:
         step = self.max_batch_size
-        parts = await asyncio.gather(
-            *(
+        tasks = [
+            asyncio.ensure_future(
                 self.submit(
                     {k: v[start : start + step] for k, v in inputs.items()},
                     deadline=deadline,
                     wait=wait,
                 )
-                for start in range(0, rows, step)
             )
-        )
+            for start in range(0, rows, step)
+        ]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            # One part failed (or the caller left): withdraw the others, whose rows
+            # would otherwise still be run, for no one, taking the place of live work.
+            for task in tasks:
+                task.cancel()
+            raise
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     # -- dispatch ---------------------------------------------------------------
@@ -281,7 +294,7 @@ class MicroBatcher:
                     for name in batch[0].inputs
                 }
             try:
-                outputs = await self._predict(inputs)
+                outputs = await self._predict(inputs, batch[0].context)
             except Exception as exc:
                 if len(batch) == 1:
                     _fail(batch[0], exc)
@@ -308,16 +321,16 @@ class MicroBatcher:
             if request.future.done():
                 continue
             try:
-                outputs = await self._predict(request.inputs)
+                outputs = await self._predict(request.inputs, request.context)
             except Exception as exc:
                 _fail(request, exc)
             else:
-                request.future.set_result(outputs)
+                if not request.future.done():  # the caller may have left while it ran
+                    request.future.set_result(outputs)
 
-    async def _predict(self, inputs: Arrays) -> Arrays:
+    async def _predict(self, inputs: Arrays, context: contextvars.Context) -> Arrays:
         assert self._loop is not None
         rows = rows_of(inputs)
-        context = contextvars.copy_context()
         started = time.perf_counter()
         outputs = await self._loop.run_in_executor(
             self._executor, functools.partial(context.run, self.model.predict, inputs)

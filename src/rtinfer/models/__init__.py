@@ -8,6 +8,7 @@ converted to ONNX in memory, so serving always runs ONNX Runtime.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def load_model(
     if suffix in _PICKLES:
         model = load_pickle(p, allow_pickle=allow_pickle)
         data = to_onnx(model, n_features_of(model))
-        return OnnxModel(data, name=name, version=version or "1", **onnx_options)
+        return OnnxModel(data, name=name, version=version or _digest(p), **onnx_options)
     if suffix == ".txt":
         if not p.is_file():
             raise ModelLoadError(f"model file {str(p)!r} does not exist")
@@ -56,10 +57,24 @@ def load_model(
             import lightgbm
         except ImportError as exc:
             raise MissingDependency("loading LightGBM models", "lightgbm") from exc
-        booster = lightgbm.Booster(model_file=str(p))
+        try:
+            booster = lightgbm.Booster(model_file=str(p))
+        except lightgbm.basic.LightGBMError as exc:
+            raise ModelLoadError(
+                f"{str(p)!r} is not a LightGBM text model ({exc}); a .txt model file is what "
+                f"booster.save_model() writes"
+            ) from exc
         data = to_onnx(booster, int(booster.num_feature()))
-        return OnnxModel(data, name=name, version=version or "1", **onnx_options)
+        return OnnxModel(data, name=name, version=version or _digest(p), **onnx_options)
     raise ModelLoadError(
         f"cannot tell what kind of model {str(p)!r} is from its suffix {suffix!r}; "
         f"use .onnx, a LightGBM .txt model, or a .pkl/.joblib pickle with allow_pickle"
     )
+
+
+def _digest(path: Path) -> str:
+    """The default version of a converted model: a prefix of its source file's SHA-256.
+
+    Like an ``.onnx`` file's version, it changes when the file does.
+    """
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]

@@ -44,10 +44,17 @@ def check_inputs(model_name: str, specs: Sequence[TensorSpec], inputs: Arrays) -
                 f"model {model_name!r} input {spec.name!r} is missing; "
                 f"it expects {spec.dtype} {spec.describe_shape()}"
             )
+        if not isinstance(array, np.ndarray):
+            raise ModelInputError(
+                f"model {model_name!r} input {spec.name!r} expects a numpy array of "
+                f"{spec.dtype} {spec.describe_shape()}, got {type(array).__name__}; "
+                f"build it with np.asarray(value, dtype={str(spec.dtype)!r})"
+            )
         if array.dtype != spec.dtype:
+            # The dtype's name as a string is valid for every dtype (np.object is not).
             raise ModelInputError(
                 f"model {model_name!r} input {spec.name!r} expects dtype {spec.dtype}, "
-                f"got {array.dtype}; convert with .astype(np.{spec.dtype})"
+                f"got {array.dtype}; convert with .astype({str(spec.dtype)!r})"
             )
         if array.ndim != len(spec.shape) or any(
             want is not None and want != got

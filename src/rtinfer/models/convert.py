@@ -38,7 +38,10 @@ def sklearn_to_onnx(estimator: Any, n_features: int, *, input_name: str = INPUT_
             target_opset={"": 17, "ai.onnx.ml": 3},
         )
     except Exception as exc:  # skl2onnx raises many unrelated types
-        raise ModelLoadError(f"skl2onnx cannot convert {type(estimator).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"skl2onnx cannot convert {type(estimator).__name__}: {_brief(exc)}; export it to "
+            f"ONNX with a converter that supports it and serve the .onnx file"
+        ) from exc
     return bytes(onx.SerializeToString())
 
 
@@ -54,10 +57,21 @@ def lightgbm_to_onnx(model: Any, n_features: int, *, input_name: str = INPUT_NAM
             model,
             initial_types=[(input_name, FloatTensorType([None, n_features]))],
             zipmap=False,
-            target_opset=17,
+            # The highest opset the installed onnxmltools supports (15 for 1.16): asking
+            # for more than that fails, and ONNX Runtime runs every opset it may pick.
+            target_opset=None,
         )
     except Exception as exc:  # onnxmltools raises many unrelated types
-        raise ModelLoadError(f"onnxmltools cannot convert {type(model).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"onnxmltools cannot convert {type(model).__name__}: {_brief(exc)}"
+        ) from exc
+    # onnxmltools declares the label output with a fixed batch of 1 ([1]): every
+    # output has one row per input row, so make the first dimension free.
+    for output in onx.graph.output:
+        if output.type.HasField("tensor_type"):
+            dims = output.type.tensor_type.shape.dim
+            if len(dims) > 0:
+                dims[0].dim_param = "N"
     return bytes(onx.SerializeToString())
 
 
@@ -79,7 +93,7 @@ def load_pickle(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
         )
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
-    if path.suffix == ".joblib":
+    if path.suffix.lower() == ".joblib":
         try:
             import joblib
         except ImportError as exc:
@@ -87,6 +101,12 @@ def load_pickle(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> 
         return joblib.load(path)
     with path.open("rb") as f:
         return pickle.load(f)  # noqa: S301 - the caller vouched for the file (allow_pickle)
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a converter's error, cut short: some dump whole tree ensembles."""
+    text = str(exc).strip().split("\n", 1)[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def n_features_of(model: Any) -> int:

@@ -77,6 +77,7 @@ class OnnxModel:
         self._data = path if isinstance(path, bytes) else None
         self.path = Path("<memory>") if isinstance(path, bytes) else Path(path)
         self.name = name or self.path.stem
+        self._given_version = version
         self._version = version
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -102,8 +103,8 @@ class OnnxModel:
                     f"(relative paths are resolved from the pipeline file's folder)"
                 )
             data = self.path.read_bytes()
-        if self._version is None:
-            self._version = hashlib.sha256(data).hexdigest()[:12]
+        # Hashed on every load: reloading a changed file must not keep the old version.
+        version = self._given_version or hashlib.sha256(data).hexdigest()[:12]
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
@@ -114,6 +115,7 @@ class OnnxModel:
             self._session = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own untyped errors
             raise ModelLoadError(f"ONNX Runtime could not load {str(self.path)!r}: {exc}") from exc
+        self._version = version
         self.providers = list(self._session.get_providers())
         inputs = [_spec(node) for node in self._session.get_inputs()]
         if any(s is None for s in inputs):

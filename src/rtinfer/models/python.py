@@ -48,7 +48,7 @@ class PythonModel:
         if not callable(fn):
             raise ModelLoadError(f"a Python model needs a callable, got {type(fn).__name__}")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "python-model")
+        self.name: str = name or str(getattr(fn, "__name__", "python-model"))
         self.version = version
         if isinstance(inputs, Mapping):
             self.inputs = [tensor(k, dt, shape) for k, (dt, shape) in inputs.items()]
@@ -76,6 +76,12 @@ class PythonModel:
                 f"Python model {self.name!r} returned {type(out).__name__}; "
                 f"return a numpy array or a dict of numpy arrays, one row per input row"
             )
+        for name, array in out.items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(
+                    f"Python model {self.name!r} output {name!r} is a {type(array).__name__}; "
+                    f"return numpy arrays (np.asarray(...)), one row per input row"
+                )
         return out
 
     def __repr__(self) -> str:
