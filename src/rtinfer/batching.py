@@ -121,6 +121,7 @@ class MicroBatcher:
         self._queued_rows = 0
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()  # strong references to batch tasks
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
@@ -245,7 +246,9 @@ class MicroBatcher:
             batch = self._take()
             if batch:
                 self._in_flight += 1
-                self._loop.create_task(self._run(batch))
+                task = self._loop.create_task(self._run(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
         if not self._queue and self._in_flight == 0:
             self._idle.set()
 

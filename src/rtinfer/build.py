@@ -31,7 +31,7 @@ from .config import (
     import_object,
     load_config,
 )
-from .exceptions import ConfigError
+from .exceptions import ConfigError, ModelLoadError
 from .models import load_model
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
@@ -111,6 +111,12 @@ def build_model(config: ModelConfig, *, file: str | None = None) -> Model:
         "providers": config.providers,
     }
     if config.path is not None:
+        if not Path(config.path).is_file():  # found now, by `rtinfer check`, not at start-up
+            where = f" in {file}" if file is not None else ""
+            raise ModelLoadError(
+                f"model file {config.path!r} does not exist (relative paths start from the "
+                f"current directory, {Path.cwd()}); check model.path{where}"
+            )
         return load_model(
             config.path,
             name=config.name,
@@ -147,18 +153,31 @@ def _decode(config: DecodeConfig, file: str | None) -> Decode:
         schema = msgspec.defstruct(
             "Event", [(name, _FIELD_TYPES[kind]) for name, kind in config.fields.items()]
         )
-    return Decode(
-        schema,
-        codec=config.codec,
-        id_field=config.id_field,
-        event_time_field=config.event_time_field,
-        event_time_unit=config.event_time_unit,
-    )
+    try:
+        return Decode(
+            schema,
+            codec=config.codec,
+            id_field=config.id_field,
+            event_time_field=config.event_time_field,
+            event_time_unit=config.event_time_unit,
+        )
+    except TypeError as exc:  # msgspec cannot decode into what the schema names
+        raise ConfigError(
+            f"{config.schema!r} is not a type msgspec can decode into ({exc}); name a "
+            f"msgspec.Struct",
+            key="decode.schema",
+            file=file,
+        ) from None
 
 
 def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
     if isinstance(config, VectorizeStageConfig):
-        return Vectorize(config.fields, input=config.input, dtype=config.dtype)
+        try:
+            return Vectorize(config.fields, input=config.input, dtype=config.dtype)
+        except TypeError as exc:  # numpy does not know the dtype
+            raise ConfigError(
+                f"{exc}; use a numpy dtype such as float32", key=f"stages.{index}.dtype", file=file
+            ) from None
     assert isinstance(config, PythonStageConfig)
     key = f"stages.{index}.use"
     factory = import_object(config.use, key=key, file=file)

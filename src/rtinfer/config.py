@@ -14,6 +14,7 @@ current directory, as on a command line.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -105,7 +106,8 @@ class VectorizeStageConfig(_Strict, tag="vectorize", tag_field="type"):
 
 
 class PythonStageConfig(_Strict, tag="python", tag_field="type"):
-    """A stage written in Python: ``use`` is ``module:Class`` (or a function), ``args`` its kwargs."""
+    """A stage written in Python: ``use`` is ``module:Class`` (or a factory function) and
+    ``args`` the keyword arguments it is called with to make the stage."""
 
     use: str
     args: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -263,17 +265,56 @@ def load_config(
 
 
 _AT = re.compile(r" - at `\$(.*)`$")
+_FIELD = re.compile(r"^Object (contains unknown|missing required) field `(.*)`$")
+_GOT = re.compile(r"got `(\w+)`")
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "null": type(None),
+    "array": list,
+    "object": dict,
+}
 
 
 def _explain(exc: msgspec.ValidationError, raw: Any, file: str) -> ConfigError:
-    """Turn msgspec's message into one naming the dotted key and the value found there."""
+    """Turn msgspec's message into one naming the dotted key, the value found there, and
+    what would be accepted instead."""
     message = str(exc)
     match = _AT.search(message)
-    if match is None:
-        return ConfigError(message, file=file)
-    path = match.group(1)
-    key = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
-    message = message[: match.start()]
+    parts: list[str] = []
+    if match is not None:
+        message = message[: match.start()]
+        for name, index in re.findall(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]", match.group(1)):
+            if index == "...":  # a value of a mapping: msgspec does not say which one
+                index = _which_entry(_lookup(raw, ".".join(parts)), message)
+            parts.append(name or index)
+    field = _FIELD.match(message)
+    if field is not None:
+        info = _type_at(parts, raw)
+        keys = [] if info is None else _struct_keys(info)
+        name = field.group(2)
+        parts.append(name)
+        if field.group(1) == "missing required":
+            message = f"missing required key {name!r}"
+        else:
+            message = f"unknown key {name!r}"
+            close = difflib.get_close_matches(name, keys, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            elif keys:
+                message += f"; expected one of {', '.join(keys)}"
+    elif message.startswith("Invalid value") and parts and parts[-1] == "type":
+        union = _type_at(parts[:-1], raw, resolve=False)
+        if isinstance(union, msgspec.inspect.UnionType):
+            tags = [str(t.tag) for t in union.types if isinstance(t, msgspec.inspect.StructType)]
+            message += f"; use one of {', '.join(tags)}"
+    elif message.startswith("Invalid enum value"):
+        literal = _type_at(parts, raw)
+        if isinstance(literal, msgspec.inspect.LiteralType):
+            message += f"; use one of {', '.join(map(str, literal.values))}"
+    key = ".".join(parts)
     found = _lookup(raw, key)
     if found is not _MISSING and message.startswith("Expected"):
         message += f", found {found!r}"
@@ -295,6 +336,57 @@ def _lookup(raw: Any, key: str) -> Any:
     return node
 
 
+def _which_entry(mapping: Any, message: str) -> str:
+    """The key of the first entry of ``mapping`` holding the kind of value msgspec refused."""
+    got = _GOT.search(message)
+    kind = _JSON_TYPES.get(got.group(1)) if got is not None else None
+    if isinstance(mapping, dict):
+        for name, value in mapping.items():
+            if kind is int and isinstance(value, bool):  # msgspec calls a YAML bool `bool`
+                continue
+            if kind is None or isinstance(value, kind):
+                return str(name)
+    return "..."
+
+
+def _type_at(parts: list[str], raw: Any, *, resolve: bool = True) -> Any:
+    """The msgspec type info of the setting at ``parts``, a tagged union resolved by the
+    ``type`` found in ``raw`` (unless not ``resolve``); ``None`` where it cannot be told."""
+    info: Any = msgspec.inspect.type_info(PipelineConfig)
+    node = raw
+    for i in range(len(parts) + 1):
+        if isinstance(info, msgspec.inspect.UnionType) and (resolve or i < len(parts)):
+            options = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+            structs = [t for t in options if isinstance(t, msgspec.inspect.StructType)]
+            if structs and structs[0].tag_field is not None and isinstance(node, dict):
+                tag = node.get(structs[0].tag_field)
+                options = [t for t in structs if t.tag == tag]
+            if len(options) != 1:
+                return None
+            info = options[0]
+        if i == len(parts):
+            return info
+        part = parts[i]
+        node = _lookup(node, part)
+        if isinstance(info, msgspec.inspect.StructType):
+            fields = {f.encode_name: f.type for f in info.fields}
+            info = fields.get(part)
+        elif isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+        elif isinstance(info, msgspec.inspect.DictType):
+            info = info.value_type
+        else:
+            return None
+    return info
+
+
+def _struct_keys(info: Any) -> list[str]:
+    if not isinstance(info, msgspec.inspect.StructType):
+        return []
+    names = [f.encode_name for f in info.fields]
+    return [info.tag_field, *names] if info.tag_field is not None else names
+
+
 def import_object(spec: str, *, key: str | None = None, file: str | None = None) -> Any:
     """Import ``package.module:attribute`` (what ``use`` and ``factory`` name)."""
     module_name, sep, attr = spec.partition(":")
@@ -302,9 +394,11 @@ def import_object(spec: str, *, key: str | None = None, file: str | None = None)
         raise ConfigError(f"expected 'package.module:name', found {spec!r}", key=key, file=file)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or whatever the module raised while importing
         raise ConfigError(
-            f"cannot import module {module_name!r}: {exc}", key=key, file=file
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}",
+            key=key,
+            file=file,
         ) from exc
     obj = module
     for part in attr.split("."):

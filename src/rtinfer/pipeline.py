@@ -10,14 +10,17 @@ source positions of everything written before the flush. So:
 - **at least once**: a position is acknowledged only after every sink has
   flushed what was derived from it; a crash before that means redelivery;
 - **order**: results leave in source order (hence per-key order);
-- **bounded**: at most ``max_in_flight`` batches are between source and sinks;
-  when they are all busy the reader stops reading, which pauses the source;
+- **bounded**: at most ``max_in_flight`` batches are read and not yet written
+  (the reader takes a slot before it reads, the writer gives it back once the
+  batch is written); when every slot is busy the source is not read at all;
 - **dead letters alone**: a stage drops a bad event from its batch with a
   reason; the rest of the batch carries on, and the dead letter is written
   (and flushed) before its position is acknowledged.
 
 :meth:`Pipeline.stop` stops intake; what was read is finished, flushed and
-acknowledged before :meth:`Pipeline.run` returns.
+acknowledged before :meth:`Pipeline.run` returns. The pipeline is ``DRAINING``
+from the moment intake stops (a stop, or the end of the source) until it is
+closed.
 """
 
 from __future__ import annotations
@@ -194,8 +197,15 @@ class Pipeline:
     def stop(self) -> None:
         """Stop reading; in-flight events are finished, flushed and acknowledged."""
         self._stop.set()
+        self._drain()
         if self._reader is not None and self._reading:
             self._reader.cancel()
+
+    def _drain(self) -> None:
+        """Intake is over (stopped, or the source ended): finish what is in flight."""
+        if self.state is Lifecycle.RUNNING:
+            self.state = Lifecycle.DRAINING
+            self.ready.clear()
 
     async def run(self) -> RunSummary:
         """Run until the source ends or :meth:`stop` is called; return what was done."""
@@ -221,18 +231,24 @@ class Pipeline:
             self.ready.set()
             began = time.perf_counter()
             inflight: asyncio.Queue[asyncio.Task[Batch] | None] = asyncio.Queue(self.max_in_flight)
-            self._reader = asyncio.create_task(self._read(handler, inflight))
+            # One slot per batch between the source and the sinks: taken before a read,
+            # given back once the batch's results are written.
+            slots = asyncio.Semaphore(self.max_in_flight)
+            self._reader = asyncio.create_task(self._read(handler, inflight, slots))
             try:
-                await self._write(inflight)
+                await self._write(inflight, slots)
             finally:
                 if not self._reader.done():
                     self._reader.cancel()
                 await asyncio.gather(self._reader, return_exceptions=True)
                 # After a failure, batches already started are abandoned unacknowledged.
+                abandoned = []
                 while not inflight.empty():
                     pending = inflight.get_nowait()
                     if pending is not None:
                         pending.cancel()
+                        abandoned.append(pending)
+                await asyncio.gather(*abandoned, return_exceptions=True)
             self._reader.result()  # a failed source fails the run, after what it read is done
             duration = time.perf_counter() - began
         finally:
@@ -262,11 +278,19 @@ class Pipeline:
                 log.exception("error while closing pipeline %r", self.name)
 
     async def _read(
-        self, handler: Any, inflight: asyncio.Queue[asyncio.Task[Batch] | None]
+        self,
+        handler: Any,
+        inflight: asyncio.Queue[asyncio.Task[Batch] | None],
+        slots: asyncio.Semaphore,
     ) -> None:
         seq = 0
         try:
             while not self._stop.is_set():
+                # Read only when a batch may start: when every slot is busy the source is
+                # not read at all, so no more than max_in_flight batches are ever unwritten.
+                await slots.acquire()
+                if self._stop.is_set():
+                    break
                 self._reading = True
                 try:
                     events = await self.source.read(self.read_size)
@@ -284,11 +308,15 @@ class Pipeline:
                 await inflight.put(asyncio.create_task(handler(Batch(events, seq))))
         except Exception:
             # The source failed: let the writer finish what was read, then fail the run.
+            self._drain()
             await inflight.put(None)
             raise
+        self._drain()
         await inflight.put(None)
 
-    async def _write(self, inflight: asyncio.Queue[asyncio.Task[Batch] | None]) -> None:
+    async def _write(
+        self, inflight: asyncio.Queue[asyncio.Task[Batch] | None], slots: asyncio.Semaphore
+    ) -> None:
         sinks = self.sinks
         pending: list[Position] = []
         last_flush = time.perf_counter()
@@ -311,6 +339,7 @@ class Pipeline:
                 self._m_out.inc(len(batch.events))
             if batch.dead:
                 await self._write_dead(batch.dead)
+            slots.release()
             pending.extend(batch.positions)
             for observer in self._observers:
                 observer(batch)

@@ -130,8 +130,7 @@ class Decode:
                 reasons.append(f"undecodable or invalid: {exc}")
                 continue
             if get_id is not None:
-                event_id = get_id(data)
-                event.id = event_id if isinstance(event_id, str) else None
+                event.id = _as_id(get_id(data))
             if event.id is None and event.position is not None:
                 p = event.position
                 event.id = f"{p.source}/{p.partition}/{p.offset}"
@@ -141,6 +140,15 @@ class Decode:
                     event.event_time = t * scale
         batch.drop(bad, self.name, reasons)
         return batch
+
+
+def _as_id(value: Any) -> str | None:
+    """An event id from its id field: a string as is, an integer as its digits."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _getter(field: str | None, dict_like: bool) -> Callable[[Any], Any] | None:
@@ -167,8 +175,8 @@ class Vectorize:
     """Build a model input from named fields of each decoded event.
 
     ``fields`` are read from each event's data (attributes of a Struct, or keys
-    of a dict); booleans become 0/1. An event whose fields are missing or not
-    numbers is dead-lettered alone.
+    of a dict); booleans become 0/1. An event whose fields are missing, not
+    numbers, or integers too large for ``dtype`` is dead-lettered alone.
     """
 
     __slots__ = ("_dtype", "_get", "fields", "input", "name")
@@ -189,26 +197,43 @@ class Vectorize:
             return (getattr(data, self.fields[0]),)
         return tuple(self._get(data))
 
+    def _array(self, rows: list[tuple[Any, ...]]) -> np.ndarray[Any, Any]:
+        # A float too large for the dtype becomes infinity (the model stage dead-letters
+        # it, naming the column), without a warning per batch.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.array(rows, dtype=self._dtype).reshape(len(rows), len(self.fields))
+
     def __call__(self, batch: Batch) -> Batch:
         rows: list[tuple[Any, ...]] = []
-        bad: list[int] = []
-        reasons: list[str] = []
+        at: list[int] = []
+        bad: dict[int, str] = {}
         for i, event in enumerate(batch.events):
             try:
                 row = self._row(event.data)
             except (AttributeError, KeyError, TypeError) as exc:
-                bad.append(i)
-                reasons.append(f"missing field for model input {self.input!r}: {exc}")
+                bad[i] = f"missing field for model input {self.input!r}: {exc}"
                 continue
             if not all(isinstance(v, int | float) for v in row):  # bool is an int
                 kinds = {f: type(v).__name__ for f, v in zip(self.fields, row, strict=True)}
-                bad.append(i)
-                reasons.append(f"model input {self.input!r} needs numbers, got {kinds}")
+                bad[i] = f"model input {self.input!r} needs numbers, got {kinds}"
                 continue
             rows.append(row)
-        batch.drop(bad, self.name, reasons)
-        n = len(self.fields)
-        array = np.array(rows, dtype=self._dtype).reshape(len(rows), n)
+            at.append(i)
+        try:
+            array = self._array(rows)
+        except (OverflowError, ValueError):
+            # An integer too large for the dtype: find the events holding one, drop them alone.
+            kept: list[tuple[Any, ...]] = []
+            for i, row in zip(at, rows, strict=True):
+                try:
+                    self._array([row])
+                except (OverflowError, ValueError) as exc:
+                    bad[i] = f"model input {self.input!r} cannot hold {row} as {self._dtype}: {exc}"
+                else:
+                    kept.append(row)
+            array = self._array(kept)
+        order = sorted(bad)
+        batch.drop(order, self.name, [bad[i] for i in order])
         batch.inputs = {self.input: array}
         return batch
 
@@ -258,10 +283,11 @@ class Predict:
             batch.outputs = await self.batcher.submit(inputs, deadline=batch.deadline(), wait=True)
         except (DeadlineExceeded, ModelInputError) as exc:
             batch.drop_all(self.name, str(exc))
-        except Exception:
-            if len(batch) == 1:
-                raise
-            await self._one_by_one(batch)
+        except Exception as exc:
+            if len(batch) == 1:  # it already ran alone: this event is what the model refuses
+                batch.drop_all(self.name, f"model failed on this event: {exc}")
+            else:
+                await self._one_by_one(batch)
         return batch
 
     def _drop_non_finite(self, batch: Batch) -> None:
@@ -323,7 +349,8 @@ class Decide:
     ``default``. The score is column ``column`` of output ``output`` (a 1-D
     output is used as is). Each result is
     ``{"id", "score", "decision", "model_version"}`` plus the ``include``d
-    fields of the event's data.
+    fields of the event's data (attributes of a Struct, or keys of a dict,
+    ``None`` where a dict lacks one).
     """
 
     def __init__(
@@ -351,16 +378,21 @@ class Decide:
         self._version = model_version if callable(model_version) else (lambda: model_version)
         self._include = operator.attrgetter(*include) if include else None
         self.include = list(include)
+        self._one = len(self.include) == 1
 
     def __call__(self, batch: Batch) -> Batch:
         if not batch.events:
             return batch
         assert batch.outputs is not None
-        scores = np.asarray(batch.outputs[self.output], dtype=np.float64)
-        if scores.ndim == 2 and self.column is not None:
-            scores = scores[:, self.column]
-        scores = scores.reshape(len(batch))
-        index = np.searchsorted(self._bounds, scores, side="right").tolist()
+        raw = np.asarray(batch.outputs[self.output])
+        if raw.ndim == 2 and self.column is not None:
+            raw = raw[:, self.column]
+        raw = raw.reshape(len(batch))
+        # Compare at the model's precision: a float32 score of 0.9 earns a threshold of 0.9
+        # (in float64, float32(0.9) is 0.8999999761..., below it).
+        bounds = self._bounds.astype(raw.dtype) if raw.dtype.kind == "f" else self._bounds
+        index = np.searchsorted(bounds, raw, side="right").tolist()
+        scores = raw.astype(np.float64)
         labels = self._labels
         version = self._version()
         include, fields = self._include, self.include
@@ -372,9 +404,13 @@ class Decide:
                 "model_version": version,
             }
             if include is not None:
-                values = include(event.data)
-                if len(fields) == 1:
-                    values = (values,)
+                data = event.data
+                if isinstance(data, dict):  # decoded without a schema: absent keys are None
+                    values = tuple(data.get(f) for f in fields)
+                else:
+                    values = include(data)
+                    if self._one:
+                        values = (values,)
                 result.update(zip(fields, values, strict=True))
             event.result = result
         return batch
