@@ -12,7 +12,7 @@ For each repeat, in turn (A B A B, so drift hits both alike):
 3. **pipeline, open loop** at each ``--rates`` value for ``--seconds``: latency
    measured from each event's due time (so queueing is not hidden).
 
-It prints the medians over the repeats with their spread (min–max), and the ratio
+It prints the medians over the repeats with their spread (min-max), and the ratio
 of the pipeline's cost per event (1 / events/s) to the model's cost per row at the
 pipeline's own mean batch size. Run it on an otherwise idle machine: nothing else
 timed at the same time.
@@ -45,7 +45,12 @@ from rtinfer.models import OnnxModel
 
 def machine() -> str:
     try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        lscpu = subprocess.run(
+            ["lscpu"],  # noqa: S607 - only describes the machine
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
         model = next(
             (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line),
             "?",
@@ -86,7 +91,7 @@ def run_pipeline(stream: Any, rate: float | None, events: int) -> dict[str, Any]
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
     med = statistics.median(values)
-    return f"{fmt.format(med)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main() -> None:
@@ -126,7 +131,7 @@ def main() -> None:
     cost = [1e6 / e for e in eps]
     ratios = [c / f for c, f in zip(cost, floor_mean, strict=True)]
     print()
-    print(f"{'':34} {'median (min–max) over ' + str(args.repeats) + ' runs':>40}")
+    print(f"{'':34} {'median (min-max) over ' + str(args.repeats) + ' runs':>40}")
     print(f"{'model alone, µs/row @ 256':34} {spread(floor_256, '{:.2f}'):>40}")
     print(f"{'model alone, µs/row @ pipeline batch':34} {spread(floor_mean, '{:.2f}'):>40}")
     print(f"{'pipeline unbounded, events/s':34} {spread(eps):>40}")
@@ -144,7 +149,7 @@ def main() -> None:
             got = [run["throughput_eps"] for run in runs]
             print(f"{name + ', achieved events/s':34} {spread(got):>40}")
     quality = unbounded[-1]["quality"]
-    print(f"{'quality (last unbounded run)':34} {str(quality):>40}")
+    print(f"{'quality (last unbounded run)':34} {quality!s:>40}")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'peak RSS of this process, MB':34} {rss_mb:>40,.0f}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import textwrap
 from pathlib import Path
@@ -207,7 +208,7 @@ def write_pipeline(tmp_path: Path, text: str) -> Path:
         ("stages: [{type: python, use: 'rtinfer.stages:Vectorize', args: {colour: red}}]",
          "stages.0.use", "cannot build 'rtinfer.stages:Vectorize' with args"),
         ("stages: [{type: python, use: 'rtinfer.exceptions:__doc__'}]", "stages.0.use",
-         "cannot build"),
+         "which is not a stage"),
         ("stages: [{type: vectorize, fields: [x], dtype: floaty}]", "stages.0.dtype",
          "data type 'floaty' not understood"),
         ("decode: {schema: 'rtinfer_testhelpers:Missing'}", "decode.schema",
@@ -377,3 +378,21 @@ dead_letters: {{type: memory, topic: dead}}
     assert {r.key for r in records if r.topic == "scored"} == {b"card"}
     assert [d["offset"] for d in dead] == [5]
     assert broker.committed("g1", "readings") == [6]
+
+
+def test_comment_lines_are_not_interpolated() -> None:
+    text = "# set ${NOT_SET_ANYWHERE} to change the topic\nvalue: ${ALSO_UNSET:-7}\n"
+    assert interpolate(text, {}) == "# set ${NOT_SET_ANYWHERE} to change the topic\nvalue: 7\n"
+
+
+def test_a_plain_function_is_a_stage_and_a_function_with_args_a_factory() -> None:
+    from rtinfer.build import _stage
+    from rtinfer.config import PythonStageConfig
+
+    built = _stage(PythonStageConfig(use="rtinfer.stages:Outputs"), 0, None)
+    assert type(built).__name__ == "Outputs"  # a class is built (with no args)
+    func = _stage(PythonStageConfig(use="json:dumps"), 0, None)
+    assert func is json.dumps  # a function without args is the stage itself
+    made = _stage(PythonStageConfig(use="functools:lru_cache", args={"maxsize": 8}), 0, None)
+    assert callable(made)  # a function with args is a factory: its result is the stage
+    assert made is not functools.lru_cache

@@ -157,3 +157,21 @@ async def test_stdout_sink_prints_on_flush(capsys: pytest.CaptureFixture[str]) -
     await sink.flush()
     assert capsys.readouterr().out == '{"a":1}\nraw\n'
     await sink.aclose()
+
+
+async def test_a_cancelled_read_loses_no_lines(tmp_path: Path) -> None:
+    """The pipeline cancels a pending read on stop: the lines that read took are not lost."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(b'{"n": %d}\n' % i for i in range(50)))
+    source = JsonLinesSource(path)
+    await source.start()
+    pending = asyncio.create_task(source.read(10))
+    await asyncio.sleep(0)  # the read is now waiting for its worker thread
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    offsets = []
+    while events := await source.read(10):
+        offsets.extend(e.position.offset for e in events if e.position is not None)
+    assert offsets == list(range(50))
+    await source.aclose()

@@ -6,6 +6,7 @@ mapping from the file's keys to them.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -180,17 +181,20 @@ def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
             ) from None
     assert isinstance(config, PythonStageConfig)
     key = f"stages.{index}.use"
-    factory = import_object(config.use, key=key, file=file)
-    try:
-        stage = factory(**config.args)
-    except TypeError as exc:
-        raise ConfigError(
-            f"cannot build {config.use!r} with args {config.args}: {exc}", key=key, file=file
-        ) from exc
+    used = import_object(config.use, key=key, file=file)
+    if inspect.isclass(used) or config.args:  # a class, or a factory given its arguments
+        try:
+            stage = used(**config.args)
+        except TypeError as exc:
+            raise ConfigError(
+                f"cannot build {config.use!r} with args {config.args}: {exc}", key=key, file=file
+            ) from exc
+    else:  # a plain function is the stage itself
+        stage = used
     if not callable(stage):
         raise ConfigError(
-            f"{config.use!r} built a {type(stage).__name__}, which is not callable; a stage "
-            f"takes a Batch and returns it",
+            f"{config.use!r} gives a {type(stage).__name__}, which is not a stage: a stage is "
+            f"a callable taking a Batch and returning it",
             key=key,
             file=file,
         )

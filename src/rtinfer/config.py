@@ -106,8 +106,9 @@ class VectorizeStageConfig(_Strict, tag="vectorize", tag_field="type"):
 
 
 class PythonStageConfig(_Strict, tag="python", tag_field="type"):
-    """A stage written in Python: ``use`` is ``module:Class`` (or a factory function) and
-    ``args`` the keyword arguments it is called with to make the stage."""
+    """A stage written in Python. ``use`` names a class, built with ``args`` as keyword
+    arguments; a function with ``args``, a factory called with them; or a function
+    without ``args``, which is the stage itself."""
 
     use: str
     args: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -200,6 +201,9 @@ def interpolate(text: str, environ: dict[str, str] | None = None, *, file: str =
     env = os.environ if environ is None else environ
     out_lines = []
     for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        if line.lstrip().startswith("#"):  # a comment line: left as it is
+            out_lines.append(line)
+            continue
 
         def substitute(match: re.Match[str], number: int = number) -> str:
             whole = match.group(0)

@@ -100,7 +100,7 @@ class OnnxModel:
             if not self.path.is_file():
                 raise ModelLoadError(
                     f"model file {str(self.path)!r} does not exist; check the path "
-                    f"(relative paths are resolved from the pipeline file's folder)"
+                    f"(relative paths start from the current directory)"
                 )
             data = self.path.read_bytes()
         # Hashed on every load: reloading a changed file must not keep the old version.

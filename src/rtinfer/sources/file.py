@@ -46,6 +46,7 @@ class JsonLinesSource:
         "_checkpoint_lock",
         "_closed",
         "_file",
+        "_inflight",
         "_line",
         "_partial",
         "_read_lock",
@@ -80,6 +81,9 @@ class JsonLinesSource:
         self._partial = b""  # the start of a line still being written (follow mode)
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        # A read running on the worker thread; kept when read() is cancelled, so the lines
+        # it took from the file are handed out by the next read() instead of being lost.
+        self._inflight: asyncio.Future[tuple[list[Event], bool]] | None = None
         self._read_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
 
@@ -122,7 +126,13 @@ class JsonLinesSource:
             async with self._read_lock:
                 if self._file is None:  # closed while this read waited for the lock
                     break
-                events, at_end = await asyncio.to_thread(self._read_lines, max_events)
+                task = self._inflight
+                if task is None:
+                    task = asyncio.ensure_future(asyncio.to_thread(self._read_lines, max_events))
+                    self._inflight = task
+                # Shielded: a cancelled read leaves the thread's result for the next read.
+                events, at_end = await asyncio.shield(task)
+                self._inflight = None
             if events or not at_end:
                 return events
             if not self.follow:
@@ -191,6 +201,9 @@ class JsonLinesSource:
         if self._waiter is not None:
             _wake(self._waiter)
         async with self._read_lock:
+            if self._inflight is not None:  # never close the file under the worker thread
+                await asyncio.gather(self._inflight, return_exceptions=True)
+                self._inflight = None
             if self._file is not None:
                 self._file.close()
                 self._file = None
