@@ -1,0 +1,34 @@
+"""The fraud-detection demo's data and model: card payments, their features, the model.
+
+- :mod:`~rtinfer.demo.events`: :class:`Transaction`, the JSON event;
+- :mod:`~rtinfer.demo.generator`: a deterministic synthetic stream with labelled fraud;
+- :mod:`~rtinfer.demo.features`: :class:`CardFeatures`, the per-card feature stage,
+  also the training transform;
+- :mod:`~rtinfer.demo.training`: trains the gradient-boosted model and caches it as ONNX.
+
+``rtinfer demo`` runs them live; see ``examples/fraud/README.md``.
+"""
+
+from __future__ import annotations
+
+from .events import PATTERNS, Transaction
+from .features import FEATURE_NAMES, FEATURES_VERSION, CardFeatures
+from .generator import GENERATOR_VERSION, encode_events, generate, write_jsonl
+from .training import MODEL_VERSION, TrainReport, ensure_model, fit_model, train
+
+__all__ = [
+    "FEATURES_VERSION",
+    "FEATURE_NAMES",
+    "GENERATOR_VERSION",
+    "MODEL_VERSION",
+    "PATTERNS",
+    "CardFeatures",
+    "TrainReport",
+    "Transaction",
+    "encode_events",
+    "ensure_model",
+    "fit_model",
+    "generate",
+    "train",
+    "write_jsonl",
+]
