@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,13 @@ from rtinfer.models import PythonModel, tensor
 from rtinfer.types import Arrays, Event, Position
 
 SAFETY = 10.0  # seconds: a safety net against a hang, never a timing assertion
+
+
+def service_missing(message: str) -> None:
+    """No broker to test against: skip on a developer's machine, fail loudly in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI must provide every service the tests use)")
+    pytest.skip(message)
 
 
 class Reading(msgspec.Struct):

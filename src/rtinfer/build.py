@@ -22,8 +22,12 @@ from .config import (
     MemorySinkConfig,
     MemorySourceConfig,
     ModelConfig,
+    NatsSinkConfig,
+    NatsSourceConfig,
     PipelineConfig,
     PythonStageConfig,
+    RedisSinkConfig,
+    RedisSourceConfig,
     SinkConfig,
     SourceConfig,
     StageConfig,
@@ -204,8 +208,16 @@ def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
 def _source(config: SourceConfig, broker: Broker) -> Source:
     if isinstance(config, MemorySourceConfig):
         return BrokerSource(broker, config.topic, group=config.group)
-    assert isinstance(config, FileSourceConfig)
-    return JsonLinesSource(config.path, checkpoint=config.checkpoint, follow=config.follow)
+    if isinstance(config, FileSourceConfig):
+        return JsonLinesSource(config.path, checkpoint=config.checkpoint, follow=config.follow)
+    if isinstance(config, RedisSourceConfig):
+        from .sources.redis import RedisStreamSource
+
+        return RedisStreamSource(**msgspec.structs.asdict(config))
+    assert isinstance(config, NatsSourceConfig)
+    from .sources.nats import NatsSource
+
+    return NatsSource(**msgspec.structs.asdict(config))
 
 
 def _sink(config: SinkConfig, broker: Broker) -> Sink:
@@ -213,5 +225,13 @@ def _sink(config: SinkConfig, broker: Broker) -> Sink:
         return BrokerSink(broker, config.topic)
     if isinstance(config, FileSinkConfig):
         return JsonLinesSink(config.path, fsync=config.fsync)
+    if isinstance(config, RedisSinkConfig):
+        from .sinks.redis import RedisStreamSink
+
+        return RedisStreamSink(**msgspec.structs.asdict(config))
+    if isinstance(config, NatsSinkConfig):
+        from .sinks.nats import NatsSink
+
+        return NatsSink(**msgspec.structs.asdict(config))
     assert isinstance(config, StdoutSinkConfig)
     return StdoutSink()

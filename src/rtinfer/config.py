@@ -75,8 +75,75 @@ class StdoutSinkConfig(_Strict, tag="stdout", tag_field="type"):
     pass
 
 
-SourceConfig = MemorySourceConfig | FileSourceConfig
-SinkConfig = MemorySinkConfig | FileSinkConfig | StdoutSinkConfig
+class RedisSourceConfig(_Strict, tag="redis", tag_field="type"):
+    """A Redis stream read by a consumer group (see docs/redis.md)."""
+
+    url: str
+    stream: str
+    group: str = "rtinfer"
+    consumer: str | None = None
+    start_id: str = "0"
+    block_ms: int = 2_000
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    value_field: str = "value"
+    key_field: str | None = "key"
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class RedisSinkConfig(_Strict, tag="redis", tag_field="type"):
+    url: str
+    stream: str
+    maxlen: int | None = None
+    field: str = "value"
+    key_field: str | None = "key"
+    id_field: str | None = "source_id"
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class NatsSourceConfig(_Strict, tag="nats", tag_field="type"):
+    """A NATS JetStream stream read by a durable pull consumer (see docs/nats.md)."""
+
+    url: str
+    stream: str
+    subject: str
+    durable: str = "rtinfer"
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int | None = None
+    fetch_timeout_s: float = 5.0
+    create_stream: bool = True
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    connect_timeout_s: float = 5.0
+
+
+class NatsSinkConfig(_Strict, tag="nats", tag_field="type"):
+    url: str
+    subject: str
+    stream: str | None = None
+    msg_id_prefix: str | None = None
+    max_pending: int = 1024
+    publish_timeout_s: float = 5.0
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    connect_timeout_s: float = 5.0
+
+
+SourceConfig = MemorySourceConfig | FileSourceConfig | RedisSourceConfig | NatsSourceConfig
+SinkConfig = MemorySinkConfig | FileSinkConfig | StdoutSinkConfig | RedisSinkConfig | NatsSinkConfig
 
 
 # -- stages -------------------------------------------------------------------------------

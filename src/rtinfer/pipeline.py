@@ -38,7 +38,7 @@ import numpy as np
 from .exceptions import RtinferError
 from .observability.latency import LatencyHistogram
 from .observability.metrics import Metrics
-from .stages import Stage, compose
+from .stages import Stage, Undeliverable, compose
 from .types import Batch, DeadLetter, Event, Position, Sink, Source
 
 __all__ = ["Lifecycle", "Pipeline", "RunSummary", "dead_letter_record"]
@@ -105,8 +105,9 @@ def dead_letter_record(dead: DeadLetter, pipeline: str) -> dict[str, Any]:
         value = base64.b64encode(event.value).decode("ascii")
         encoding = "base64"
     position = event.position or Position("unknown", 0, -1)
+    event_id = event.id or f"{position.source}/{position.partition}/{position.offset}"
     return {
-        "id": event.id,
+        "id": event_id,
         "pipeline": pipeline,
         "stage": dead.stage,
         "reason": dead.reason,
@@ -226,7 +227,9 @@ class Pipeline:
                 started_sinks.append(sink)
             await self.source.start()
             source_started = True
-            handler = compose(self.stages, metrics=self.metrics, pipeline=self.name)
+            handler = compose(
+                [Undeliverable(), *self.stages], metrics=self.metrics, pipeline=self.name
+            )
             self.state = Lifecycle.RUNNING
             self.ready.set()
             began = time.perf_counter()

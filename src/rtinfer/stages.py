@@ -36,9 +36,18 @@ import numpy as np
 from .batching import MicroBatcher
 from .exceptions import ConfigError, DeadlineExceeded, ModelInputError
 from .observability.metrics import Metrics
-from .types import Batch, Handler
+from .types import DEAD_REASON_HEADER, Batch, Handler
 
-__all__ = ["Decide", "Decode", "Outputs", "Predict", "Vectorize", "compose", "stage_name"]
+__all__ = [
+    "Decide",
+    "Decode",
+    "Outputs",
+    "Predict",
+    "Undeliverable",
+    "Vectorize",
+    "compose",
+    "stage_name",
+]
 
 Stage = Callable[[Batch], "Batch | Awaitable[Batch]"]
 
@@ -76,6 +85,32 @@ def compose(stages: Sequence[Stage], *, metrics: Metrics, pipeline: str) -> Hand
         return batch
 
     return handler
+
+
+class Undeliverable:
+    """Dead-letter the events their source marked undeliverable (delivered too many times).
+
+    A broker source that counts deliveries (Redis Streams, NATS JetStream) hands such an
+    event over once more, with the header ``rtinfer-dead-reason``; the pipeline puts
+    this stage first, so the event is dead-lettered, and then acknowledged, instead of
+    failing again.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = "source"
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows: list[int] = []
+        reasons: list[str] = []
+        for i, event in enumerate(batch.events):
+            headers = event.headers
+            if headers and DEAD_REASON_HEADER in headers:
+                rows.append(i)
+                reasons.append(headers[DEAD_REASON_HEADER].decode("utf-8", "replace"))
+        batch.drop(rows, self.name, reasons)
+        return batch
 
 
 class Decode:

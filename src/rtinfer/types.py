@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "DEAD_REASON_HEADER",
     "Arrays",
     "Batch",
     "DeadLetter",
@@ -34,6 +35,10 @@ __all__ = [
     "Source",
     "TensorSpec",
 ]
+
+#: A source sets this header on an event it will not deliver again (it was delivered too
+#: many times); the pipeline dead-letters such an event with the header's value as reason.
+DEAD_REASON_HEADER = "rtinfer-dead-reason"
 
 #: Named tensors, one row per item along axis 0: a model's inputs or outputs.
 Arrays = dict[str, npt.NDArray[Any]]

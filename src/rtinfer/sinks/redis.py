@@ -1,0 +1,137 @@
+"""Write results to a Redis stream: buffered by ``write``, sent by ``flush`` in one pipeline.
+
+Each result becomes one stream entry (``XADD``) with the fields ``value`` (the
+result: ``bytes`` as they are, anything else as JSON), ``key`` (the event's key,
+when it has one) and ``source_id`` (the event's id), so that consumers of the
+output can de-duplicate what a redelivery wrote twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..sources.redis import connect, require_redis
+from ..types import Event
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisStreamSink"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+class RedisStreamSink:
+    """Appends each event's ``result`` to the Redis stream ``stream`` at ``url``.
+
+    :meth:`write` encodes and buffers; :meth:`flush` sends every buffered ``XADD``
+    in one pipeline (no transaction: one round trip, entries appended in write
+    order) and returns once Redis has answered them all, so the pipeline
+    acknowledges the source only after Redis holds the results. When a flush
+    fails, its entries stay buffered and the next flush sends them again: some may
+    then be in the stream twice (at least once; de-duplicate on ``source_id``).
+
+    ``maxlen`` caps the stream with approximate trimming (``XADD MAXLEN ~ n``):
+    Redis keeps at least ``maxlen`` entries, trimming whole nodes, so a little
+    more. ``None`` (the default): no trimming. Trimming the output stream never
+    touches the input stream or its consumer groups' pending entries.
+
+    ``field``, ``key_field`` and ``id_field`` name the entry's fields
+    (``key_field``/``id_field`` ``None``: leave that field out). Connection
+    options are those of :func:`rtinfer.sources.redis.connect`.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_client",
+        "_connect_options",
+        "_field",
+        "_id_field",
+        "_key_field",
+        "maxlen",
+        "name",
+        "stream",
+        "url",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        maxlen: int | None = None,
+        field: str = "value",
+        key_field: str | None = "key",
+        id_field: str | None = "source_id",
+        username: str | None = None,
+        password: str | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ) -> None:
+        require_redis("the Redis Streams sink")
+        if maxlen is not None and maxlen < 1:
+            raise ValueError(f"maxlen must be at least 1 (or None: no trimming), got {maxlen}")
+        self.url = url
+        self.stream = stream
+        self.maxlen = maxlen
+        self.name = f"redis://{stream}"
+        self._field = field.encode()
+        self._key_field = key_field.encode() if key_field is not None else None
+        self._id_field = id_field.encode() if id_field is not None else None
+        self._connect_options: dict[str, str | None] = {
+            "username": username,
+            "password": password,
+            "ssl_ca_certs": ssl_ca_certs,
+            "ssl_certfile": ssl_certfile,
+            "ssl_keyfile": ssl_keyfile,
+        }
+        self._client: Redis | None = None
+        # field -> value; typed Any to match redis-py's (invariant) mapping of encodables
+        self._buffer: list[dict[Any, Any]] = []
+
+    async def start(self) -> None:
+        """Build the client (it connects on the first flush)."""
+        if self._client is None:
+            self._client = connect(self.url, **self._connect_options)
+
+    async def write(self, events: Sequence[Event]) -> None:
+        """Encode each event's result as an entry and buffer it until :meth:`flush`."""
+        field, key_field, id_field = self._field, self._key_field, self._id_field
+        buffer = self._buffer
+        for event in events:
+            result = event.result
+            entry: dict[Any, Any] = {field: result if type(result) is bytes else _encode(result)}
+            if key_field is not None and event.key is not None:
+                entry[key_field] = event.key
+            if id_field is not None and event.id is not None:
+                entry[id_field] = event.id.encode()
+            buffer.append(entry)
+
+    async def flush(self) -> None:
+        """Send the buffered entries in one pipeline; return once Redis acknowledged them."""
+        if not self._buffer:
+            return
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"{self.name}: call start() before flush()")
+        buffer = self._buffer
+        sending = len(buffer)
+        stream, maxlen = self.stream, self.maxlen
+        async with client.pipeline(transaction=False) as pipe:
+            for entry in buffer[:sending]:
+                pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)
+            await pipe.execute()
+        del buffer[:sending]
+
+    async def aclose(self) -> None:
+        """Close the connection; entries written but never flushed are dropped."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return f"<RedisStreamSink {self.name} buffered={len(self._buffer)}>"

@@ -1,0 +1,459 @@
+"""Read a Redis stream as a pipeline source, as one consumer of a consumer group.
+
+:class:`RedisStreamSource` gives at-least-once delivery on Redis Streams:
+
+- an entry read with ``XREADGROUP`` stays in the group's pending entries list
+  (PEL) under this consumer's name until :meth:`~RedisStreamSource.ack` sends
+  ``XACK``, which the pipeline does only after every sink flushed its result;
+- the consumer name is **stable** (``<hostname>-<RTINFER_WORKER or 0>``), so a
+  restarted worker finds its own pending entries, and re-reads them (``XREADGROUP``
+  from id ``0``) before anything new;
+- entries left pending by a consumer that died for good are claimed with
+  ``XAUTOCLAIM`` once idle for ``claim_idle_ms``, and delivered again;
+- an entry delivered more than ``max_deliveries`` times is not processed again:
+  it is returned with the header :data:`DEAD_REASON_HEADER`, and the pipeline
+  dead-letters (and so acknowledges) events carrying that header.
+
+:func:`connect` builds the client; the Redis sink (:mod:`rtinfer.sinks.redis`) uses
+it too. ``redis`` is imported when a source or sink is built, not when this module
+is, so ``rtinfer`` imports without the ``redis`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ..exceptions import ConfigError, MissingDependency
+from ..types import DEAD_REASON_HEADER, Event, Position
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "DEAD_REASON_HEADER",
+    "RedisStreamSource",
+    "connect",
+    "default_consumer_name",
+    "require_redis",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The header of an event that must not be processed again (it was delivered more than
+#: ``max_deliveries`` times, or its entry has no payload field); the value says why.
+
+# The replies this module parses itself, the same with every redis-py version:
+# redis-py's own parsing of these commands differs between its versions and protocols.
+_RAW_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XPENDING")
+
+
+def _raw(response: Any, **options: Any) -> Any:
+    return response
+
+
+def require_redis(what: str) -> None:
+    """Raise :class:`MissingDependency` naming ``what`` if redis-py is not installed."""
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependency(what, "redis") from exc
+
+
+def connect(
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    ssl_ca_certs: str | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> Redis:
+    """An asyncio Redis client for ``url`` (``redis://`` or, for TLS, ``rediss://``).
+
+    Credentials go in the URL (``redis://user:secret@host:6379/0``) or in
+    ``username``/``password``, not both. The ``ssl_*`` files (PEM paths) need a
+    ``rediss://`` URL. redis-py uses the hiredis parser when it is installed.
+    No connection is made until the first command.
+    """
+    from redis.asyncio import Redis
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"Redis URL {url!r} has scheme {parts.scheme!r}; use redis://, rediss:// (TLS) "
+            "or unix://"
+        )
+    if (username is not None and parts.username) or (password is not None and parts.password):
+        raise ConfigError(
+            "Redis credentials were given both in the URL and as arguments; give them once"
+        )
+    tls = {"ssl_ca_certs": ssl_ca_certs, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
+    options: dict[str, Any] = {k: v for k, v in tls.items() if v is not None}
+    if options and parts.scheme != "rediss":
+        raise ConfigError(
+            f"{', '.join(sorted(options))} need a TLS connection: use a rediss:// URL, "
+            f"got {parts.scheme}://"
+        )
+    if username is not None:
+        options["username"] = username
+    if password is not None:
+        options["password"] = password
+    client: Redis = Redis.from_url(url, **options)
+    for command in _RAW_COMMANDS:
+        client.set_response_callback(command, _raw)
+    return client
+
+
+def default_consumer_name() -> str:
+    """``<hostname>-<RTINFER_WORKER>``, ``<hostname>-0`` when ``RTINFER_WORKER`` is unset.
+
+    Stable across restarts of the same worker (unlike a process id), so a
+    restarted worker re-reads the entries it had not acknowledged. Workers on one
+    host must set distinct ``RTINFER_WORKER`` values (or pass distinct names).
+    """
+    return f"{socket.gethostname()}-{os.environ.get('RTINFER_WORKER', '0')}"
+
+
+def _execute(client: Redis) -> Callable[..., Awaitable[Any]]:
+    """``client.execute_command``, typed (redis-py leaves it untyped)."""
+    execute: Callable[..., Awaitable[Any]] = client.execute_command
+    return execute
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+def _stream_entries(reply: Any) -> list[Any]:
+    """The entries of an XREADGROUP reply on one stream: RESP2 ``[[name, entries]]``
+    or RESP3 ``{name: entries}``; ``None`` (a timeout) has none."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [entry for entries in reply.values() for entry in entries]
+    return [entry for _, entries in reply for entry in entries]
+
+
+class RedisStreamSource:
+    """Entries of the Redis stream ``stream`` at ``url``, read as consumer ``consumer``
+    of consumer group ``group``.
+
+    Each entry becomes an :class:`~rtinfer.types.Event`: ``value`` is the entry's
+    ``value_field`` (default ``value``), ``key`` its ``key_field`` (default ``key``)
+    if present, ``headers`` its other fields, ``ingest_time`` the time in its id
+    (when Redis appended it, in seconds), and ``position``
+    ``Position("redis://<stream>", 0, "<entry id>")``.
+
+    - :meth:`start` creates the group if needed (``XGROUP CREATE ... MKSTREAM``,
+      from ``start_id``: ``"0"`` the whole stream, ``"$"`` only new entries).
+    - :meth:`read` first re-reads this consumer's own pending entries (those it
+      read but never acknowledged, before a restart), then new entries, blocking
+      up to ``block_ms`` per ``XREADGROUP``; every ``claim_idle_ms / 2`` it also
+      claims (``XAUTOCLAIM``) entries pending for more than ``claim_idle_ms`` under
+      any consumer, and delivers them. Set ``claim_idle_ms`` above the longest time
+      an entry may take from read to acknowledgement, or entries being processed
+      are delivered twice. A cancelled read leaves the source usable.
+    - :meth:`ack` acknowledges (``XACK``) in one command.
+
+    **Dead-letter contract.** An entry delivered more than ``max_deliveries``
+    times (its delivery count in ``XPENDING``: every read, re-read and claim counts)
+    is returned once more, with the header ``{"rtinfer-dead-reason": b"delivered N
+    times (max_deliveries is M)"}``, and so is an entry without ``value_field``
+    (``b"entry has no 'value' field"``). The pipeline must not process an event
+    carrying :data:`DEAD_REASON_HEADER`: it writes it to its dead letters and
+    acknowledges it like any other. An entry deleted or trimmed from the stream
+    while pending has no payload left: it is acknowledged here and logged.
+
+    Connection options are those of :func:`connect`.
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_backlog_cursor",
+        "_claim_cursor",
+        "_claim_interval",
+        "_client",
+        "_closed",
+        "_connect_options",
+        "_key_field",
+        "_next_claim",
+        "_unacked",
+        "_value_field",
+        "block_ms",
+        "claim_idle_ms",
+        "consumer",
+        "group",
+        "max_deliveries",
+        "name",
+        "start_id",
+        "stream",
+        "url",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        group: str = "rtinfer",
+        consumer: str | None = None,
+        start_id: str = "0",
+        block_ms: int = 2_000,
+        claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
+        value_field: str = "value",
+        key_field: str | None = "key",
+        username: str | None = None,
+        password: str | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ) -> None:
+        require_redis("the Redis Streams source")
+        for option, value in (
+            ("block_ms", block_ms),
+            ("claim_idle_ms", claim_idle_ms),
+            ("max_deliveries", max_deliveries),
+        ):
+            if value < 1:
+                raise ValueError(f"{option} must be at least 1, got {value}")
+        self.url = url
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer if consumer is not None else default_consumer_name()
+        self.start_id = start_id
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.name = f"redis://{stream}"
+        self._value_field = value_field.encode()
+        self._key_field = key_field.encode() if key_field is not None else None
+        self._connect_options: dict[str, str | None] = {
+            "username": username,
+            "password": password,
+            "ssl_ca_certs": ssl_ca_certs,
+            "ssl_certfile": ssl_certfile,
+            "ssl_keyfile": ssl_keyfile,
+        }
+        self._client: Redis | None = None
+        self._closed = False
+        self._backlog = True  # re-read this consumer's pending entries before new ones
+        self._backlog_cursor = "0"
+        self._claim_cursor = "0-0"
+        self._claim_interval = claim_idle_ms / 2000  # seconds
+        self._next_claim = 0.0
+        # Entries handed to the pipeline and not acknowledged yet: a re-read or a
+        # claim finding them again must not deliver them twice.
+        self._unacked: set[str] = set()
+
+    async def start(self) -> None:
+        """Connect and create the consumer group if it does not exist (again after a close)."""
+        if self._client is not None:
+            return
+        from redis.exceptions import ResponseError
+
+        client = connect(self.url, **self._connect_options)
+        try:
+            await client.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                await client.aclose()
+                raise
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
+        self._closed = False
+        self._unacked.clear()  # nothing of this source is in a pipeline yet
+        self._backlog = True
+        self._backlog_cursor = "0"
+        self._claim_cursor = "0-0"
+        self._next_claim = time.monotonic()  # claim what dead consumers left, once started
+
+    async def read(self, max_events: int) -> list[Event]:
+        """Wait for entries and return up to ``max_events``; ``[]`` only once closed.
+
+        Own pending entries come first (after :meth:`start`, and after a read that
+        was cancelled or failed), then claimed ones when a claim pass is due, then new
+        ones.
+        """
+        client = self._client
+        if self._closed:
+            return []
+        if client is None:
+            raise RuntimeError(f"{self.name}: call start() before read()")
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        while not self._is_closed():  # a call: aclose() may run while a command waits
+            try:
+                if self._backlog:
+                    events = await self._read_backlog(client, max_events)
+                elif time.monotonic() >= self._next_claim:
+                    events = await self._claim(client, max_events)
+                else:
+                    events = await self._read_new(client, max_events)
+            except BaseException as exc:
+                # Cancelled (or failed) while a command was out: Redis may have put entries
+                # in this consumer's pending list whose reply never arrived. Re-read them.
+                self._backlog = True
+                if isinstance(exc, RedisConnectionError) and self._is_closed():
+                    return []  # closed while waiting
+                raise
+            if events:
+                return events
+        return []
+
+    async def _read_new(self, client: Redis, max_events: int) -> list[Event]:
+        until_claim = int((self._next_claim - time.monotonic()) * 1000)
+        block = max(1, min(self.block_ms, until_claim))
+        reply = await _execute(client)(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_events,
+            "BLOCK", block, "STREAMS", self.stream, ">",
+        )  # fmt: skip
+        events: list[Event] = []
+        for raw_id, fields in _stream_entries(reply):
+            entry_id = _text(raw_id)
+            events.append(self._event(entry_id, fields, 1))
+            self._unacked.add(entry_id)
+        return events
+
+    async def _read_backlog(self, client: Redis, max_events: int) -> list[Event]:
+        """The next of this consumer's own pending entries (``XREADGROUP`` from an id)."""
+        reply = await _execute(client)(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_events,
+            "STREAMS", self.stream, self._backlog_cursor,
+        )  # fmt: skip
+        entries = _stream_entries(reply)
+        if not entries:
+            self._backlog = False
+            self._backlog_cursor = "0"
+            return []
+        self._backlog_cursor = _text(entries[-1][0])
+        return await self._redeliver(client, entries, deleted=[])
+
+    async def _claim(self, client: Redis, max_events: int) -> list[Event]:
+        """Claim entries idle for ``claim_idle_ms``, ``max_events`` at most, and deliver them."""
+        reply = await _execute(client)(
+            "XAUTOCLAIM", self.stream, self.group, self.consumer, self.claim_idle_ms,
+            self._claim_cursor, "COUNT", max_events,
+        )  # fmt: skip
+        cursor = _text(reply[0])
+        if cursor == "0-0":  # a full pass over the pending entries: the next one later
+            self._next_claim = time.monotonic() + self._claim_interval
+        self._claim_cursor = cursor
+        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+        return await self._redeliver(client, reply[1], deleted=deleted)
+
+    async def _redeliver(
+        self, client: Redis, entries: Sequence[Any], *, deleted: list[str]
+    ) -> list[Event]:
+        """Events for entries read again (own pending or claimed), with their delivery counts.
+
+        Entries still in the pipeline are skipped; entries deleted from the stream
+        (no fields) are acknowledged and logged; entries now pending under another
+        consumer (claimed meanwhile) or no longer pending are left to their owner.
+        """
+        fresh: list[tuple[str, Any]] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if not fields:  # an entry that no longer exists: its id, then nil
+                deleted.append(entry_id)
+            elif entry_id not in self._unacked:
+                fresh.append((entry_id, fields))
+        if deleted:
+            await self._drop_deleted(client, deleted)
+        if not fresh:
+            return []
+        async with client.pipeline(transaction=False) as pipe:
+            for entry_id, _ in fresh:
+                pipe.execute_command("XPENDING", self.stream, self.group, entry_id, entry_id, 1)
+            pending = await pipe.execute()
+        mine = self.consumer.encode()
+        events: list[Event] = []
+        for (entry_id, fields), detail in zip(fresh, pending, strict=True):
+            if not detail:
+                continue
+            _, owner, _, deliveries = detail[0]
+            if (owner if isinstance(owner, bytes) else owner.encode()) != mine:
+                continue
+            events.append(self._event(entry_id, fields, int(deliveries)))
+            self._unacked.add(entry_id)
+        return events
+
+    async def _drop_deleted(self, client: Redis, ids: list[str]) -> None:
+        await client.xack(self.stream, self.group, *ids)
+        logger.warning(
+            "%s: %d pending entries of group %r were deleted or trimmed from the stream "
+            "before they were acknowledged; their payload is gone, so they were acknowledged "
+            "without processing: %s",
+            self.name,
+            len(ids),
+            self.group,
+            ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""),
+        )
+
+    def _event(self, entry_id: str, fields: Any, deliveries: int) -> Event:
+        if isinstance(fields, dict):
+            pairs = dict(fields)
+        else:
+            it = iter(fields)
+            pairs = dict(zip(it, it, strict=True))
+        value = pairs.pop(self._value_field, None)
+        key = pairs.pop(self._key_field, None) if self._key_field is not None else None
+        headers: dict[str, bytes] = {
+            (k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v
+            for k, v in pairs.items()
+        }
+        headers.pop(DEAD_REASON_HEADER, None)  # only this source says an entry is dead
+        if value is None:
+            reason = f"entry has no {self._value_field.decode()!r} field"
+            headers[DEAD_REASON_HEADER] = reason.encode()
+            value = b""
+        elif deliveries > self.max_deliveries:
+            reason = f"delivered {deliveries} times (max_deliveries is {self.max_deliveries})"
+            headers[DEAD_REASON_HEADER] = reason.encode()
+        return Event(
+            value,
+            key=key,
+            headers=headers or None,
+            ingest_time=int(entry_id.partition("-")[0]) / 1000,
+            position=Position(self.name, 0, entry_id),
+        )
+
+    async def ack(self, positions: Sequence[Position]) -> None:
+        """Acknowledge the entries at ``positions`` with one ``XACK``."""
+        client = self._client
+        if client is None or not positions:
+            return
+        ids: list[str] = []
+        for position in positions:
+            offset = position.offset
+            if not isinstance(offset, str):
+                raise TypeError(f"{self.name}: cannot ack {position!r}, its offset is not an id")
+            ids.append(offset)
+        await client.xack(self.stream, self.group, *ids)
+        self._unacked.difference_update(ids)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._closed
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Close the connection; what was not acknowledged stays pending for this consumer."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return f"<RedisStreamSource {self.name} group={self.group!r} consumer={self.consumer!r}>"

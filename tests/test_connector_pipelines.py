@@ -1,0 +1,144 @@
+"""Pipelines built from YAML files with the broker connectors, run against the real brokers.
+
+Also the contract every delivery-counting source relies on: an event carrying the header
+``rtinfer-dead-reason`` is dead-lettered with that reason and acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from conftest import payload
+from rtinfer.broker import Broker
+from rtinfer.build import build_pipeline, load_pipeline
+from rtinfer.config import parse_config
+from rtinfer.types import DEAD_REASON_HEADER
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+
+
+async def test_an_event_marked_undeliverable_is_dead_lettered_and_acknowledged(
+    model_file: Path,
+) -> None:
+    broker = Broker()
+    broker.publish("in", payload(0))
+    broker.publish("in", payload(1), headers={DEAD_REASON_HEADER: b"delivered 6 times"})
+    broker.publish("in", payload(2))
+    broker.end_topic("in")
+    config = parse_config(
+        f"""
+        source: {{type: memory, topic: in}}
+        decode: {{fields: {{id: str, x: float, y: float}}}}
+        stages: [{{type: vectorize, fields: [x, y]}}]
+        model: {{path: "{model_file}"}}
+        sinks: [{{type: memory, topic: out}}]
+        dead_letters: {{type: memory, topic: dead}}
+        """
+    )
+    summary = await build_pipeline(config, broker=broker).run()
+    assert (summary.events_out, summary.dead_letters) == (2, 1)
+    dead = [json.loads(r.value) for r in broker.consumer("dead", "check").fetch_nowait(10)]
+    assert [(d["id"], d["stage"], d["reason"]) for d in dead] == [
+        ("memory://in/0/1", "source", "delivered 6 times")  # not decoded: id by position
+    ]
+    assert broker.committed("rtinfer", "in") == [3]
+
+
+def pipeline_yaml(tmp_path: Path, model_file: Path, source: str, sink: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        f"""
+name: connectors
+source: {source}
+decode: {{fields: {{id: str, x: float, y: float}}}}
+stages: [{{type: vectorize, fields: [x, y]}}]
+model: {{path: "{model_file}"}}
+decision: {{output: probabilities, thresholds: {{block: 0.5}}}}
+sinks: [{sink}]
+"""
+    )
+    return path
+
+
+async def test_redis_stream_to_redis_stream_from_a_pipeline_file(
+    tmp_path: Path, model_file: Path
+) -> None:
+    redis = pytest.importorskip("redis.asyncio")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except OSError as exc:
+        from conftest import service_missing
+
+        service_missing(f"no Redis at {REDIS_URL}: {exc}")
+    name = uuid.uuid4().hex[:8]
+    source, out = f"test-in-{name}", f"test-out-{name}"
+    try:
+        for i in range(50):
+            await client.xadd(source, {"value": payload(i, x=(i % 4) / 4)})
+        path = pipeline_yaml(
+            tmp_path,
+            model_file,
+            f"{{type: redis, url: '{REDIS_URL}', stream: {source}, group: g, block_ms: 50}}",
+            f"{{type: redis, url: '{REDIS_URL}', stream: {out}}}",
+        )
+        pipeline = load_pipeline(path)
+
+        pipeline.observe(lambda b: pipeline.stop() if pipeline.events_out >= 50 else None)
+        await pipeline.run()
+        entries = await client.xrange(out)
+        results = [msgspec.json.decode(fields[b"value"]) for _, fields in entries]
+        assert sorted(r["id"] for r in results) == sorted(f"e{i}" for i in range(50))
+        assert {r["decision"] for r in results} == {"approve", "block"}
+        assert (await client.xpending(source, "g"))["pending"] == 0
+    finally:
+        await client.delete(source, out)
+        await client.aclose()
+
+
+async def test_nats_to_nats_from_a_pipeline_file(tmp_path: Path, model_file: Path) -> None:
+    nats = pytest.importorskip("nats")
+    try:
+        nc = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
+    except Exception as exc:  # nats-py raises its own and OS errors
+        from conftest import service_missing
+
+        service_missing(f"no NATS server at {NATS_URL}: {exc!r}")
+    js = nc.jetstream()
+    name = uuid.uuid4().hex[:8]
+    stream_in, stream_out = f"IN{name}", f"OUT{name}"
+    try:
+        await js.add_stream(name=stream_out, subjects=[f"out.{name}"])
+        path = pipeline_yaml(
+            tmp_path,
+            model_file,
+            f"{{type: nats, url: '{NATS_URL}', stream: {stream_in}, subject: 'in.{name}', "
+            f"fetch_timeout_s: 0.2}}",
+            f"{{type: nats, url: '{NATS_URL}', subject: 'out.{name}', stream: {stream_out}}}",
+        )
+        pipeline = load_pipeline(path)
+        pipeline.observe(lambda b: pipeline.stop() if pipeline.events_out >= 30 else None)
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.wait_for(pipeline.ready.wait(), 10)
+        for i in range(30):
+            await js.publish(f"in.{name}", payload(i))
+        await asyncio.wait_for(run, 20)
+        info = await js.stream_info(stream_out)
+        assert info.state.messages == 30
+        sub = await js.pull_subscribe(f"out.{name}", durable="check")
+        msgs = await sub.fetch(30, timeout=5)
+        assert sorted(json.loads(m.data)["id"] for m in msgs) == sorted(f"e{i}" for i in range(30))
+    finally:
+        for stream in (stream_in, stream_out):
+            with contextlib.suppress(Exception):  # best-effort clean-up of a test stream
+                await js.delete_stream(stream)
+        await nc.close()
