@@ -27,6 +27,7 @@ import inspect
 import math
 import operator
 import time
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -123,7 +124,7 @@ class Decode:
     ``event_time_unit`` (``s`` or ``ms``) since the epoch.
     """
 
-    __slots__ = ("_decode", "_get_id", "_get_time", "_scale", "name")
+    __slots__ = ("_decode", "_fast", "_get_id", "_get_time", "_scale", "name")
 
     def __init__(
         self,
@@ -152,8 +153,26 @@ class Decode:
         dict_like = schema is None or (isinstance(schema, type) and issubclass(schema, dict))
         self._get_id = _getter(id_field, dict_like)
         self._get_time = _getter(event_time_field, dict_like)
+        # The common case, decided once: a Struct whose id is a required str and whose event
+        # time (if any) a required number. Then every decoded event has both, of those types,
+        # and the per-event loop needs no checks.
+        self._fast: tuple[Callable[[Any], str], Callable[[Any], float] | None] | None = None
+        if (
+            id_field is not None
+            and _required_field(schema, id_field) in (str,)
+            and (
+                event_time_field is None
+                or _required_field(schema, event_time_field) in (int, float)
+            )
+        ):
+            self._fast = (
+                operator.attrgetter(id_field),
+                operator.attrgetter(event_time_field) if event_time_field else None,
+            )
 
     def __call__(self, batch: Batch) -> Batch:
+        if self._fast is not None:
+            return self._decode_structs(batch, *self._fast)
         decode, get_id, get_time, scale = self._decode, self._get_id, self._get_time, self._scale
         bad: list[int] = []
         reasons: list[str] = []
@@ -175,6 +194,42 @@ class Decode:
                     event.event_time = t * scale
         batch.drop(bad, self.name, reasons)
         return batch
+
+    def _decode_structs(
+        self,
+        batch: Batch,
+        get_id: Callable[[Any], str],
+        get_time: Callable[[Any], float] | None,
+    ) -> Batch:
+        decode, scale = self._decode, self._scale
+        bad: list[int] = []
+        reasons: list[str] = []
+        for i, event in enumerate(batch.events):
+            try:
+                data = decode(event.value)
+            except msgspec.DecodeError as exc:  # includes ValidationError
+                bad.append(i)
+                reasons.append(f"undecodable or invalid: {exc}")
+                continue
+            event.data = data
+            event.id = get_id(data)
+            if get_time is not None:
+                event.event_time = get_time(data) * scale
+        batch.drop(bad, self.name, reasons)
+        return batch
+
+
+def _required_field(schema: Any, name: str) -> Any:
+    """The type of a Struct's required field ``name``, or ``None``."""
+    if not (isinstance(schema, type) and issubclass(schema, msgspec.Struct)):
+        return None
+    for field in msgspec.structs.fields(schema):
+        if field.name == name and field.required:
+            kind = field.type
+            if typing.get_origin(kind) is typing.Annotated:  # constrained: Annotated[int, Meta]
+                kind = typing.get_args(kind)[0]
+            return kind
+    return None
 
 
 def _as_id(value: Any) -> str | None:

@@ -14,6 +14,7 @@ import asyncio
 import importlib.resources
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,14 @@ from ..types import Batch
 from .generator import encode_events, generate
 from .training import ensure_model
 
-__all__ = ["DemoStats", "demo_config_text", "prepare_stream", "publish", "run_demo"]
+__all__ = [
+    "DemoStats",
+    "demo_config_text",
+    "prepare_stream",
+    "publish",
+    "roc_auc",
+    "run_demo",
+]
 
 TOPIC = "payments"
 DEFAULT_EVENTS = 200_000
@@ -54,18 +62,23 @@ class DemoStats:
 
     def on_batch(self, batch: Batch) -> None:
         events = batch.events
-        if not events:
+        if not events or batch.outputs is None:
             return
         n = len(events)
         labels = np.fromiter((e.data.is_fraud for e in events), np.bool_, n)
-        scores = np.fromiter((e.result["score"] for e in events), np.float64, n)
-        decisions = [e.result["decision"] for e in events]
-        flagged = np.fromiter((d != "approve" for d in decisions), np.bool_, n)
-        for d in set(decisions):
-            self.decisions[d] = self.decisions.get(d, 0) + decisions.count(d)
+        scores = np.asarray(batch.outputs["probabilities"][:, 1], dtype=np.float64)
+        decisions = Counter([e.result["decision"] for e in events])
+        flagged = n - decisions.get("approve", 0)
+        caught = int(labels.sum()) - sum(
+            1
+            for e, fraud in zip(events, labels.tolist(), strict=True)
+            if fraud and e.result["decision"] == "approve"
+        )
+        for decision, count in decisions.items():
+            self.decisions[decision] = self.decisions.get(decision, 0) + count
         self.fraud += int(labels.sum())
-        self.flagged += int(flagged.sum())
-        self.caught += int((labels & flagged).sum())
+        self.flagged += flagged
+        self.caught += caught
         self._labels.append(labels)
         self._scores.append(scores)
 
@@ -84,16 +97,31 @@ class DemoStats:
         recall = self.caught / self.fraud if self.fraud else 0.0
         auc = float("nan")
         if self._labels:
-            labels = np.concatenate(self._labels)
-            if 0 < labels.sum() < labels.size:
-                from sklearn.metrics import roc_auc_score
-
-                auc = float(roc_auc_score(labels, np.concatenate(self._scores)))
+            auc = roc_auc(np.concatenate(self._labels), np.concatenate(self._scores))
         return {
             "precision": round(precision, 4),
             "recall": round(recall, 4),
             "roc_auc": round(auc, 4),
         }
+
+
+def roc_auc(labels: np.ndarray[Any, Any], scores: np.ndarray[Any, Any]) -> float:
+    """Area under the ROC curve: the chance a fraud scores above a normal payment.
+
+    The Mann-Whitney rank statistic, ties averaged, in numpy (importing scikit-learn
+    for one number would take seconds).
+    """
+    n = labels.size
+    positives = int(labels.sum())
+    if positives in (0, n):
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    rank_sums = np.bincount(inverse, weights=np.arange(1, n + 1, dtype=np.float64))
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = (rank_sums / counts)[inverse]
+    negatives = n - positives
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 async def publish(
