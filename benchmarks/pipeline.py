@@ -21,7 +21,6 @@ timed at the same time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import resource
@@ -40,6 +39,7 @@ from rtinfer.demo.events import Transaction
 from rtinfer.demo.features import CardFeatures
 from rtinfer.demo.run import prepare_stream, run_demo
 from rtinfer.demo.training import ensure_model
+from rtinfer.loop import run
 from rtinfer.models import OnnxModel
 
 
@@ -78,7 +78,7 @@ def model_alone(model: OnnxModel, features: np.ndarray[Any, Any], batch: int) ->
 
 def run_pipeline(stream: Any, rate: float | None, events: int) -> dict[str, Any]:
     values, keys = stream
-    return asyncio.run(
+    return run(
         run_demo(
             events=events,
             rate=rate,

@@ -829,3 +829,27 @@ async def test_onnx_model_behind_the_batcher(onnx_file: Path) -> None:
     assert batcher.rows == sum(len(x) for x in requests)
     assert batcher.batches < len(requests)  # some requests shared a call
     assert sample(batcher, "rtinfer_batch_size_count") == batcher.batches
+
+
+async def test_start_lowers_the_gil_switch_interval_unless_told_not_to() -> None:
+    """The model thread must get the GIL back quickly from a busy loop (see SWITCH_INTERVAL)."""
+    import sys
+
+    from rtinfer.batching import SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        untouched = MicroBatcher(
+            PythonModel(lambda x: x["x"], inputs={"x": ("float32", [None, 1])}),
+            switch_interval=None,
+        )
+        await untouched.start()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        await untouched.aclose()
+        lowered = MicroBatcher(PythonModel(lambda x: x["x"], inputs={"x": ("float32", [None, 1])}))
+        await lowered.start()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        await lowered.aclose()
+    finally:
+        sys.setswitchinterval(before)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -49,6 +50,14 @@ from .observability.metrics import Metrics
 from .types import Arrays, Model
 
 __all__ = ["MicroBatcher", "warmup_sizes"]
+
+
+#: The GIL switch interval :meth:`MicroBatcher.start` sets, in seconds (Python's default
+#: is 5 ms). The model thread needs the GIL to start a call and again when the runtime
+#: returns; while the event loop is busy it waits up to one interval each time, so at the
+#: default a single call can stall for 10 ms and the batches behind it pile up (the demo at
+#: 20,000 events/s: p99 92 ms at 5 ms, 17 ms at 10 us, with the same throughput).
+SWITCH_INTERVAL = 1e-5
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:
@@ -88,6 +97,11 @@ class MicroBatcher:
     ``max_delay`` is in seconds (``0``: never wait for more rows; batches still
     form while the model is busy). Call :meth:`start` (loads and warms the
     model) before submitting, and :meth:`aclose` at the end.
+
+    ``switch_interval``: :meth:`start` lowers the interpreter's GIL switch interval
+    (``sys.setswitchinterval``, process-wide) to this many seconds if it is higher, so
+    the model thread gets the GIL back quickly from a busy event loop (see
+    :data:`SWITCH_INTERVAL`); ``None`` leaves it alone.
     """
 
     def __init__(
@@ -99,6 +113,7 @@ class MicroBatcher:
         max_in_flight: int = 1,
         max_queue_rows: int | None = None,
         metrics: Metrics | None = None,
+        switch_interval: float | None = SWITCH_INTERVAL,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -110,6 +125,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
         self.max_in_flight = max_in_flight
+        self.switch_interval = switch_interval
         self.max_queue_rows = max_queue_rows or max(16 * max_batch_size, 4096)
         if self.max_queue_rows < max_batch_size:
             raise ValueError(
@@ -151,6 +167,8 @@ class MicroBatcher:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
+        if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
+            sys.setswitchinterval(self.switch_interval)
         self._executor = ThreadPoolExecutor(
             max_workers=self.max_in_flight, thread_name_prefix=f"rtinfer-model-{self.model.name}"
         )

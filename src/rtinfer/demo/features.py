@@ -118,9 +118,14 @@ class CardFeatures:
 
     name = "card_features"
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 1024) -> None:
+        """``capacity``: the cards to make room for up front (more grow the table by doubling,
+        a copy that stalls the loop for milliseconds once the table is large: size it for
+        the cards you expect, at start-up)."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 card, got {capacity}")
         self._index: dict[str, int] = {}  # card -> its row of _state
-        self._state: IntArray = self._empty(1024)
+        self._state: IntArray = self._empty(capacity)
 
     def __len__(self) -> int:
         """How many cards have state."""
