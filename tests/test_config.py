@@ -396,3 +396,20 @@ def test_a_plain_function_is_a_stage_and_a_function_with_args_a_factory() -> Non
     made = _stage(PythonStageConfig(use="functools:lru_cache", args={"maxsize": 8}), 0, None)
     assert callable(made)  # a function with args is a factory: its result is the stage
     assert made is not functools.lru_cache
+
+
+def test_included_fields_must_exist_in_the_schema(tmp_path: Path, model_file: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"""
+source: {{type: file, path: in.jsonl}}
+decode: {{fields: {{id: str, x: float, y: float}}}}
+stages: [{{type: vectorize, fields: [x, y]}}]
+model: {{path: "{model_file}"}}
+decision: {{thresholds: {{block: 0.5}}, include: [x, colour]}}
+sinks: [{{type: stdout}}]
+"""
+    )
+    with pytest.raises(ConfigError, match="no field 'colour'") as info:
+        load_pipeline(path)
+    assert info.value.key == "decision.include"

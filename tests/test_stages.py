@@ -367,3 +367,11 @@ def test_batch_drop_keeps_inputs_outputs_and_positions_aligned() -> None:
         ("e3", "test", "three"),
     ]
     assert len(batch.positions) == 4  # every position is still acknowledged
+
+
+def test_decide_refuses_an_include_that_is_not_a_field_name() -> None:
+    from rtinfer.exceptions import ConfigError
+    from rtinfer.stages import Decide
+
+    with pytest.raises(ConfigError, match="not a name"):
+        Decide(output="p", thresholds={"block": 0.5}, include=["ok", "x); import os; ("])

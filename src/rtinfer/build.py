@@ -77,11 +77,23 @@ def build_pipeline(
         max_queue_rows=b.max_queue_rows,
         metrics=metrics,
     )
-    stages: list[Stage] = [_decode(config.decode, file)]
+    decode = _decode(config.decode, file)
+    stages: list[Stage] = [decode]
     stages += [_stage(s, i, file) for i, s in enumerate(config.stages)]
     stages.append(Predict(batcher, allow_nan=config.model.allow_nan))
     if config.decision is not None:
         d = config.decision
+        schema = decode.schema
+        if isinstance(schema, type) and issubclass(schema, msgspec.Struct):
+            known = schema.__struct_fields__
+            missing = [f for f in d.include if f not in known]
+            if missing:
+                raise ConfigError(
+                    f"the events have no field {missing[0]!r} to include; their fields are "
+                    f"{list(known)}",
+                    key="decision.include",
+                    file=file,
+                )
         stages.append(
             Decide(
                 output=d.output,
