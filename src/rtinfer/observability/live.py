@@ -86,8 +86,11 @@ class LiveView:
                 print("  ".join(f"{k}: {v}" for k, v in rows.items()), file=self.stream)
         console = Console(file=self.stream)
         with Live(console=console, auto_refresh=False, transient=False) as live:
-            while True:
-                await asyncio.sleep(self.interval)
-                rows = self.rows(state, previous)
-                previous = self.pipeline.latency.copy()
-                live.update(self._table(rows), refresh=True)
+            try:
+                while True:
+                    await asyncio.sleep(self.interval)
+                    rows = self.rows(state, previous)
+                    previous = self.pipeline.latency.copy()
+                    live.update(self._table(rows), refresh=True)
+            finally:  # cancelled at the end of the run: leave the final figures on screen
+                live.update(self._table(self.rows(state, previous)), refresh=True)
