@@ -142,3 +142,81 @@ async def test_nats_to_nats_from_a_pipeline_file(tmp_path: Path, model_file: Pat
             with contextlib.suppress(Exception):  # best-effort clean-up of a test stream
                 await js.delete_stream(stream)
         await nc.close()
+
+
+async def test_the_consumer_lag_is_exported_while_running(model_file: Path) -> None:
+    broker = Broker(default_partitions=2)
+    for i in range(300):
+        broker.publish("lagging", payload(i), key=str(i % 7).encode())
+    config = parse_config(
+        f"""
+        source: {{type: memory, topic: lagging}}
+        decode: {{fields: {{id: str, x: float, y: float}}}}
+        stages: [{{type: vectorize, fields: [x, y]}}]
+        model: {{path: "{model_file}"}}
+        sinks: [{{type: memory, topic: out}}]
+        runtime: {{read_size: 10, max_in_flight: 1}}
+        """
+    )
+    pipeline = build_pipeline(config, broker=broker)
+    pipeline.lag_interval = 0.001
+    seen: list[float] = []
+
+    def sample(_batch: object) -> None:
+        value = pipeline.metrics.registry.get_sample_value(
+            "rtinfer_consumer_lag", {"pipeline": "pipeline", "source": "memory://lagging"}
+        )
+        if value is not None:
+            seen.append(value)
+        if pipeline.events_out >= 300:
+            pipeline.stop()
+
+    pipeline.observe(sample)
+    await pipeline.run()
+    assert seen, "the lag was never exported"
+    assert max(seen) > 0  # events were waiting while it ran
+    assert all(0 <= v <= 300 for v in seen)
+    assert broker.lag("rtinfer", "lagging") == 0
+
+
+async def test_redis_source_lag_counts_undelivered_and_pending() -> None:
+    redis = pytest.importorskip("redis.asyncio")
+    from rtinfer.sources.redis import RedisStreamSource
+
+    client = redis.Redis.from_url(REDIS_URL)
+    stream = f"test-lag-{uuid.uuid4().hex[:8]}"
+    try:
+        for i in range(5):
+            await client.xadd(stream, {"value": payload(i)})
+        source = RedisStreamSource(REDIS_URL, stream, group="g", block_ms=50)
+        await source.start()
+        events = await source.read(3)
+        assert await source.lag() == 5  # 3 pending + 2 never delivered
+        await source.ack([e.position for e in events if e.position is not None])
+        assert await source.lag() == 2
+        await source.aclose()
+    finally:
+        await client.delete(stream)
+        await client.aclose()
+
+
+async def test_nats_source_lag_counts_undelivered_and_unacknowledged() -> None:
+    nats = pytest.importorskip("nats")
+    from rtinfer.sources.nats import NatsSource
+
+    name = uuid.uuid4().hex[:8]
+    source = NatsSource(NATS_URL, f"LAG{name}", f"lag.{name}", fetch_timeout_s=0.2)
+    await source.start()
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream()
+    try:
+        for i in range(5):
+            await js.publish(f"lag.{name}", payload(i))
+        events = await source.read(3)
+        assert await source.lag() == 5
+        await source.ack([e.position for e in events if e.position is not None])
+        assert await source.lag() == 2
+    finally:
+        await source.aclose()
+        await js.delete_stream(f"LAG{name}")
+        await nc.close()

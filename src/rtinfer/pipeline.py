@@ -162,6 +162,7 @@ class Pipeline:
         read_size: int = 256,
         max_in_flight: int = 4,
         flush_interval: float = 0.1,
+        lag_interval: float = 1.0,
         metrics: Metrics | None = None,
     ) -> None:
         if read_size < 1:
@@ -176,6 +177,7 @@ class Pipeline:
         self.read_size = read_size
         self.max_in_flight = max_in_flight
         self.flush_interval = flush_interval
+        self.lag_interval = lag_interval
         self.metrics = metrics or Metrics()
         self.state = Lifecycle.CREATED
         self.ready = asyncio.Event()
@@ -238,12 +240,14 @@ class Pipeline:
             # given back once the batch's results are written.
             slots = asyncio.Semaphore(self.max_in_flight)
             self._reader = asyncio.create_task(self._read(handler, inflight, slots))
+            lag = asyncio.create_task(self._report_lag())
             try:
                 await self._write(inflight, slots)
             finally:
+                lag.cancel()
                 if not self._reader.done():
                     self._reader.cancel()
-                await asyncio.gather(self._reader, return_exceptions=True)
+                await asyncio.gather(self._reader, lag, return_exceptions=True)
                 # After a failure, batches already started are abandoned unacknowledged.
                 abandoned = []
                 while not inflight.empty():
@@ -279,6 +283,22 @@ class Pipeline:
                 await close()
             except Exception:  # the run's own outcome is what the caller sees
                 log.exception("error while closing pipeline %r", self.name)
+
+    async def _report_lag(self) -> None:
+        """Export the source's consumer lag every ``lag_interval`` seconds, if it can tell."""
+        lag = getattr(self.source, "lag", None)
+        if lag is None:
+            return
+        gauge = self.metrics.consumer_lag.labels(self.name, self.source.name)
+        while True:
+            try:
+                value = await lag()
+            except Exception:  # a metric must never fail the pipeline
+                log.warning("could not read the lag of %s", self.source.name, exc_info=True)
+                value = None
+            if value is not None:
+                gauge.set(value)
+            await asyncio.sleep(self.lag_interval)
 
     async def _read(
         self,

@@ -190,6 +190,10 @@ class Source(Protocol):
     source has ended (a file read to its end) or was closed. ``ack`` is called
     with the positions of events whose results every sink has flushed, in the
     order they were read; after it returns the source may forget them.
+
+    A source may also have ``async def lag(self) -> int | None``: the events its
+    consumer group has not acknowledged yet (undelivered and in flight), when the
+    broker can tell. The pipeline exports it as ``rtinfer_consumer_lag``.
     """
 
     name: str

@@ -109,6 +109,11 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.consumer_lag = Gauge(
+            "rtinfer_consumer_lag", "Events of the source not yet acknowledged by this "
+            "pipeline's consumer group (undelivered and in flight), where the broker can tell: "
+            "what an autoscaler (KEDA) scales on.", ["pipeline", "source"], registry=r,
+        )  # fmt: skip
         self._latency = _LatencyCollector()
         r.register(self._latency)
 

@@ -71,6 +71,10 @@ class BrokerSource:
                 )
         return events
 
+    async def lag(self) -> int | None:
+        """Records of the topic the group has not committed yet."""
+        return self._broker.lag(self.group, self.topic)
+
     async def ack(self, positions: Sequence[Position]) -> None:
         """Commit, per partition, the highest offset in ``positions`` plus one.
 

@@ -419,6 +419,14 @@ class NatsSource:
                     sent,
                 )
 
+    async def lag(self) -> int | None:
+        """Messages the durable consumer has not finished: not yet delivered, or unacknowledged."""
+        js = self._js
+        if js is None:
+            return None
+        info = await js.consumer_info(self.stream, self.durable)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     async def aclose(self) -> None:
         """Stop pulling, nak what was read and never acknowledged, close the connection."""
         self._closed = True

@@ -440,6 +440,23 @@ class RedisStreamSource:
         await client.xack(self.stream, self.group, *ids)
         self._unacked.difference_update(ids)
 
+    async def lag(self) -> int | None:
+        """Entries of the stream the group has not finished: never delivered, or pending.
+
+        From ``XINFO GROUPS`` (its ``lag`` needs Redis 7; ``None`` where it is unknown).
+        """
+        client = self._client
+        if client is None:
+            return None
+        for info in await client.xinfo_groups(self.stream):
+            name = info.get("name")
+            if name in (self.group, self.group.encode()):
+                lag, pending = info.get("lag"), info.get("pending")
+                if lag is None or pending is None:
+                    return None
+                return int(lag) + int(pending)
+        return None
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`aclose` was called."""
