@@ -184,7 +184,7 @@ def start(path: Path, helpers_dir: Path, tmp_path: Path, delay: float) -> subpro
     env["PYTHONPATH"] = os.pathsep.join([str(helpers_dir), env.get("PYTHONPATH", "")])
     env["RTINFER_TEST_DELAY"] = str(delay)
     with (tmp_path / "stdout.txt").open("wb") as out, (tmp_path / "stderr.txt").open("wb") as err:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+        return subprocess.Popen(
             [sys.executable, "-m", "rtinfer", "run", str(path), "--no-live",
              "--summary-json", str(tmp_path / "summary.json")],
             stdout=out,

@@ -445,7 +445,7 @@ def test_missing_nats_names_the_extra(module: str, what: str) -> None:
         "else:\n"
         "    print('imported')\n"
     )
-    out = subprocess.run(  # noqa: S603 (this interpreter, fixed code)
+    out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.strip()
     assert out == (

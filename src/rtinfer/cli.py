@@ -2,7 +2,7 @@
 
 ::
 
-    rtinfer run PIPELINE.yaml [--summary-json PATH] [--metrics-port PORT]
+    rtinfer run PIPELINE.yaml [--workers N] [--summary-json PATH] [--metrics-port PORT]
     rtinfer check PIPELINE.yaml
     rtinfer demo [--events N] [--rate EVENTS_PER_S] [--summary-json PATH] [--metrics-port PORT]
     rtinfer demo generate --events N --out FILE.jsonl
@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a pipeline file until its source ends or a signal")
     run.add_argument("pipeline", type=Path, help="the pipeline YAML file")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes in one consumer group (a broker source only); default 1",
+    )
     _add_run_options(run)
 
     check = commands.add_parser("check", help="check a pipeline file without running it")
@@ -90,6 +96,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "run" and args.workers > 1:
+            from .workers import run_workers
+
+            code, merged = run_workers(args.pipeline, args.workers, metrics_port=args.metrics_port)
+            if merged is not None:
+                _report(merged, args.summary_json)
+            return code
         if args.command == "run":
             summary = _run(_run_pipeline(args.pipeline, args.metrics_port, args.live))
             _report(summary, args.summary_json)
