@@ -308,7 +308,7 @@ def test_decide_by_thresholds_at_and_between_the_bounds() -> None:
     decide = Decide(
         output="probabilities",
         thresholds={"block": 0.9, "review": 0.5},
-        model_version=lambda: "v3",
+        model_version="v3",
     )
     batch = scored([0.0, 0.49, 0.5, 0.75, 0.9, 1.0])
     decide(batch)
@@ -375,3 +375,22 @@ def test_decide_refuses_an_include_that_is_not_a_field_name() -> None:
 
     with pytest.raises(ConfigError, match="not a name"):
         Decide(output="p", thresholds={"block": 0.5}, include=["ok", "x); import os; ("])
+
+
+async def test_results_name_the_version_of_the_model_that_scored_them() -> None:
+    model = python_model()
+    model.version = "2026-11-26"
+    batcher = MicroBatcher(model)
+    predict = Predict(batcher)
+    await predict.start()
+    try:
+        batch = decoded(Reading(id="e1", key="k", x=0.7, y=0.1))
+        Vectorize(["x", "y"])(batch)
+        await predict(batch)
+        assert batch.model_version == "2026-11-26"
+        Decide(output="probabilities", thresholds={"block": 0.5})(batch)
+        assert batch.events[0].result["model_version"] == "2026-11-26"
+        Outputs()(batch)
+        assert batch.events[0].result["model_version"] == "2026-11-26"
+    finally:
+        await predict.aclose()

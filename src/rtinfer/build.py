@@ -101,11 +101,10 @@ def build_pipeline(
                 thresholds=d.thresholds,
                 default=d.default,
                 include=d.include,
-                model_version=lambda: model.version,
             )
         )
     else:
-        stages.append(Outputs(model_version=lambda: model.version))
+        stages.append(Outputs())
     r = config.runtime
     return Pipeline(
         _source(config.source, broker),

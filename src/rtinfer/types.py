@@ -124,7 +124,7 @@ class Batch:
     they are all acknowledged together once the batch's results are flushed.
     """
 
-    __slots__ = ("dead", "events", "inputs", "outputs", "positions", "seq")
+    __slots__ = ("dead", "events", "inputs", "model_version", "outputs", "positions", "seq")
 
     def __init__(self, events: list[Event], seq: int = 0) -> None:
         self.events = events
@@ -133,6 +133,8 @@ class Batch:
         self.dead: list[DeadLetter] = []
         self.inputs: Arrays | None = None
         self.outputs: Arrays | None = None
+        #: The version of the model whose outputs these are (set by the model stage).
+        self.model_version = ""
 
     def __len__(self) -> int:
         return len(self.events)

@@ -25,7 +25,8 @@ class Decide:
     output is used as is). Each result is
     ``{"id", "score", "decision", "model_version"}`` plus the ``include``d
     fields of the event's data (attributes of a Struct, or keys of a dict,
-    ``None`` where a dict lacks one).
+    ``None`` where a dict lacks one). ``model_version`` is the version of the model
+    that scored the batch (set by the model stage) unless given here.
     """
 
     def __init__(
@@ -35,7 +36,7 @@ class Decide:
         thresholds: Mapping[str, float],
         default: str = "approve",
         column: int | None = 1,
-        model_version: str | Callable[[], str] = "",
+        model_version: str | None = None,
         include: Sequence[str] = (),
     ) -> None:
         self.name = "decide"
@@ -50,7 +51,7 @@ class Decide:
                 )
         self._bounds = np.array([b for _, b in ordered], dtype=np.float64)
         self._labels = [default] + [d for d, _ in ordered]
-        self._version = model_version if callable(model_version) else (lambda: model_version)
+        self.model_version = model_version
         self.include = list(include)
         for field in self.include:
             if not field.isidentifier() or keyword.iskeyword(field):
@@ -80,7 +81,7 @@ class Decide:
         build = (
             self._build_from_dicts if isinstance(events[0].data, dict) else self._build_from_attrs
         )
-        build(events, scores.tolist(), decisions, self._version())
+        build(events, scores.tolist(), decisions, self.model_version or batch.model_version)
         return batch
 
 
@@ -111,16 +112,16 @@ def _result_builder(fields: Sequence[str], *, dicts: bool) -> Callable[..., None
 class Outputs:
     """Make each event's result its rows of the model's outputs: ``{"id", OUTPUT: value, ...}``."""
 
-    def __init__(self, *, model_version: str | Callable[[], str] = "") -> None:
+    def __init__(self, *, model_version: str | None = None) -> None:
         self.name = "outputs"
-        self._version = model_version if callable(model_version) else (lambda: model_version)
+        self.model_version = model_version
 
     def __call__(self, batch: Batch) -> Batch:
         if not batch.events:
             return batch
         assert batch.outputs is not None
         columns = {k: v.tolist() for k, v in batch.outputs.items()}
-        version = self._version()
+        version = self.model_version or batch.model_version
         for i, event in enumerate(batch.events):
             result: dict[str, Any] = {"id": event.id, "model_version": version}
             for name, values in columns.items():

@@ -58,6 +58,7 @@ class Predict:
         inputs = batch.inputs
         try:
             batch.outputs = await self.batcher.submit(inputs, deadline=batch.deadline(), wait=True)
+            batch.model_version = self.batcher.model.version
         except (DeadlineExceeded, ModelInputError) as exc:
             batch.drop_all(self.name, str(exc))
         except Exception as exc:
@@ -116,3 +117,4 @@ class Predict:
         batch.drop(bad, self.name, [f"model failed on this event: {results[i]}" for i in bad])
         if good:
             batch.outputs = {k: np.concatenate([g[k] for g in good]) for k in good[0]}
+            batch.model_version = self.batcher.model.version
