@@ -1,0 +1,217 @@
+"""Write results to a Kafka topic with an idempotent producer; ``flush`` waits for every ack.
+
+Each result becomes one message: the value is the result (``bytes`` as they are,
+anything else as JSON), the key is the event's key (so results of one key land
+in one partition, in order), and the header ``rtinfer-source-id`` carries the
+event's id, so that consumers of the output can de-duplicate what a redelivery
+wrote twice.
+
+``confluent-kafka`` is imported when a sink is built, not when this module is,
+so ``rtinfer`` imports without the ``kafka`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..exceptions import ConfigError, RtinferError
+from ..sources.kafka import client_config, require_kafka
+from ..types import Event
+
+if TYPE_CHECKING:
+    from confluent_kafka import KafkaError, Message, Producer
+    from confluent_kafka._types import HeadersType
+
+__all__ = ["PRODUCER_DEFAULTS", "SOURCE_ID_HEADER", "KafkaDeliveryError", "KafkaSink"]
+
+logger = logging.getLogger(__name__)
+
+#: The header holding the id of the event a result came from.
+SOURCE_ID_HEADER = "rtinfer-source-id"
+
+#: librdkafka settings this sink uses unless ``config`` says otherwise.
+PRODUCER_DEFAULTS: Mapping[str, Any] = {
+    # The partition of a key as Java clients (and Kafka Streams) compute it.
+    "partitioner": "murmur2_random",
+    "client.id": "rtinfer",
+}
+
+# Settings that would break the at-least-once contract or per-key order.
+_FIXED_PRODUCER = {"acks": "all", "enable.idempotence": True}
+_OWNED_PRODUCER = {
+    "bootstrap.servers": "bootstrap_servers",
+    "error_cb": "the sink's error handling",
+    "transactional.id": "nothing yet: transactions are not supported (see docs/kafka.md)",
+}
+
+_encode = msgspec.json.Encoder().encode
+
+
+class KafkaDeliveryError(RtinferError):
+    """Results were not delivered to Kafka; ``errors`` holds librdkafka's reasons."""
+
+    def __init__(self, message: str, errors: Sequence[KafkaError]) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+
+class KafkaSink:
+    """Produces each event's ``result`` to the Kafka ``topic`` at ``bootstrap_servers``.
+
+    The producer is idempotent with ``acks=all`` (always: they cannot be changed
+    in ``config``), so a message is acknowledged only once every in-sync replica
+    has it, and librdkafka's retries neither duplicate nor reorder messages
+    within a partition. ``config`` holds further librdkafka settings (security,
+    ``linger.ms``, ``compression.type``, ...) over :data:`PRODUCER_DEFAULTS`.
+
+    :meth:`write` hands each message to librdkafka (which batches and sends it in
+    the background) and serves delivery reports (``poll(0)``); when librdkafka's
+    queue is full it waits, off the event loop, for room. :meth:`flush` waits,
+    off the event loop, until every message written so far has its delivery
+    report, and raises :class:`KafkaDeliveryError` if any failed: the pipeline
+    then acknowledges nothing. A failure is final for this sink: every later
+    flush raises it again (the failed messages are gone from librdkafka's
+    queue), so build a new sink, and the inputs are read again.
+    """
+
+    __slots__ = ("_config", "_failures", "_fatal", "_producer", "_stopping", "name", "topic")
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        topic: str,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        require_kafka("the Kafka sink")
+        if not topic:
+            raise ConfigError("the Kafka sink needs a topic name")
+        settings = dict(config or {})
+        if "acks" in settings:  # "all" has the alias -1, which the generic check would refuse
+            acks = settings.pop("acks")
+            if str(acks).lower() not in ("all", "-1"):
+                raise ConfigError(
+                    f"the Kafka sink: acks={acks!r} would weaken delivery; rtinfer needs "
+                    "acks=all (leave it out of config)"
+                )
+        self._config = client_config(
+            "the Kafka sink",
+            bootstrap_servers,
+            settings,
+            defaults=PRODUCER_DEFAULTS,
+            fixed=_FIXED_PRODUCER,
+            owned=_OWNED_PRODUCER,
+        )
+        self.topic = topic
+        self.name = f"kafka://{topic}"
+        self._producer: Producer | None = None
+        self._failures: list[KafkaError] = []  # appended by delivery callbacks, any thread
+        self._fatal: KafkaError | None = None
+        self._stopping = False
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+            logger.error("%s: fatal Kafka error: %s", self.name, error)
+        else:
+            logger.warning("%s: Kafka error (librdkafka retries): %s", self.name, error)
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._failures.append(error)
+
+    async def start(self) -> None:
+        """Create the producer (it connects in the background)."""
+        if self._producer is not None:
+            return
+        from confluent_kafka import KafkaException, Producer
+
+        config = dict(self._config)
+        config["error_cb"] = self._on_error
+        try:
+            self._producer = Producer(config)
+        except KafkaException as exc:
+            raise ConfigError(f"the Kafka sink: invalid configuration: {exc}") from exc
+        self._stopping = False
+
+    def _check(self) -> Producer:
+        from confluent_kafka import KafkaException
+
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError(f"{self.name}: call start() before write() or flush()")
+        if self._fatal is not None:
+            raise KafkaException(self._fatal)
+        return producer
+
+    async def write(self, events: Sequence[Event]) -> None:
+        """Hand each event's result to the producer; nothing is waited for but queue room."""
+        producer = self._check()
+        produce, topic, on_delivery = producer.produce, self.topic, self._on_delivery
+        for event in events:
+            result = event.result
+            value = result if type(result) is bytes else _encode(result)
+            ident = event.id
+            if ident is None and event.position is not None:
+                p = event.position
+                ident = f"{p.source}/{p.partition}/{p.offset}"
+            headers: HeadersType | None = None
+            if ident is not None:
+                headers = [(SOURCE_ID_HEADER, ident.encode())]
+            while True:
+                try:
+                    produce(topic, value, event.key, headers=headers, on_delivery=on_delivery)
+                    break
+                except BufferError:  # queue.buffering.max.* reached: wait for deliveries
+                    await asyncio.to_thread(producer.poll, 0.05)
+        producer.poll(0)
+
+    def _wait_for_reports(self, producer: Producer) -> int:
+        """Block until every message has its delivery report; return how many are left."""
+        left = producer.flush(0.5)
+        while left and not self._stopping:
+            left = producer.flush(0.5)
+        return left
+
+    async def flush(self) -> None:
+        """Return once every message written so far is acknowledged; raise if any failed."""
+        producer = self._check()
+        if len(producer):
+            left = await asyncio.to_thread(self._wait_for_reports, producer)
+            if left:
+                raise RtinferError(f"{self.name}: closed with {left} messages undelivered")
+        if self._failures:
+            errors = self._failures
+            first = errors[0]
+            raise KafkaDeliveryError(
+                f"{self.name}: {len(errors)} results were not delivered ({first}); "
+                "their inputs are not acknowledged and will be read again",
+                errors,
+            )
+        self._check()
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Wait up to ``timeout_s`` for messages still in flight, then drop the producer."""
+        producer, self._producer = self._producer, None
+        self._stopping = True
+        if producer is None:
+            return
+        left = await asyncio.to_thread(producer.flush, timeout_s)
+        if left:
+            logger.warning(
+                "%s: closing with %d results undelivered after %.1f s; their inputs were not "
+                "acknowledged and will be read again",
+                self.name,
+                left,
+                timeout_s,
+            )
+            producer.purge()
+            producer.poll(0)
+
+    def __repr__(self) -> str:
+        return f"<KafkaSink {self.name}>"

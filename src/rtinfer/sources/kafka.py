@@ -1,0 +1,635 @@
+"""Read Kafka topics as a pipeline source, as one member of a consumer group.
+
+:class:`KafkaSource` gives at-least-once delivery with confluent-kafka (librdkafka):
+
+- offsets are never committed automatically (``enable.auto.commit=false``,
+  ``enable.auto.offset.store=false``): :meth:`~KafkaSource.ack`, which the
+  pipeline calls only after every sink flushed, stores ``offset + 1`` of the
+  highest acknowledged position of each partition, and an asynchronous commit
+  follows;
+- when partitions are revoked (a rebalance) the source waits, up to
+  ``revoke_wait_s``, for the pipeline to acknowledge what it read from them,
+  then commits **synchronously**; what is still unacknowledged then is read
+  again by the partition's next owner (at least once). :meth:`~KafkaSource.aclose`
+  commits synchronously too;
+- every call into the consumer runs on one dedicated thread, never on the
+  event loop, and a cancelled :meth:`~KafkaSource.read` keeps what its consume
+  call brings for the next read.
+
+Per-key order follows partitions: one partition is read by one member of the
+group at a time, in offset order. ``confluent-kafka`` is imported when a source
+is built, not when this module is, so ``rtinfer`` imports without the ``kafka``
+extra. :func:`require_kafka` and :func:`client_config` are shared with
+:mod:`rtinfer.sinks.kafka`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ConfigError, MissingDependency
+from ..types import DEAD_REASON_HEADER, Event, Position
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+    from confluent_kafka._types import HeadersType
+
+__all__ = ["CONSUMER_DEFAULTS", "KafkaSource", "client_config", "require_kafka"]
+
+logger = logging.getLogger(__name__)
+
+#: librdkafka settings this source uses unless ``config`` says otherwise.
+CONSUMER_DEFAULTS: Mapping[str, Any] = {
+    # A new group (no committed offset) starts at the beginning: nothing is skipped.
+    "auto.offset.reset": "earliest",
+    # Prefetch at most 8 MiB: what librdkafka holds while the pipeline is not reading.
+    "queued.max.messages.kbytes": 8192,
+    "client.id": "rtinfer",
+}
+
+# Settings that would break the at-least-once contract, with the value it needs.
+_FIXED_CONSUMER = {"enable.auto.commit": False, "enable.auto.offset.store": False}
+# Settings the source owns (given as arguments, or callbacks it relies on).
+_OWNED_CONSUMER = {
+    "bootstrap.servers": "bootstrap_servers",
+    "group.id": "group",
+    "error_cb": "the source's error handling",
+    "on_commit": "the source's commit handling",
+}
+
+_Key = tuple[str, int]  # (position source "kafka://<topic>", partition)
+
+
+def require_kafka(what: str) -> None:
+    """Raise :class:`MissingDependency` naming ``what`` if confluent-kafka is not installed."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependency(what, "kafka") from exc
+
+
+def _setting_is(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, bool):
+        return value is wanted or str(value).lower() == str(wanted).lower()
+    return str(value).lower() == str(wanted).lower()
+
+
+def client_config(
+    what: str,
+    bootstrap_servers: str | Sequence[str],
+    config: Mapping[str, Any] | None,
+    *,
+    defaults: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    owned: Mapping[str, str],
+) -> dict[str, Any]:
+    """The librdkafka configuration of a client: ``defaults``, then ``config``, then ``fixed``.
+
+    A key of ``owned`` in ``config`` is a :class:`ConfigError` (it is set through
+    the argument the mapping names), and so is a key of ``fixed`` with another value.
+    """
+    servers = (
+        bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
+    )
+    if not servers.strip():
+        raise ConfigError(
+            f"{what}: bootstrap_servers is empty; use e.g. 'kafka-1:9092,kafka-2:9092'"
+        )
+    merged: dict[str, Any] = dict(defaults)
+    for key, value in (config or {}).items():
+        if key in owned:
+            raise ConfigError(f"{what}: {key!r} cannot be set in config; it is set by {owned[key]}")
+        if key in fixed and not _setting_is(value, fixed[key]):
+            raise ConfigError(
+                f"{what}: {key}={value!r} would break at-least-once delivery; rtinfer needs "
+                f"{key}={fixed[key]!r} (leave it out of config)"
+            )
+        merged[key] = value
+    merged.update(fixed)
+    merged["bootstrap.servers"] = servers
+    merged.setdefault("logger", logging.getLogger(f"{__package__}.librdkafka"))
+    return merged
+
+
+class KafkaSource:
+    """Events from the Kafka ``topics`` at ``bootstrap_servers``, read as a member of ``group``.
+
+    Each message becomes an :class:`~rtinfer.types.Event`: ``value`` is the
+    message value (``b""`` for a tombstone), ``key`` its key, ``headers`` its
+    headers (a dict of bytes; the last value of a repeated header wins; a header
+    named :data:`DEAD_REASON_HEADER` is dropped, since only a source may set it),
+    ``ingest_time`` the message timestamp in seconds (the time of reading when
+    the message has none), and ``position``
+    ``Position("kafka://<topic>", partition, offset)``.
+
+    ``config`` holds further librdkafka settings (security, timeouts, tuning);
+    they override :data:`CONSUMER_DEFAULTS`. ``enable.auto.commit`` and
+    ``enable.auto.offset.store`` are always ``false``, ``group.id`` and
+    ``bootstrap.servers`` come from the arguments. ``topics`` may name a regex
+    subscription (``"^payments-.*"``).
+
+    - :meth:`start` creates the consumer and subscribes; the group is joined
+      during the first :meth:`read`.
+    - :meth:`read` waits (``consume`` on the consumer thread, ``poll_timeout_s``
+      at a time) until at least one message has arrived and returns up to
+      ``max_events`` events. A read cancelled while its consume call runs leaves
+      that call running; the next read returns what it brought. Partition-EOF
+      notices are skipped, other non-fatal errors are logged, a fatal error is
+      raised.
+    - :meth:`ack` records the highest acknowledged offset of each partition and
+      has the consumer thread store ``offset + 1`` and commit asynchronously. It
+      does not wait for the commit (a commit lost in a crash means a redelivery,
+      never a loss).
+    - On revocation, the source waits up to ``revoke_wait_s`` for the pipeline
+      to acknowledge what it read from the revoked partitions, commits
+      synchronously, and drops the events of those partitions that it had
+      fetched but not yet handed out; events still unacknowledged are read
+      again by the new owner. Lost partitions (this member was thrown out of
+      the group) cannot be committed; their unacknowledged events are read again.
+    - :meth:`aclose` commits synchronously what was acknowledged, then leaves
+      the group.
+
+    ``max_deliveries`` must stay ``None``: Kafka keeps no per-message delivery
+    count (see ``docs/kafka.md``).
+    """
+
+    __slots__ = (
+        "_acked",
+        "_assigned",
+        "_closed",
+        "_commit_queued",
+        "_cond",
+        "_config",
+        "_consumer",
+        "_executor",
+        "_fatal",
+        "_first_read",
+        "_handed",
+        "_polling",
+        "_ready",
+        "_sources",
+        "_stored",
+        "group",
+        "name",
+        "poll_timeout_s",
+        "revoke_wait_s",
+        "topics",
+    )
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        topics: str | Sequence[str],
+        *,
+        group: str = "rtinfer",
+        config: Mapping[str, Any] | None = None,
+        max_deliveries: int | None = None,
+        revoke_wait_s: float = 5.0,
+        poll_timeout_s: float = 0.1,
+    ) -> None:
+        require_kafka("the Kafka source")
+        if max_deliveries is not None:
+            raise ConfigError(
+                f"the Kafka source cannot honour max_deliveries={max_deliveries}: Kafka keeps no "
+                "per-message delivery count (only a committed offset per partition), so leave "
+                "max_deliveries unset; see docs/kafka.md"
+            )
+        topic_list = [topics] if isinstance(topics, str) else list(topics)
+        if not topic_list or not all(topic_list):
+            raise ConfigError(f"the Kafka source needs at least one topic name, got {topics!r}")
+        if not group:
+            raise ConfigError("the Kafka source needs a consumer group name (group)")
+        if revoke_wait_s < 0:
+            raise ValueError(f"revoke_wait_s must be at least 0, got {revoke_wait_s}")
+        if poll_timeout_s <= 0:
+            raise ValueError(f"poll_timeout_s must be above 0, got {poll_timeout_s}")
+        self.topics = topic_list
+        self.group = group
+        self.revoke_wait_s = revoke_wait_s
+        self.poll_timeout_s = poll_timeout_s
+        self.name = "kafka://" + ",".join(topic_list)
+        self._config = client_config(
+            "the Kafka source",
+            bootstrap_servers,
+            config,
+            defaults=CONSUMER_DEFAULTS,
+            fixed=_FIXED_CONSUMER,
+            owned=_OWNED_CONSUMER,
+        )
+        self._config["group.id"] = group
+        self._consumer: Consumer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._polling: asyncio.Future[None] | None = None
+        self._closed = False
+        self._fatal: KafkaError | None = None
+        self._commit_queued = False
+        self._sources: dict[str, str] = {}  # topic -> "kafka://<topic>"
+        # Shared between the event loop and the consumer thread, under _cond's lock;
+        # neither side holds it while calling into librdkafka.
+        self._cond = threading.Condition()
+        self._ready: list[Event] = []  # fetched, not yet handed to the pipeline
+        self._assigned: set[_Key] = set()
+        # Per assigned partition, for the current assignment only:
+        self._first_read: dict[_Key, int] = {}  # offset of the first event read
+        self._handed: dict[_Key, int] = {}  # highest offset handed to the pipeline
+        self._acked: dict[_Key, int] = {}  # highest offset acknowledged
+        self._stored: dict[_Key, int] = {}  # highest offset + 1 stored for commit
+
+    # -- the consumer thread ---------------------------------------------------------
+
+    def _open(self) -> None:
+        from confluent_kafka import Consumer, KafkaException
+
+        config = dict(self._config)
+        config["error_cb"] = self._on_error
+        config["on_commit"] = self._on_commit
+        try:
+            consumer = Consumer(config)
+        except KafkaException as exc:
+            raise ConfigError(f"the Kafka source: invalid configuration: {exc}") from exc
+        try:
+            consumer.subscribe(
+                self.topics,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+        except BaseException:
+            consumer.close()
+            raise
+        self._consumer = consumer
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+            logger.error("%s: fatal Kafka error: %s", self.name, error)
+        else:
+            logger.warning("%s: Kafka error (librdkafka retries): %s", self.name, error)
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        from confluent_kafka import KafkaError
+
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            logger.warning(
+                "%s: committing offsets failed (%s); the next commit covers them, and a crash "
+                "before it means redelivery",
+                self.name,
+                error,
+            )
+
+    def _key(self, topic: str, partition: int) -> _Key:
+        source = self._sources.get(topic)
+        if source is None:
+            source = self._sources[topic] = f"kafka://{topic}"
+        return (source, partition)
+
+    def _topic_partition(self, key: _Key, offset: int) -> TopicPartition:
+        from confluent_kafka import TopicPartition
+
+        return TopicPartition(key[0].removeprefix("kafka://"), key[1], offset)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [self._key(tp.topic, tp.partition) for tp in partitions]
+        with self._cond:
+            for key in keys:
+                self._assigned.add(key)
+                for state in (self._first_read, self._handed, self._acked, self._stored):
+                    state.pop(key, None)
+        logger.info("%s: assigned %s", self.name, _describe(keys))
+
+    def _forget(self, keys: set[_Key]) -> int:
+        """Drop the partitions ``keys`` (under the lock); return how many fetched events went."""
+        before = len(self._ready)
+        self._ready = [
+            e for e in self._ready if e.position is None or _position_key(e.position) not in keys
+        ]
+        self._assigned -= keys
+        for key in keys:
+            for state in (self._first_read, self._handed, self._acked, self._stored):
+                state.pop(key, None)
+        return before - len(self._ready)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {self._key(tp.topic, tp.partition) for tp in partitions}
+        waited = False
+        with self._cond:
+            if not self._closed and self.revoke_wait_s > 0 and not self._drained(keys):
+                logger.info(
+                    "%s: partitions %s revoked; waiting up to %.1f s for the pipeline to "
+                    "acknowledge what it read from them",
+                    self.name,
+                    _describe(keys),
+                    self.revoke_wait_s,
+                )
+                waited = True
+                self._cond.wait_for(lambda: self._closed or self._drained(keys), self.revoke_wait_s)
+            drained = self._drained(keys)
+            offsets = [
+                self._topic_partition(k, self._acked[k] + 1) for k in keys if k in self._acked
+            ]
+            dropped = self._forget(keys)
+        if offsets:
+            self._commit_now(consumer, offsets, "on revocation")
+        if not drained and not self._closed:
+            logger.warning(
+                "%s: partitions %s revoked with events read and not yet acknowledged%s; their "
+                "new owner reads them again",
+                self.name,
+                _describe(keys),
+                f" after waiting {self.revoke_wait_s:.1f} s" if waited else "",
+            )
+        logger.info(
+            "%s: revoked %s (%d fetched events dropped, their next owner reads them)",
+            self.name,
+            _describe(keys),
+            dropped,
+        )
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {self._key(tp.topic, tp.partition) for tp in partitions}
+        with self._cond:
+            self._forget(keys)
+        logger.warning(
+            "%s: partitions %s lost (this member left the group: session timeout or "
+            "max.poll.interval.ms exceeded); what was not committed is read again by their "
+            "next owner",
+            self.name,
+            _describe(keys),
+        )
+
+    def _drained(self, keys: Iterable[_Key]) -> bool:
+        return all(self._acked.get(k, -1) >= self._handed[k] for k in keys if k in self._handed)
+
+    def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], when: str) -> None:
+        from confluent_kafka import KafkaException
+
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            logger.warning(
+                "%s: committing offsets %s failed (%s); what they cover is read again",
+                self.name,
+                when,
+                exc,
+            )
+
+    def _pending_offsets(self) -> list[TopicPartition]:
+        """``offset + 1`` of each assigned partition acknowledged beyond what was stored."""
+        with self._cond:
+            self._commit_queued = False
+            offsets = []
+            for key, acked in self._acked.items():
+                if acked + 1 > self._stored.get(key, -1):
+                    self._stored[key] = acked + 1
+                    offsets.append(self._topic_partition(key, acked + 1))
+            return offsets
+
+    def _store_and_commit(self) -> None:
+        """Store what was acknowledged and commit it asynchronously (consumer thread)."""
+        from confluent_kafka import KafkaException
+
+        consumer = self._consumer
+        if consumer is None:
+            return
+        offsets = self._pending_offsets()
+        if not offsets:
+            return
+        try:
+            consumer.store_offsets(offsets=offsets)
+            consumer.commit(asynchronous=True)
+        except KafkaException as exc:  # revoked meanwhile: the revocation committed them
+            logger.debug("%s: storing offsets failed: %s", self.name, exc)
+        except Exception:  # never let a background commit vanish silently
+            logger.exception("%s: storing offsets failed", self.name)
+
+    def _poll(self, max_events: int) -> None:
+        """Consume until at least one message arrives or the wait ends (consumer thread)."""
+        from confluent_kafka import KafkaException
+
+        consumer = self._consumer
+        if consumer is None:
+            return
+        self._store_and_commit()
+        messages = consumer.consume(1, self.poll_timeout_s)
+        if messages and max_events > 1:
+            messages += consumer.consume(max_events - 1, 0)  # what is already fetched
+        if self._fatal is not None:
+            raise KafkaException(self._fatal)
+        if messages:
+            self._take(messages)
+
+    def _take(self, messages: list[Message]) -> None:
+        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException
+
+        events: list[Event] = []
+        now = time.time()
+        with self._cond:
+            assigned = set(self._assigned)  # after the rebalance callbacks this call served
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if error.fatal():
+                    raise KafkaException(error)
+                logger.warning("%s: %s", self.name, error)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None
+            assert partition is not None
+            assert offset is not None
+            key = self._key(topic, partition)
+            if key not in assigned:  # revoked while this consume call ran
+                continue
+            raw = msg.headers()
+            headers = _headers(raw) if raw else None
+            kind, stamp = msg.timestamp()
+            events.append(
+                Event(
+                    msg.value() or b"",
+                    key=msg.key(),
+                    headers=headers or None,
+                    ingest_time=now if kind == TIMESTAMP_NOT_AVAILABLE else stamp / 1000,
+                    position=Position(key[0], partition, offset),
+                )
+            )
+        if events:
+            with self._cond:
+                self._ready.extend(events)
+
+    def _close_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            with self._cond:
+                offsets = [self._topic_partition(k, a + 1) for k, a in self._acked.items()]
+                unacked = sum(1 for k, h in self._handed.items() if h > self._acked.get(k, -1))
+            if offsets:
+                self._commit_now(consumer, offsets, "on close")
+            if unacked:
+                logger.info(
+                    "%s: closing with events of %d partitions read and not acknowledged; "
+                    "they are read again",
+                    self.name,
+                    unacked,
+                )
+        finally:
+            consumer.close()  # leaves the group; revocation runs (without waiting)
+
+    # -- the event loop --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the consumer and subscribe (again after a close); the group is joined on read."""
+        if self._consumer is not None:
+            return
+        self._closed = False
+        self._fatal = None
+        with self._cond:
+            self._ready = []
+            self._assigned.clear()
+        executor = ThreadPoolExecutor(1, thread_name_prefix="rtinfer-kafka")
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._open)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+
+    async def read(self, max_events: int) -> list[Event]:
+        """Wait for messages and return up to ``max_events`` events; ``[]`` only once closed."""
+        if max_events < 1:
+            raise ValueError(f"max_events must be at least 1, got {max_events}")
+        while True:
+            if self._closed:  # what was fetched and not handed out is read again later
+                return []
+            with self._cond:
+                if self._ready:
+                    return self._hand_out(max_events)
+            executor = self._executor
+            if executor is None:
+                raise RuntimeError(f"{self.name}: call start() before read()")
+            polling = self._polling
+            if polling is None:
+                polling = asyncio.wrap_future(executor.submit(self._poll, max_events))
+                self._polling = polling
+            try:
+                # Shielded: a cancelled read leaves the consume call running; what it
+                # brings waits in the buffer for the next read.
+                await asyncio.shield(polling)
+            finally:
+                if polling.done() and self._polling is polling:
+                    self._polling = None
+
+    def _hand_out(self, max_events: int) -> list[Event]:
+        """Take up to ``max_events`` fetched events (under the lock) and note them as in flight."""
+        events = self._ready[:max_events]
+        del self._ready[:max_events]
+        for event in events:
+            assert event.position is not None
+            key = _position_key(event.position)
+            offset = event.position.offset
+            assert isinstance(offset, int)
+            self._handed[key] = offset
+            self._first_read.setdefault(key, offset)
+        return events
+
+    async def ack(self, positions: Sequence[Position]) -> None:
+        """Record the highest acknowledged offset per partition; commit it in the background.
+
+        Positions of partitions no longer assigned to this member are ignored (the
+        new owner reads them again), and so are positions read before the current
+        assignment of their partition began.
+        """
+        if not positions or self._executor is None:
+            return
+        highest: dict[_Key, int] = {}
+        for position in positions:
+            offset = position.offset
+            if not isinstance(offset, int):
+                raise TypeError(f"{self.name}: cannot ack {position!r}, its offset is not an int")
+            key = _position_key(position)
+            if offset > highest.get(key, -1):
+                highest[key] = offset
+        with self._cond:
+            changed = False
+            for key, offset in highest.items():
+                first = self._first_read.get(key)
+                if key not in self._assigned or first is None or offset < first:
+                    continue
+                if offset > self._acked.get(key, -1):
+                    self._acked[key] = offset
+                    changed = True
+            if not changed:
+                return
+            self._cond.notify_all()  # a revocation may be waiting for these
+            queue = not self._commit_queued
+            self._commit_queued = True
+        if queue:
+            self._executor.submit(self._store_and_commit)
+
+    @property
+    def assignment(self) -> list[tuple[str, int]]:
+        """The ``(topic, partition)`` pairs assigned to this member now, sorted."""
+        with self._cond:
+            keys = sorted(self._assigned)
+        return [(source.removeprefix("kafka://"), partition) for source, partition in keys]
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Commit what was acknowledged (synchronously), leave the group, stop the thread.
+
+        Events read and not acknowledged are not committed: they are read again.
+        """
+        self._closed = True
+        with self._cond:
+            self._cond.notify_all()  # a revocation waiting for acks stops waiting
+        polling, self._polling = self._polling, None
+        if polling is not None:
+            await asyncio.gather(polling, return_exceptions=True)
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_consumer)
+        finally:
+            executor.shutdown(wait=False)
+            with self._cond:
+                self._ready = []
+                self._assigned.clear()
+
+    def __repr__(self) -> str:
+        return f"<KafkaSource {self.name} group={self.group!r}>"
+
+
+def _position_key(position: Position) -> _Key:
+    return (position.source, position.partition)
+
+
+def _headers(raw: HeadersType) -> dict[str, bytes] | None:
+    """A message's headers as a dict of bytes (a repeated name: the last value wins).
+
+    A header named :data:`DEAD_REASON_HEADER` is dropped: only a source says an
+    event is undeliverable.
+    """
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    headers = {
+        name: value if isinstance(value, bytes) else (value or "").encode() for name, value in pairs
+    }
+    headers.pop(DEAD_REASON_HEADER, None)
+    return headers or None
+
+
+def _describe(keys: Iterable[_Key]) -> str:
+    parts = sorted(f"{s.removeprefix('kafka://')}[{p}]" for s, p in keys)
+    return ", ".join(parts) if parts else "nothing"

@@ -1,0 +1,836 @@
+"""Read an MQTT 5 topic as a pipeline source, acknowledging each message after the sinks flush.
+
+:class:`MqttSource` subscribes at QoS 1 with a persistent session and
+**manual acknowledgements**: the PUBACK of a message is sent only when the
+pipeline calls :meth:`MqttSource.ack`, which it does after every sink flushed
+what came from it. A message read but not acknowledged when the connection
+drops or the process dies is delivered again when the same ``client_id``
+connects again within ``session_expiry_s`` (the broker keeps the session).
+``shared_group`` subscribes to ``$share/<group>/<topic>``: the workers of one
+group split the messages between them (no per-key order then). What MQTT can
+and cannot promise is in ``docs/mqtt.md``.
+
+Importing this module needs ``aiomqtt`` (``pip install 'rtinfer[mqtt]'``);
+without it the import raises :class:`~rtinfer.exceptions.MissingDependency`.
+:class:`MqttLink` and :func:`parse_url` are shared with :mod:`rtinfer.sinks.mqtt`.
+
+aiomqtt (2.x) does not expose manual acknowledgements, the CONNACK's
+*session present* flag, PUBACK reason codes or a way to stop reading the
+socket, so :class:`MqttLink` reaches the paho-mqtt client under it
+(``aiomqtt.Client._client``) and chains its own callbacks to aiomqtt's. That
+is the only private attribute used, besides ``_disconnected`` (aiomqtt's
+disconnection future, read so its exception is not reported as never
+retrieved); both are checked when a link opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import contextlib
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+from ..exceptions import ConfigError, MissingDependency, RtinferError
+from ..types import Event, Position
+
+try:
+    import aiomqtt
+    import paho.mqtt.client as paho_mqtt
+    from aiomqtt.exceptions import MqttConnectError
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+except ImportError as exc:  # the optional extra is not installed
+    raise MissingDependency("the MQTT source", "mqtt") from exc
+
+__all__ = [
+    "KEY_B64_SUFFIX",
+    "KEY_PROPERTY",
+    "TOPIC_HEADER",
+    "Broker",
+    "MqttLink",
+    "MqttSource",
+    "parse_url",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The user property holding an event's key as UTF-8 text (what the MQTT sink writes).
+KEY_PROPERTY = "rtinfer-key"
+#: Appended to the key property's name for a key sent as base64 (a key that is not text).
+KEY_B64_SUFFIX = "-b64"
+#: The header carrying the topic a message was published to (a filter may match many).
+TOPIC_HEADER = "mqtt-topic"
+
+_SESSION_EXPIRY_NEVER = 0xFFFFFFFF  # MQTT 5: the session never expires
+
+
+class Broker(NamedTuple):
+    """Where and how to connect, from an ``mqtt://`` or ``mqtts://`` URL."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_url(url: str) -> Broker:
+    """Split ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS, port 8883)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"MQTT url {url!r} is invalid ({exc}); use mqtt://host:1883") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(
+            f"MQTT url {url!r} is invalid: expected mqtt://host[:port] (or mqtts:// for TLS), "
+            "with no path; the topic is a separate setting"
+        )
+    tls = scheme == "mqtts"
+    return Broker(
+        host=parts.hostname,
+        port=port if port is not None else (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def tls_context(ca_certs: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    """Verify the broker (with ``ca_certs``, else the system's CAs); present a client cert."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_certs)
+    if certfile:
+        context.load_cert_chain(certfile, keyfile)
+    elif keyfile:
+        raise ConfigError("keyfile needs certfile (the client certificate)")
+    return context
+
+
+def check_topic(topic: str, *, filter_ok: bool) -> None:
+    """Refuse a topic (``filter_ok``: a topic filter) that the broker would refuse."""
+    if not topic or "\x00" in topic:
+        raise ValueError(f"MQTT topic {topic!r} is invalid: it must be non-empty, without NUL")
+    if topic.startswith("$share/"):
+        raise ValueError(
+            f"MQTT topic {topic!r} names a shared subscription: give the topic alone and "
+            "the group as shared_group"
+        )
+    if not filter_ok and ("+" in topic or "#" in topic):
+        raise ValueError(f"MQTT topic {topic!r} is invalid for publishing: no wildcards (+, #)")
+    if filter_ok:
+        levels = topic.split("/")
+        for i, level in enumerate(levels):
+            if (
+                ("+" in level and level != "+")
+                or ("#" in level and level != "#")
+                or (level == "#" and i != len(levels) - 1)
+            ):
+                raise ValueError(
+                    f"MQTT topic filter {topic!r} is invalid: '+' must be a whole level and "
+                    "'#' the whole last level"
+                )
+
+
+def new_properties(packet_type: int) -> Any:
+    """An empty paho ``Properties`` for ``packet_type`` (paho types it loosely: ``Any``)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def _user_properties(properties: Any) -> list[tuple[str, str]]:
+    """The user properties of a received packet (paho's ``Properties`` is untyped)."""
+    if properties is None:
+        return []
+    found: list[tuple[str, str]] | None = getattr(properties, "UserProperty", None)
+    return found or []
+
+
+def _disconnected(client: aiomqtt.Client) -> asyncio.Future[None]:
+    """aiomqtt's disconnection future (private: see the module docstring)."""
+    future: asyncio.Future[None] = client._disconnected
+    return future
+
+
+class MqttLink:
+    """One connection to the broker: an ``aiomqtt.Client`` with our callbacks chained to it.
+
+    Opened with :meth:`open`, closed once with :meth:`close`; a link that went
+    down (``up`` false) is not reused: open a new one (the same client id
+    resumes the session). Callbacks run on the event loop (aiomqtt drives
+    paho-mqtt from it) and never raise: an exception in a paho callback would
+    break the connection.
+
+    - ``on_message(link, message)``: a PUBLISH arrived (with ``manual_ack``, no
+      PUBACK is sent until :meth:`ack`);
+    - ``on_connect(link, session_present)``: the CONNACK accepted the
+      connection, before any message of that connection is handled;
+    - ``on_lost()``: the connection dropped without :meth:`close`;
+    - ``on_publish(mid, reason)``: the PUBACK of a publish came back.
+    """
+
+    __slots__ = (
+        "_closing",
+        "_down",
+        "_loop",
+        "_on_lost",
+        "_paused",
+        "client",
+        "paho",
+        "up",
+    )
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        *,
+        manual_ack: bool = False,
+        on_message: Callable[[MqttLink, paho_mqtt.MQTTMessage], None] | None = None,
+        on_connect: Callable[[MqttLink, bool], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        on_publish: Callable[[int, ReasonCode], None] | None = None,
+    ) -> None:
+        paho = getattr(client, "_client", None)
+        if not isinstance(paho, paho_mqtt.Client) or not isinstance(
+            getattr(client, "_disconnected", None), asyncio.Future
+        ):
+            raise RtinferError(
+                f"this aiomqtt version ({getattr(aiomqtt, '__version__', '?')}) is not "
+                "supported by rtinfer's MQTT connector; install aiomqtt>=2.0,<3"
+            )
+        self.client = client
+        self.paho = paho
+        self.up = False
+        self._closing = False
+        self._down = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._on_lost = on_lost
+        self._paused: Any = None  # the socket whose reading is paused
+        paho.manual_ack_set(manual_ack)
+
+        # aiomqtt's own handlers (paho types them as a union of every callback version).
+        aiomqtt_on_connect: Any = paho.on_connect
+        aiomqtt_on_disconnect: Any = paho.on_disconnect
+        aiomqtt_on_publish: Any = paho.on_publish
+
+        def connected(
+            c: paho_mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+        ) -> None:
+            aiomqtt_on_connect(c, userdata, flags, reason, props)
+            if reason.is_failure:
+                return
+            self.up = True
+            if on_connect is not None:
+                try:
+                    on_connect(self, bool(flags.session_present))
+                except Exception:  # never break the connection from a callback
+                    logger.exception("MQTT on_connect handler failed")
+
+        def disconnected(
+            c: paho_mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+        ) -> None:
+            aiomqtt_on_disconnect(c, userdata, flags, reason, props)
+            was_up, self.up = self.up, False
+            self._paused = None
+            self._down.set()
+            if was_up and not self._closing:
+                logger.warning("MQTT connection lost (%s)", reason)
+                if self._on_lost is not None:
+                    try:
+                        self._on_lost()
+                    except Exception:
+                        logger.exception("MQTT on_lost handler failed")
+
+        def published(
+            c: paho_mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
+        ) -> None:
+            if on_publish is not None:
+                try:
+                    on_publish(mid, reason)
+                except Exception:
+                    logger.exception("MQTT on_publish handler failed")
+            aiomqtt_on_publish(c, userdata, mid, reason, props)
+
+        def message(c: paho_mqtt.Client, userdata: Any, msg: paho_mqtt.MQTTMessage) -> None:
+            if on_message is not None:
+                try:
+                    on_message(self, msg)
+                except Exception:  # not acknowledged: delivered again on the next connection
+                    logger.exception("MQTT message handler failed")
+
+        paho.on_connect = connected
+        paho.on_disconnect = disconnected
+        paho.on_publish = published
+        # Replaces aiomqtt's handler (and its unbounded queue): messages go to ``on_message``.
+        paho.on_message = message
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        client_id: str,
+        clean_start: bool,
+        session_expiry_s: int = 0,
+        receive_maximum: int | None = None,
+        max_inflight: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        keepalive_s: int = 60,
+        timeout_s: float = 5.0,
+        manual_ack: bool = False,
+        on_message: Callable[[MqttLink, paho_mqtt.MQTTMessage], None] | None = None,
+        on_connect: Callable[[MqttLink, bool], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        on_publish: Callable[[int, ReasonCode], None] | None = None,
+    ) -> MqttLink:
+        """Connect (MQTT 5) to ``url``; raise :class:`RtinferError` naming it if that fails."""
+        broker = parse_url(url)
+        if tls is None and broker.tls:
+            tls = tls_context(None, None, None)
+        properties = new_properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = session_expiry_s
+        if receive_maximum is not None:
+            properties.ReceiveMaximum = receive_maximum
+        client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=username if username is not None else broker.username,
+            password=password if password is not None else broker.password,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            # A bool, not aiomqtt's default MQTT_CLEAN_START_FIRST_ONLY: each link is a new
+            # client object, so "first only" would wipe the session on every reconnection.
+            clean_start=clean_start,
+            properties=properties,
+            tls_context=tls,
+            keepalive=keepalive_s,
+            timeout=timeout_s,
+            max_inflight_messages=max_inflight,
+        )
+        link = cls(
+            client,
+            manual_ack=manual_ack,
+            on_message=on_message,
+            on_connect=on_connect,
+            on_lost=on_lost,
+            on_publish=on_publish,
+        )
+        link.paho.connect_timeout = timeout_s
+        try:
+            await client.__aenter__()
+        except MqttConnectError as exc:
+            link.forget()
+            raise RtinferError(
+                f"the MQTT broker at {url} refused the connection of client {client_id!r} "
+                f"({exc.rc}); check the credentials, the client id and the broker's ACLs"
+            ) from exc
+        except (aiomqtt.MqttError, OSError) as exc:
+            link.forget()
+            raise RtinferError(
+                f"cannot connect to the MQTT broker at {url} within {timeout_s} s ({exc}); "
+                "check that it runs and the URL, credentials and TLS settings are right"
+            ) from exc
+        return link
+
+    def ack(self, mid: int) -> bool:
+        """Send the PUBACK of ``mid``; false if the connection is down (nothing was sent)."""
+        if not self.up:
+            return False
+        return self.paho.ack(mid, 1) == paho_mqtt.MQTT_ERR_SUCCESS
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: TCP flow control then holds the broker back."""
+        sock: Any = self.paho.socket()
+        if self._paused is not None or sock is None or not self.up:
+            return
+        fd = sock.fileno()
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._paused = sock
+
+    def resume_reading(self) -> None:
+        """Read the socket again (a no-op if it was not paused, or is closed since)."""
+        paused, self._paused = self._paused, None
+        sock = self.paho.socket()
+        if paused is None or sock is None or sock is not paused:
+            return
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        self._loop.add_reader(fd, self._readable)
+        # Bytes a TLS socket already decrypted do not make it readable again: read them now.
+        self._loop.call_soon(self._readable)
+
+    def _readable(self) -> None:
+        """Read what the socket holds: what aiomqtt's reader does, but stops when paused."""
+        if self._paused is not None or not self.up:
+            return
+        paho = self.paho
+        try:
+            while True:
+                paho.loop_read()
+                sock = paho.socket()
+                pending = getattr(sock, "pending", None)  # an SSLSocket's decrypted bytes
+                if self._paused is not None or pending is None or pending() <= 0:
+                    break
+        except Exception as exc:  # a broken socket: fail the connection as aiomqtt does
+            logger.warning("MQTT read failed: %r", exc)
+            disconnected: asyncio.Future[None] = (
+                self.client._disconnected
+            )  # private: see the module docstring
+            if not disconnected.done():
+                disconnected.set_exception(aiomqtt.MqttError(f"read failed: {exc!r}"))
+            was_up, self.up = self.up, False
+            self._down.set()
+            if was_up and self._on_lost is not None:
+                self._on_lost()
+
+    async def close(self, *, timeout_s: float = 5.0) -> None:
+        """Disconnect (DISCONNECT, normal: the session stays for its expiry interval).
+
+        Reading resumes first, so the socket holds no unread bytes when it closes
+        (closing over unread bytes sends a TCP reset, and the broker may then drop
+        what we sent last, the DISCONNECT included, unread).
+        """
+        self._closing = True
+        self.resume_reading()
+        try:
+            if self.up and self.paho.disconnect() == paho_mqtt.MQTT_ERR_SUCCESS:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._down.wait(), timeout_s)
+            # Returns at once when disconnected; else makes aiomqtt disconnect by itself.
+            await asyncio.wait_for(self.client.__aexit__(None, None, None), timeout_s)
+        except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
+            logger.warning("MQTT: error while disconnecting: %r", exc)
+        finally:
+            self.forget()
+
+    def forget(self) -> None:
+        """Mark aiomqtt's disconnection error as seen: this link will not be used again."""
+        self.up = False
+        self._closing = True
+        disconnected = _disconnected(self.client)
+        if disconnected.done() and not disconnected.cancelled():
+            disconnected.exception()
+
+
+class _Delivery(NamedTuple):
+    """A QoS 1 message read and not yet acknowledged: its packet id and connection."""
+
+    mid: int
+    link: MqttLink
+
+
+class MqttSource:
+    """Events from an MQTT 5 topic (a filter: ``+`` and ``#`` allowed), acknowledged after flush.
+
+    **Session.** The source connects as ``client_id`` with ``clean_start``
+    false and a session that outlives a disconnection by ``session_expiry_s``:
+    the broker keeps the subscription, queues messages while the worker is
+    away, and delivers again every QoS 1 message that was not acknowledged.
+    Give each worker a ``client_id`` of its own (two connections with one id
+    take the session from each other) that stays the same across restarts.
+    Without one, an id is generated: the session can then only survive
+    reconnections within this process, and is ended on :meth:`aclose`.
+    ``clean_start`` true starts from a fresh session on the first connection
+    (reconnections still resume it).
+
+    **Shared subscriptions.** With ``shared_group``, the source subscribes to
+    ``$share/<group>/<topic>``: each message goes to one member of the group.
+
+    **Events.** ``value`` is the payload, ``key`` the user property
+    ``key_property`` (UTF-8; ``<key_property>-b64``: base64) or ``None``;
+    ``headers`` are the user properties (a repeated name keeps its last
+    value) and ``mqtt-topic``, the topic the message was published to.
+    ``ingest_time`` is when this process received the message: MQTT carries
+    no broker timestamp. ``position`` is ``Position("mqtt://<topic>", 0,
+    <packet id>)``: it identifies a *delivery*, not a place in a log (packet
+    ids are per connection, reused once acknowledged; QoS 0 messages have 0),
+    so nothing can be re-read from a position.
+
+    **Acknowledging.** :meth:`ack` sends the PUBACK of each position read (in
+    read order) on the connection it came from. A delivery made on a connection
+    that has dropped since is not acknowledged: the broker delivers that
+    message again on the new connection, and that delivery is acknowledged
+    when the pipeline is done with it.
+
+    **Flow control.** ``receive_maximum`` (MQTT 5 Receive Maximum) is how
+    many QoS 1 messages the broker may have delivered and not yet had
+    acknowledged. The source also stops reading its socket while
+    ``receive_maximum`` messages wait in its buffer (a broker that ignores
+    the limit, or QoS 0), and reads again once the pipeline took half of them.
+
+    **Reading.** ``read`` waits for at least one message and returns up to
+    ``max_events``; messages wait in the source until read, so a cancelled
+    ``read`` loses nothing. The source reconnects by itself after a lost
+    connection (the first connection must succeed within ``connect_timeout_s``).
+    """
+
+    __slots__ = (
+        "_arrived",
+        "_buffer",
+        "_closed",
+        "_link",
+        "_lost",
+        "_reconnecting",
+        "_session_started",
+        "_tls",
+        "_unacked",
+        "ca_certs",
+        "certfile",
+        "clean_start",
+        "client_id",
+        "connect_timeout_s",
+        "end_session_on_close",
+        "keepalive_s",
+        "key_property",
+        "keyfile",
+        "name",
+        "password",
+        "qos",
+        "receive_maximum",
+        "session_expiry_s",
+        "shared_group",
+        "subscription",
+        "topic",
+        "url",
+        "username",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        topic: str,
+        *,
+        client_id: str | None = None,
+        shared_group: str | None = None,
+        qos: int = 1,
+        key_property: str = KEY_PROPERTY,
+        username: str | None = None,
+        password: str | None = None,
+        ca_certs: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        clean_start: bool = False,
+        session_expiry_s: int = 3600,
+        end_session_on_close: bool | None = None,
+        receive_maximum: int = 1024,
+        keepalive_s: int = 60,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        check_topic(topic, filter_ok=True)
+        if shared_group is not None and (
+            not shared_group or any(c in shared_group for c in "/+#\x00")
+        ):
+            raise ValueError(
+                f"MQTT shared_group {shared_group!r} is invalid: it must be non-empty, "
+                "without '/', '+' or '#'"
+            )
+        if qos not in (0, 1):
+            raise ValueError(
+                f"qos must be 1 (at least once) or 0 (at most once), got {qos}; QoS 2 is "
+                "refused: its handshake completes before the sinks flush, so a crash loses "
+                "the message, and duplicates are already removed by rtinfer-source-id"
+            )
+        if not 0 <= session_expiry_s <= _SESSION_EXPIRY_NEVER:
+            raise ValueError(
+                f"session_expiry_s must be 0 to {_SESSION_EXPIRY_NEVER} (never), "
+                f"got {session_expiry_s}"
+            )
+        if not 1 <= receive_maximum <= 65535:
+            raise ValueError(f"receive_maximum must be 1 to 65535, got {receive_maximum}")
+        if keepalive_s < 1:
+            raise ValueError(f"keepalive_s must be at least 1, got {keepalive_s}")
+        if not key_property:
+            raise ValueError("key_property must be a non-empty user property name")
+        if client_id is not None and not client_id:
+            raise ValueError("client_id must be non-empty, or None to generate one")
+        parse_url(url)  # a wrong URL fails here, not at start
+        self.url = url
+        self.topic = topic
+        self.shared_group = shared_group
+        self.subscription = f"$share/{shared_group}/{topic}" if shared_group else topic
+        self.qos = qos
+        self.key_property = key_property
+        self.client_id = client_id if client_id is not None else f"rtinfer-{uuid.uuid4().hex}"
+        self.username = username
+        self.password = password
+        self.ca_certs = ca_certs
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.clean_start = clean_start
+        self.session_expiry_s = session_expiry_s
+        self.end_session_on_close = (
+            client_id is None if end_session_on_close is None else end_session_on_close
+        )
+        self.receive_maximum = receive_maximum
+        self.keepalive_s = keepalive_s
+        self.connect_timeout_s = connect_timeout_s
+        self.name = f"mqtt://{topic}"
+        self._tls: ssl.SSLContext | None = None
+        self._link: MqttLink | None = None
+        self._buffer: collections.deque[tuple[Event, MqttLink | None]] = collections.deque()
+        self._unacked: collections.deque[_Delivery] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._session_started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        """Connect and subscribe; reconnections after that happen by themselves."""
+        if self._link is not None:
+            return
+        self._closed = False
+        if self.ca_certs or self.certfile or self.keyfile:
+            self._tls = tls_context(self.ca_certs, self.certfile, self.keyfile)
+        if self.end_session_on_close and self.session_expiry_s:
+            logger.info(
+                "%s: client %s ends its session on close; set a stable client_id to keep it",
+                self.name,
+                self.client_id,
+            )
+        await self._connect(clean_start=self.clean_start)
+        self._reconnecting = asyncio.create_task(self._keep_connected())
+
+    async def _connect(self, *, clean_start: bool) -> None:
+        link = await MqttLink.open(
+            self.url,
+            client_id=self.client_id,
+            clean_start=clean_start,
+            session_expiry_s=self.session_expiry_s,
+            receive_maximum=self.receive_maximum,
+            username=self.username,
+            password=self.password,
+            tls=self._tls,
+            keepalive_s=self.keepalive_s,
+            timeout_s=self.connect_timeout_s,
+            manual_ack=True,
+            on_connect=self._connected,
+            on_message=self._received,
+            on_lost=self._lost.set,
+        )
+        try:
+            await self._subscribe(link)
+        except BaseException:
+            await link.close()
+            raise
+        self._link = link
+
+    async def _subscribe(self, link: MqttLink) -> None:
+        # Retained messages only when the subscription is new, not on every reconnection.
+        options = SubscribeOptions(
+            qos=self.qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+        )
+        try:
+            granted = await link.client.subscribe(
+                self.subscription, options=options, timeout=self.connect_timeout_s
+            )
+        except aiomqtt.MqttError as exc:
+            raise RtinferError(
+                f"{self.name}: subscribing to {self.subscription!r} at {self.url} failed ({exc})"
+            ) from exc
+        for code in granted:
+            if isinstance(code, ReasonCode) and code.is_failure:
+                raise ConfigError(
+                    f"the MQTT broker at {self.url} refused the subscription to "
+                    f"{self.subscription!r} ({code}); check the topic filter, the ACLs "
+                    "and, for shared_group, that the broker supports shared subscriptions"
+                )
+
+    def _connected(self, link: MqttLink, session_present: bool) -> None:
+        """The CONNACK: runs before any message of the new connection is handled."""
+        if self._session_started and session_present:
+            # The broker delivers again what it sent and we did not acknowledge: drop our
+            # unread copies from the old connection (QoS 0 ones are not sent again).
+            kept = [(e, old) for e, old in self._buffer if old is None or old is link]
+            if len(kept) < len(self._buffer):
+                self._buffer = collections.deque(kept)
+        elif self._session_started:
+            logger.warning(
+                "%s: the broker did not resume the session of %s (expired, or the broker "
+                "restarted without persistence): messages published meanwhile are lost, and "
+                "those in flight are not delivered again",
+                self.name,
+                self.client_id,
+            )
+        elif session_present:
+            logger.info(
+                "%s: resumed the session of %s: unacknowledged messages come again",
+                self.name,
+                self.client_id,
+            )
+        self._session_started = True
+
+    def _received(self, link: MqttLink, message: paho_mqtt.MQTTMessage) -> None:
+        """A PUBLISH: buffer it as an event (runs on the event loop, inside a socket read)."""
+        if self._closed:  # not acknowledged: the broker delivers it again
+            return
+        now = time.time()
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # the broker should never forward such a topic
+            topic = "?"
+        headers = {name: value.encode() for name, value in _user_properties(message.properties)}
+        key = headers.get(self.key_property)
+        if key is None:
+            b64 = headers.get(self.key_property + KEY_B64_SUFFIX)
+            if b64 is not None:
+                try:
+                    key = base64.b64decode(b64, validate=True)
+                except (binascii.Error, ValueError):
+                    key = None
+        headers[TOPIC_HEADER] = topic.encode()
+        payload = message.payload
+        event = Event(
+            payload if type(payload) is bytes else bytes(payload),
+            key=key,
+            headers=headers,
+            ingest_time=now,
+            position=Position(self.name, 0, message.mid),
+        )
+        self._buffer.append((event, link if message.qos == 1 else None))
+        self._arrived.set()
+        if len(self._buffer) >= self.receive_maximum:
+            link.pause_reading()
+
+    async def _keep_connected(self) -> None:
+        """Reconnect after each lost connection, backing off up to 5 s between attempts."""
+        while not self._closed:
+            await self._lost.wait()
+            self._lost.clear()
+            old, self._link = self._link, None
+            if old is not None:
+                await old.close()
+            delay = 0.1
+            while not self._closed:
+                try:
+                    await self._connect(clean_start=False)
+                except (RtinferError, OSError) as exc:
+                    logger.warning("%s: reconnecting failed (%s); next try in %.1f s",
+                                   self.name, exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                logger.info("%s: reconnected to %s", self.name, self.url)
+                break
+
+    @property
+    def buffered(self) -> int:
+        """How many messages were received and wait to be read."""
+        return len(self._buffer)
+
+    async def read(self, max_events: int) -> list[Event]:
+        """Wait for at least one event and return up to ``max_events``; ``[]`` once closed."""
+        if max_events < 1:
+            raise ValueError(f"max_events must be at least 1, got {max_events}")
+        buffer = self._buffer
+        while not buffer:
+            if self._closed:
+                return []
+            if self._reconnecting is None:
+                raise RuntimeError(f"{self.name}: call start() before read()")
+            self._arrived.clear()
+            # Nothing is taken before the wait ends, so cancelling it loses nothing.
+            await self._arrived.wait()
+        events: list[Event] = []
+        unacked = self._unacked
+        for _ in range(min(max_events, len(buffer))):
+            event, link = buffer.popleft()
+            events.append(event)
+            if link is not None:
+                assert event.position is not None
+                offset = event.position.offset
+                assert isinstance(offset, int)
+                unacked.append(_Delivery(offset, link))
+        link = self._link
+        if link is not None and len(buffer) <= self.receive_maximum // 2:
+            link.resume_reading()
+        return events
+
+    async def ack(self, positions: Sequence[Position]) -> None:
+        """Send the PUBACK of each position on the connection it came from (in read order).
+
+        Positions of other sources, of QoS 0 messages, or already acknowledged, are
+        skipped; so are deliveries of a connection that dropped since (the broker
+        delivers those messages again). The PUBACKs are written to the socket
+        without waiting: MQTT confirms no acknowledgement, and one lost in a
+        disconnection means one delivery more.
+        """
+        unacked = self._unacked
+        name = self.name
+        for position in positions:
+            mid = position.offset
+            if position.source != name or not isinstance(mid, int) or mid == 0:
+                continue
+            for i, delivery in enumerate(unacked):  # in read order: almost always the first
+                if delivery.mid == mid:
+                    del unacked[i]
+                    if delivery.link is self._link:
+                        delivery.link.ack(mid)
+                    break
+
+    async def aclose(self) -> None:
+        """Stop reconnecting and disconnect; what was not acknowledged stays in the session.
+
+        Before disconnecting, one SUBSCRIBE round trip (the same subscription again:
+        no change) makes sure the broker processed every PUBACK sent before it.
+        With ``end_session_on_close``, a last connection with a clean start then
+        discards the session, and with it what it still held.
+        """
+        self._closed = True  # from now on, arriving messages are left unacknowledged
+        self._arrived.set()
+        task, self._reconnecting = self._reconnecting, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        link, self._link = self._link, None
+        self._buffer.clear()
+        self._unacked.clear()
+        if link is None:
+            return
+        if link.up:
+            try:
+                await self._subscribe(link)
+            except (RtinferError, aiomqtt.MqttError) as exc:
+                logger.warning("%s: acknowledgements not confirmed before closing (%s); "
+                               "those messages come again", self.name, exc)  # fmt: skip
+        await link.close(timeout_s=self.connect_timeout_s)
+        if self.end_session_on_close:
+            await self._end_session()
+
+    async def _end_session(self) -> None:
+        """Connect with a clean start and no session expiry: the broker drops the old session."""
+        try:
+            link = await MqttLink.open(
+                self.url,
+                client_id=self.client_id,
+                clean_start=True,
+                session_expiry_s=0,
+                username=self.username,
+                password=self.password,
+                tls=self._tls,
+                keepalive_s=self.keepalive_s,
+                timeout_s=self.connect_timeout_s,
+            )
+        except RtinferError as exc:
+            logger.warning("%s: could not end the session of %s (%s); it expires after %d s",
+                           self.name, self.client_id, exc, self.session_expiry_s)  # fmt: skip
+            return
+        await link.close(timeout_s=self.connect_timeout_s)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MqttSource {self.name} subscription={self.subscription!r} client={self.client_id!r}>"
+        )
