@@ -269,3 +269,25 @@ def test_a_second_sigint_exits_at_once_with_130(tmp_path: Path, helpers_dir: Pat
     checkpoint = tmp_path / "checkpoint"
     acknowledged = int(checkpoint.read_text()) if checkpoint.exists() else 0
     assert acknowledged <= written
+
+
+def test_an_unexpected_library_error_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rtinfer.cli
+
+    class BrokerDown(Exception):
+        pass
+
+    def fail(coro: Any) -> None:
+        coro.close()  # never run: the broker is "down"
+        raise BrokerDown("connection refused")
+
+    monkeypatch.setattr(rtinfer.cli, "_run", fail)
+    monkeypatch.delenv("RTINFER_DEBUG", raising=False)
+    path = tmp_path / "p.yaml"
+    path.write_text("{}")
+    assert main(["run", str(path), "--no-live"]) == 1
+    err = capsys.readouterr().err
+    assert "BrokerDown: connection refused" in err
+    assert "Traceback" not in err

@@ -392,6 +392,24 @@ async def test_a_revocation_waits_for_the_pipeline_to_acknowledge(
         await second.aclose()
 
 
+async def test_a_missing_topic_is_logged_and_the_read_keeps_waiting(
+    kafka: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = source(kafka, f"rtinfer-test-missing-{uuid.uuid4().hex[:10]}", group())
+    await src.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="rtinfer.sources.kafka"):
+            reading = asyncio.ensure_future(src.read(10))
+            try:
+                await wait_until(lambda: "UNKNOWN_TOPIC_OR_PART" in caplog.text, "a logged error")
+                assert not reading.done()  # not fatal: librdkafka retries
+            finally:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+    finally:
+        await src.aclose()
+
+
 async def test_read_after_close_returns_nothing(kafka: str, topic: Topics) -> None:
     src = source(kafka, topic(), group())
     await src.start()
@@ -460,6 +478,27 @@ async def test_flush_raises_when_a_delivery_fails() -> None:
                 await asyncio.wait_for(sink.flush(), SAFETY)
         finally:
             await sink.aclose()
+
+
+async def test_a_failed_produce_fails_the_run_and_acknowledges_nothing(
+    kafka: str, topic: Topics
+) -> None:
+    from rtinfer.sinks.kafka import KafkaDeliveryError, KafkaSink
+    from rtinfer.sources.kafka import KafkaSource
+
+    inbox, members = topic("in"), group()
+    produce(kafka, inbox, [{"value": payload(i)} for i in range(5)])
+    with socket_nobody_listens_on() as port:
+        pipeline = Pipeline(
+            KafkaSource(kafka, inbox, group=members, config=FAST_CONSUMER),
+            [Decode(Reading), Vectorize(["x", "y"]), Predict(MicroBatcher(python_model())),
+             Outputs()],
+            [KafkaSink(f"127.0.0.1:{port}", "out", config={"message.timeout.ms": 300})],
+        )  # fmt: skip
+        with pytest.raises(KafkaDeliveryError):
+            await asyncio.wait_for(pipeline.run(), SAFETY)
+    assert pipeline.events_in == 5
+    assert committed(kafka, members, inbox, 1) == {0: None}
 
 
 @contextlib.contextmanager

@@ -150,7 +150,11 @@ async def test_source_reads_values_keys_headers_and_positions(mqtt: Mqtt) -> Non
         after = time.time()
         assert [e.value for e in events] == [b"v0", b"v1", b"v2"]
         assert [e.key for e in events] == [b"a", b"b", b"\xff\x00"]
-        assert events[0].headers == {"trace": b"t1", "rtinfer-key": b"a", TOPIC_HEADER: topic.encode()}
+        assert events[0].headers == {
+            "trace": b"t1",
+            "rtinfer-key": b"a",
+            TOPIC_HEADER: topic.encode(),
+        }
         # ingest_time is when this process received the message (MQTT has no broker time).
         assert all(before <= e.ingest_time <= after for e in events)
         assert all(e.event_time is None for e in events)
@@ -332,6 +336,30 @@ async def test_reconnects_and_acks_only_the_new_delivery(mqtt: Mqtt) -> None:
         await src.aclose()
 
 
+async def test_a_reconnection_does_not_duplicate_unread_messages(mqtt: Mqtt) -> None:
+    topic, worker = mqtt.topic(), mqtt.client_id()
+    src = source(topic, worker, end_session_on_close=True)
+    await src.start()
+    try:
+        await mqtt.publish(topic, [b"a", b"b", b"c"])
+        (a,) = await read_n(src, 1, size=1)
+        await until(lambda: src.buffered == 2, "b and c to wait, unread")
+        intruder = await MqttLink.open(
+            MQTT_URL, client_id=worker, clean_start=False, session_expiry_s=60, manual_ack=True
+        )
+        await intruder.close()
+        await mqtt.publish(topic, [b"sentinel"])  # delivered after what the session owes
+        # The resumed session delivers a, b and c again; the unread copies of b and c from
+        # the old connection are dropped, so nothing comes twice.
+        await until(lambda: src.buffered >= 4, "the redeliveries and the sentinel")
+        after = await read_n(src, 4)
+        assert [e.value for e in after] == [b"a", b"b", b"c", b"sentinel"]
+        await src.ack(positions([a, *after]))
+        await assert_next_is_sentinel(mqtt, src, topic)
+    finally:
+        await src.aclose()
+
+
 async def test_shared_subscription_splits_messages_between_workers(mqtt: Mqtt) -> None:
     topic, group = mqtt.topic(), f"g{uuid.uuid4().hex[:8]}"
     one = source(topic, shared_group=group, end_session_on_close=True)
@@ -357,7 +385,8 @@ async def test_shared_subscription_splits_messages_between_workers(mqtt: Mqtt) -
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        assert got["one"] and got["two"]  # both members received some
+        assert got["one"], "the first member received nothing"
+        assert got["two"], "the second member received nothing"
         assert sorted(got["one"] + got["two"]) == sorted(b"%d" % i for i in range(n))
     finally:
         await one.aclose()
@@ -543,6 +572,32 @@ async def test_sink_require_subscribers(mqtt: Mqtt) -> None:
             await reader.aclose()
     finally:
         await sink.aclose()
+
+
+async def test_sink_reconnects_on_flush_after_losing_its_connection(mqtt: Mqtt) -> None:
+    topic = mqtt.topic()
+    reader = source(topic, end_session_on_close=True)
+    await reader.start()
+    sink = MqttSink(MQTT_URL, topic)
+    await sink.start()
+    try:
+        # Another connection with the sink's client id makes the broker drop the sink's.
+        intruder = await MqttLink.open(MQTT_URL, client_id=sink.client_id, clean_start=True)
+        await until(lambda: not sink.connected, "the broker to drop the sink's connection")
+        await intruder.close()
+        await sink.write([result_event("a", {"n": 1})])
+        sink.url = "mqtt://127.0.0.1:1"  # the broker is unreachable for one flush
+        with pytest.raises(RtinferError, match="cannot connect"):
+            await sink.flush()
+        assert sink.pending == 1  # kept for the next flush
+        sink.url = MQTT_URL
+        await sink.flush()
+        assert sink.connected
+        (event,) = await read_n(reader, 1)
+        assert msgspec.json.decode(event.value) == {"n": 1}
+    finally:
+        await sink.aclose()
+        await reader.aclose()
 
 
 # -- without aiomqtt -------------------------------------------------------------------------

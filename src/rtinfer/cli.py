@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,6 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (RtinferError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a client library's own error (redis, nats, kafka, ...)
+        if os.environ.get("RTINFER_DEBUG"):
+            raise
+        print(
+            f"error: {type(exc).__module__}.{type(exc).__name__}: {exc} "
+            f"(set RTINFER_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -93,6 +93,7 @@ class RedisSourceConfig(_Strict, tag="redis", tag_field="type"):
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    reconnect_timeout_s: float = 30.0
 
 
 class RedisSinkConfig(_Strict, tag="redis", tag_field="type"):
@@ -107,6 +108,7 @@ class RedisSinkConfig(_Strict, tag="redis", tag_field="type"):
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    reconnect_timeout_s: float = 30.0
 
 
 class NatsSourceConfig(_Strict, tag="nats", tag_field="type"):

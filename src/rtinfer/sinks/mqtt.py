@@ -111,6 +111,7 @@ class MqttSink:
         "_buffer",
         "_link",
         "_refused",
+        "_started",
         "_tls",
         "ca_certs",
         "certfile",
@@ -192,6 +193,7 @@ class MqttSink:
         self._link: MqttLink | None = None
         self._buffer: list[_Message] = []
         self._refused: list[ReasonCode] = []
+        self._started = False
 
     async def start(self) -> None:
         """Connect (a clean session: a publisher needs none)."""
@@ -200,6 +202,7 @@ class MqttSink:
         if self.ca_certs or self.certfile or self.keyfile:
             self._tls = tls_context(self.ca_certs, self.certfile, self.keyfile)
         await self._connect()
+        self._started = True
 
     async def _connect(self) -> MqttLink:
         link = await MqttLink.open(
@@ -225,6 +228,11 @@ class MqttSink:
             self.require_subscribers and reason.value == NO_MATCHING_SUBSCRIBERS
         ):
             self._refused.append(reason)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up (if not, the next flush connects again)."""
+        return self._link is not None and self._link.up
 
     @property
     def pending(self) -> int:
@@ -257,14 +265,14 @@ class MqttSink:
         """Publish the buffer; return once the broker acknowledged every message, else raise."""
         if not self._buffer:
             return
-        if self._link is None:
+        if not self._started:
             raise RuntimeError(f"{self.name}: call start() before flush()")
         for attempt in (1, 2):
             link = self._link
-            if link is None or not link.up:
+            if link is None or not link.up:  # lost: connect again (raises if that fails)
+                self._link = None
                 if link is not None:
                     await link.close()
-                self._link = None
                 link = await self._connect()
             try:
                 await self._publish_all(link)
@@ -289,31 +297,47 @@ class MqttSink:
         buffer = self._buffer
         self._refused = []
         step = self.max_pending
-        for begin in range(0, len(buffer), step):
-            outcomes = await asyncio.gather(
-                *(
-                    client.publish(
-                        topic, payload, qos, retain, properties=properties, timeout=timeout
-                    )
-                    for payload, properties in buffer[begin : begin + step]
-                ),
-                return_exceptions=True,
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            if self._refused:
-                reasons = sorted({str(r) for r in self._refused})
-                raise RtinferError(
-                    f"{self.name}: the broker at {self.url} refused {len(self._refused)} of "
-                    f"{len(buffer)} results ({', '.join(reasons)}); check the topic and the "
-                    "ACLs (or that a consumer subscribed, with require_subscribers); the "
-                    "results are kept and published again on the next flush"
+        down = asyncio.ensure_future(link.wait_down())
+        try:
+            for begin in range(0, len(buffer), step):
+                publishing = asyncio.gather(
+                    *(
+                        client.publish(
+                            topic, payload, qos, retain, properties=properties, timeout=timeout
+                        )
+                        for payload, properties in buffer[begin : begin + step]
+                    ),
+                    return_exceptions=True,
                 )
+                # aiomqtt leaves a publish waiting for its PUBACK until the timeout even when
+                # the connection drops: stop waiting as soon as it does.
+                await asyncio.wait((publishing, down), return_when=asyncio.FIRST_COMPLETED)
+                if not publishing.done():
+                    publishing.cancel()
+                    await asyncio.gather(publishing, return_exceptions=True)
+                    raise aiomqtt.MqttError("the connection was lost during the flush")
+                self._check(publishing.result(), len(buffer))
+        finally:
+            down.cancel()
+
+    def _check(self, outcomes: list[Any], total: int) -> None:
+        """Raise the first failed publish, or a refusal any PUBACK reported."""
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if self._refused:
+            reasons = sorted({str(r) for r in self._refused})
+            raise RtinferError(
+                f"{self.name}: the broker at {self.url} refused {len(self._refused)} of "
+                f"{total} results ({', '.join(reasons)}); check the topic and the ACLs (or "
+                "that a consumer subscribed, with require_subscribers); the results are kept "
+                "and published again on the next flush"
+            )
 
     async def aclose(self) -> None:
         """Disconnect; results written but not flushed are dropped (never acked)."""
         link, self._link = self._link, None
+        self._started = False
         if self._buffer:
             logger.warning(
                 "%s: closing with %d unflushed results; their inputs were not acknowledged "

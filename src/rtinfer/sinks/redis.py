@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..sources.redis import connect, require_redis
+from ..sources.redis import connect, require_redis, retrying
 from ..types import Event
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class RedisStreamSink:
         "_key_field",
         "maxlen",
         "name",
+        "reconnect_timeout_s",
         "stream",
         "url",
     )
@@ -71,6 +72,7 @@ class RedisStreamSink:
         ssl_ca_certs: str | None = None,
         ssl_certfile: str | None = None,
         ssl_keyfile: str | None = None,
+        reconnect_timeout_s: float = 30.0,
     ) -> None:
         require_redis("the Redis Streams sink")
         if maxlen is not None and maxlen < 1:
@@ -78,6 +80,7 @@ class RedisStreamSink:
         self.url = url
         self.stream = stream
         self.maxlen = maxlen
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.name = f"redis://{stream}"
         self._field = field.encode()
         self._key_field = key_field.encode() if key_field is not None else None
@@ -121,10 +124,16 @@ class RedisStreamSink:
         buffer = self._buffer
         sending = len(buffer)
         stream, maxlen = self.stream, self.maxlen
-        async with client.pipeline(transaction=False) as pipe:
-            for entry in buffer[:sending]:
-                pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)
-            await pipe.execute()
+
+        async def send() -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for entry in buffer[:sending]:
+                    pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)
+                await pipe.execute()
+
+        # After an outage the whole buffer is sent again: entries that had arrived before
+        # the connection broke are then written twice (consumers de-duplicate on source_id).
+        await retrying(self.name, send, give_up_after=self.reconnect_timeout_s)
         del buffer[:sending]
 
     async def aclose(self) -> None:

@@ -113,7 +113,7 @@ def client_config(
         merged[key] = value
     merged.update(fixed)
     merged["bootstrap.servers"] = servers
-    merged.setdefault("logger", logging.getLogger(f"{__package__}.librdkafka"))
+    merged.setdefault("logger", logging.getLogger("rtinfer.librdkafka"))
     return merged
 
 

@@ -12,7 +12,8 @@ and cannot promise is in ``docs/mqtt.md``.
 
 Importing this module needs ``aiomqtt`` (``pip install 'rtinfer[mqtt]'``);
 without it the import raises :class:`~rtinfer.exceptions.MissingDependency`.
-:class:`MqttLink` and :func:`parse_url` are shared with :mod:`rtinfer.sinks.mqtt`.
+:class:`MqttLink` (one connection) and the helpers below are shared with
+:mod:`rtinfer.sinks.mqtt`.
 
 aiomqtt (2.x) does not expose manual acknowledgements, the CONNACK's
 *session present* flag, PUBACK reason codes or a way to stop reading the
@@ -59,7 +60,10 @@ __all__ = [
     "Broker",
     "MqttLink",
     "MqttSource",
+    "check_topic",
+    "new_properties",
     "parse_url",
+    "tls_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,7 +230,7 @@ class MqttLink:
             c: paho_mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
         ) -> None:
             aiomqtt_on_connect(c, userdata, flags, reason, props)
-            if reason.is_failure:
+            if reason.is_failure or self._closing:  # a late CONNACK of a link given up on
                 return
             self.up = True
             if on_connect is not None:
@@ -261,7 +265,7 @@ class MqttLink:
             aiomqtt_on_publish(c, userdata, mid, reason, props)
 
         def message(c: paho_mqtt.Client, userdata: Any, msg: paho_mqtt.MQTTMessage) -> None:
-            if on_message is not None:
+            if on_message is not None and not self._closing:
                 try:
                     on_message(self, msg)
                 except Exception:  # not acknowledged: delivered again on the next connection
@@ -330,18 +334,22 @@ class MqttLink:
         try:
             await client.__aenter__()
         except MqttConnectError as exc:
-            link.forget()
+            link.abandon()
             raise RtinferError(
                 f"the MQTT broker at {url} refused the connection of client {client_id!r} "
                 f"({exc.rc}); check the credentials, the client id and the broker's ACLs"
             ) from exc
         except (aiomqtt.MqttError, OSError) as exc:
-            link.forget()
+            link.abandon()
             raise RtinferError(
                 f"cannot connect to the MQTT broker at {url} within {timeout_s} s ({exc}); "
                 "check that it runs and the URL, credentials and TLS settings are right"
             ) from exc
         return link
+
+    async def wait_down(self) -> None:
+        """Return once the connection is down (closed, lost or never opened)."""
+        await self._down.wait()
 
     def ack(self, mid: int) -> bool:
         """Send the PUBACK of ``mid``; false if the connection is down (nothing was sent)."""
@@ -415,6 +423,12 @@ class MqttLink:
             logger.warning("MQTT: error while disconnecting: %r", exc)
         finally:
             self.forget()
+
+    def abandon(self) -> None:
+        """Give up on a link that failed to open: close its socket if one is left."""
+        self.forget()
+        with contextlib.suppress(Exception):  # whatever state paho is in, it is dropped
+            self.paho.disconnect()
 
     def forget(self) -> None:
         """Mark aiomqtt's disconnection error as seen: this link will not be used again."""
@@ -654,9 +668,11 @@ class MqttSource:
         if self._session_started and session_present:
             # The broker delivers again what it sent and we did not acknowledge: drop our
             # unread copies from the old connection (QoS 0 ones are not sent again).
-            kept = [(e, old) for e, old in self._buffer if old is None or old is link]
-            if len(kept) < len(self._buffer):
-                self._buffer = collections.deque(kept)
+            buffer = self._buffer  # in place: a waiting read holds this deque
+            kept = [(e, old) for e, old in buffer if old is None or old is link]
+            if len(kept) < len(buffer):
+                buffer.clear()
+                buffer.extend(kept)
         elif self._session_started:
             logger.warning(
                 "%s: the broker did not resume the session of %s (expired, or the broker "
@@ -715,11 +731,18 @@ class MqttSource:
                 await old.close()
             delay = 0.1
             while not self._closed:
+                self._lost.clear()  # a drop during this attempt fails the attempt itself
                 try:
                     await self._connect(clean_start=False)
-                except (RtinferError, OSError) as exc:
-                    logger.warning("%s: reconnecting failed (%s); next try in %.1f s",
-                                   self.name, exc, delay)  # fmt: skip
+                except Exception as exc:  # keep trying whatever failed: reading waits on it
+                    expected = isinstance(exc, RtinferError)
+                    logger.warning(
+                        "%s: reconnecting failed (%s); next try in %.1f s",
+                        self.name,
+                        exc,
+                        delay,
+                        exc_info=not expected,
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue

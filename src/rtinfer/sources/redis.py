@@ -21,12 +21,13 @@ is, so ``rtinfer`` imports without the ``redis`` extra.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..exceptions import ConfigError, MissingDependency
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The header of an event that must not be processed again (it was delivered more than
 #: ``max_deliveries`` times, or its entry has no payload field); the value says why.
@@ -108,6 +111,35 @@ def connect(
     for command in _RAW_COMMANDS:
         client.set_response_callback(command, _raw)
     return client
+
+
+async def retrying(
+    what: str,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    give_up_after: float,
+    closed: Callable[[], bool] = lambda: False,
+) -> T:
+    """Run ``operation``, again and again while Redis is unreachable, for ``give_up_after`` s.
+
+    redis-py reconnects on the next command; this waits between tries (50 ms,
+    doubling to 2 s) and logs each outage once per try. After ``give_up_after``
+    seconds (or once ``closed()``) the connection error is raised.
+    """
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    delay = 0.05
+    deadline = time.monotonic() + give_up_after
+    while True:
+        try:
+            return await operation()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if closed() or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("%s: Redis unreachable (%s); trying again in %.2f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def default_consumer_name() -> str:
@@ -191,6 +223,7 @@ class RedisStreamSource:
         "group",
         "max_deliveries",
         "name",
+        "reconnect_timeout_s",
         "start_id",
         "stream",
         "url",
@@ -214,6 +247,7 @@ class RedisStreamSource:
         ssl_ca_certs: str | None = None,
         ssl_certfile: str | None = None,
         ssl_keyfile: str | None = None,
+        reconnect_timeout_s: float = 30.0,
     ) -> None:
         require_redis("the Redis Streams source")
         for option, value in (
@@ -231,6 +265,7 @@ class RedisStreamSource:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.name = f"redis://{stream}"
         self._value_field = value_field.encode()
         self._key_field = key_field.encode() if key_field is not None else None
@@ -288,6 +323,15 @@ class RedisStreamSource:
             return []
         if client is None:
             raise RuntimeError(f"{self.name}: call start() before read()")
+
+        return await retrying(
+            self.name,
+            lambda: self._read(client, max_events),
+            give_up_after=self.reconnect_timeout_s,
+            closed=self._is_closed,
+        )
+
+    async def _read(self, client: Redis, max_events: int) -> list[Event]:
         from redis.exceptions import ConnectionError as RedisConnectionError
 
         while not self._is_closed():  # a call: aclose() may run while a command waits
@@ -302,6 +346,7 @@ class RedisStreamSource:
                 # Cancelled (or failed) while a command was out: Redis may have put entries
                 # in this consumer's pending list whose reply never arrived. Re-read them.
                 self._backlog = True
+                self._backlog_cursor = "0"
                 if isinstance(exc, RedisConnectionError) and self._is_closed():
                     return []  # closed while waiting
                 raise
@@ -437,7 +482,11 @@ class RedisStreamSource:
             if not isinstance(offset, str):
                 raise TypeError(f"{self.name}: cannot ack {position!r}, its offset is not an id")
             ids.append(offset)
-        await client.xack(self.stream, self.group, *ids)
+        await retrying(
+            self.name,
+            lambda: client.xack(self.stream, self.group, *ids),
+            give_up_after=self.reconnect_timeout_s,
+        )
         self._unacked.difference_update(ids)
 
     async def lag(self) -> int | None:
