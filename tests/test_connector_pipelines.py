@@ -12,17 +12,23 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
+import kafka_broker
 from conftest import payload
 from rtinfer.broker import Broker
 from rtinfer.build import build_pipeline, load_pipeline
 from rtinfer.config import parse_config
+from rtinfer.pipeline import Pipeline
 from rtinfer.types import DEAD_REASON_HEADER
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+#: The session's Kafka-compatible broker (tansu), started by kafka_broker.
+kafka = kafka_broker.kafka
 NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 
 
@@ -220,3 +226,98 @@ async def test_nats_source_lag_counts_undelivered_and_unacknowledged() -> None:
         await source.aclose()
         await js.delete_stream(f"LAG{name}")
         await nc.close()
+
+
+async def _run_until(pipeline: Pipeline, count: int, feed: Any) -> None:
+    """Run ``pipeline`` until it wrote ``count`` results; ``feed()`` publishes once it is ready."""
+    pipeline.observe(lambda _b: pipeline.stop() if pipeline.events_out >= count else None)
+    run = asyncio.create_task(pipeline.run())
+    await asyncio.wait_for(pipeline.ready.wait(), 20)
+    await feed()
+    await asyncio.wait_for(run, 60)
+
+
+async def test_kafka_to_kafka_from_a_pipeline_file(
+    tmp_path: Path, model_file: Path, kafka: str
+) -> None:
+    from confluent_kafka import Consumer, Producer
+
+    from kafka_broker import FAST_CONSUMER, create_topics, delete_topics
+
+    name = uuid.uuid4().hex[:8]
+    topic_in, topic_out = f"in-{name}", f"out-{name}"
+    create_topics(kafka, [topic_in, topic_out], 2)
+    settings = json.dumps(FAST_CONSUMER)
+    path = pipeline_yaml(
+        tmp_path,
+        model_file,
+        f"{{type: kafka, bootstrap_servers: '{kafka}', topics: {topic_in}, group: g-{name}, "
+        f"config: {settings}}}",
+        f"{{type: kafka, bootstrap_servers: '{kafka}', topic: {topic_out}}}",
+    )
+    pipeline = load_pipeline(path)
+
+    async def feed() -> None:
+        producer = Producer({"bootstrap.servers": kafka})
+        for i in range(50):
+            producer.produce(topic_in, payload(i), key=str(i % 5).encode())
+        await asyncio.to_thread(producer.flush, 10)
+
+    try:
+        await _run_until(pipeline, 50, feed)
+        reader = Consumer(
+            {
+                "bootstrap.servers": kafka,
+                "group.id": f"check-{name}",
+                **FAST_CONSUMER,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        reader.subscribe([topic_out])
+        got: list[str] = []
+        for _ in range(200):
+            messages = await asyncio.to_thread(reader.consume, 50, 0.2)
+            got += [json.loads(m.value())["id"] for m in messages if m.error() is None]
+            if len(got) >= 50:
+                break
+        reader.close()
+        assert sorted(got) == sorted(f"e{i}" for i in range(50))
+    finally:
+        delete_topics(kafka, [topic_in, topic_out])
+
+
+async def test_mqtt_to_mqtt_from_a_pipeline_file(tmp_path: Path, model_file: Path) -> None:
+    pytest.importorskip("aiomqtt")
+    import aiomqtt
+
+    url = os.environ.get("MQTT_URL", "mqtt://127.0.0.1:1883")
+    host, _, port = url.removeprefix("mqtt://").partition(":")
+    name = uuid.uuid4().hex[:8]
+    path = pipeline_yaml(
+        tmp_path,
+        model_file,
+        f"{{type: mqtt, url: '{url}', topic: 'in/{name}', client_id: 'w-{name}'}}",
+        f"{{type: mqtt, url: '{url}', topic: 'out/{name}'}}",
+    )
+    pipeline = load_pipeline(path)
+    got: list[str] = []
+    try:
+        async with aiomqtt.Client(host, int(port or 1883)) as reader:
+            await reader.subscribe(f"out/{name}", qos=1)
+
+            async def feed() -> None:
+                async with aiomqtt.Client(host, int(port or 1883)) as writer:
+                    for i in range(40):
+                        await writer.publish(f"in/{name}", payload(i), qos=1)
+
+            await _run_until(pipeline, 40, feed)
+            async with asyncio.timeout(10):
+                async for message in reader.messages:
+                    got.append(json.loads(message.payload)["id"])  # type: ignore[arg-type]
+                    if len(got) == 40:
+                        break
+    except aiomqtt.MqttError as exc:
+        from conftest import service_missing
+
+        service_missing(f"no MQTT broker at {url}: {exc}")
+    assert sorted(got) == sorted(f"e{i}" for i in range(40))

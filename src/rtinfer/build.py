@@ -19,9 +19,13 @@ from .config import (
     DecodeConfig,
     FileSinkConfig,
     FileSourceConfig,
+    KafkaSinkConfig,
+    KafkaSourceConfig,
     MemorySinkConfig,
     MemorySourceConfig,
     ModelConfig,
+    MqttSinkConfig,
+    MqttSourceConfig,
     NatsSinkConfig,
     NatsSourceConfig,
     PipelineConfig,
@@ -225,10 +229,18 @@ def _source(config: SourceConfig, broker: Broker) -> Source:
         from .sources.redis import RedisStreamSource
 
         return RedisStreamSource(**msgspec.structs.asdict(config))
-    assert isinstance(config, NatsSourceConfig)
-    from .sources.nats import NatsSource
+    if isinstance(config, NatsSourceConfig):
+        from .sources.nats import NatsSource
 
-    return NatsSource(**msgspec.structs.asdict(config))
+        return NatsSource(**msgspec.structs.asdict(config))
+    if isinstance(config, KafkaSourceConfig):
+        from .sources.kafka import KafkaSource
+
+        return KafkaSource(**msgspec.structs.asdict(config))
+    assert isinstance(config, MqttSourceConfig)
+    from .sources.mqtt import MqttSource
+
+    return MqttSource(**msgspec.structs.asdict(config))
 
 
 def _sink(config: SinkConfig, broker: Broker) -> Sink:
@@ -244,5 +256,13 @@ def _sink(config: SinkConfig, broker: Broker) -> Sink:
         from .sinks.nats import NatsSink
 
         return NatsSink(**msgspec.structs.asdict(config))
+    if isinstance(config, KafkaSinkConfig):
+        from .sinks.kafka import KafkaSink
+
+        return KafkaSink(**msgspec.structs.asdict(config))
+    if isinstance(config, MqttSinkConfig):
+        from .sinks.mqtt import MqttSink
+
+        return MqttSink(**msgspec.structs.asdict(config))
     assert isinstance(config, StdoutSinkConfig)
     return StdoutSink()

@@ -144,8 +144,83 @@ class NatsSinkConfig(_Strict, tag="nats", tag_field="type"):
     connect_timeout_s: float = 5.0
 
 
-SourceConfig = MemorySourceConfig | FileSourceConfig | RedisSourceConfig | NatsSourceConfig
-SinkConfig = MemorySinkConfig | FileSinkConfig | StdoutSinkConfig | RedisSinkConfig | NatsSinkConfig
+class KafkaSourceConfig(_Strict, tag="kafka", tag_field="type"):
+    """Kafka topics read by a consumer group (see docs/kafka.md); ``config``: librdkafka's."""
+
+    bootstrap_servers: str
+    topics: str | list[str]
+    group: str = "rtinfer"
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    revoke_wait_s: float = 5.0
+    poll_timeout_s: float = 0.1
+
+
+class KafkaSinkConfig(_Strict, tag="kafka", tag_field="type"):
+    bootstrap_servers: str
+    topic: str
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class MqttSourceConfig(_Strict, tag="mqtt", tag_field="type"):
+    """An MQTT 5 topic filter, QoS 1, acknowledged after the sinks flushed (docs/mqtt.md)."""
+
+    url: str
+    topic: str
+    client_id: str | None = None
+    shared_group: str | None = None
+    qos: int = 1
+    key_property: str = "rtinfer-key"
+    username: str | None = None
+    password: str | None = None
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    clean_start: bool = False
+    session_expiry_s: int = 3600
+    end_session_on_close: bool | None = None
+    receive_maximum: int = 1024
+    keepalive_s: int = 60
+    connect_timeout_s: float = 5.0
+
+
+class MqttSinkConfig(_Strict, tag="mqtt", tag_field="type"):
+    url: str
+    topic: str
+    qos: int = 1
+    retain: bool = False
+    client_id: str | None = None
+    key_property: str = "rtinfer-key"
+    message_expiry_s: int | None = None
+    require_subscribers: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    max_pending: int = 1024
+    max_inflight: int = 20
+    publish_timeout_s: float = 10.0
+    keepalive_s: int = 60
+    connect_timeout_s: float = 5.0
+
+
+SourceConfig = (
+    MemorySourceConfig
+    | FileSourceConfig
+    | RedisSourceConfig
+    | NatsSourceConfig
+    | KafkaSourceConfig
+    | MqttSourceConfig
+)
+SinkConfig = (
+    MemorySinkConfig
+    | FileSinkConfig
+    | StdoutSinkConfig
+    | RedisSinkConfig
+    | NatsSinkConfig
+    | KafkaSinkConfig
+    | MqttSinkConfig
+)
 
 
 # -- stages -------------------------------------------------------------------------------

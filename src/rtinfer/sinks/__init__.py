@@ -13,12 +13,28 @@ from .memory import BrokerSink, ListSink
 from .stdout import StdoutSink
 
 if TYPE_CHECKING:
+    from .kafka import KafkaSink
+    from .mqtt import MqttSink
     from .nats import NatsSink
     from .redis import RedisStreamSink
 
-__all__ = ["BrokerSink", "JsonLinesSink", "ListSink", "NatsSink", "RedisStreamSink", "StdoutSink"]
+__all__ = [
+    "BrokerSink",
+    "JsonLinesSink",
+    "KafkaSink",
+    "ListSink",
+    "MqttSink",
+    "NatsSink",
+    "RedisStreamSink",
+    "StdoutSink",
+]
 
-_LAZY = {"NatsSink": ".nats", "RedisStreamSink": ".redis"}
+_LAZY = {
+    "KafkaSink": ".kafka",
+    "MqttSink": ".mqtt",
+    "NatsSink": ".nats",
+    "RedisStreamSink": ".redis",
+}
 
 
 def __getattr__(name: str) -> Any:

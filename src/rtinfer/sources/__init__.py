@@ -12,12 +12,26 @@ from .file import JsonLinesSource
 from .memory import BrokerSource
 
 if TYPE_CHECKING:
+    from .kafka import KafkaSource
+    from .mqtt import MqttSource
     from .nats import NatsSource
     from .redis import RedisStreamSource
 
-__all__ = ["BrokerSource", "JsonLinesSource", "NatsSource", "RedisStreamSource"]
+__all__ = [
+    "BrokerSource",
+    "JsonLinesSource",
+    "KafkaSource",
+    "MqttSource",
+    "NatsSource",
+    "RedisStreamSource",
+]
 
-_LAZY = {"NatsSource": ".nats", "RedisStreamSource": ".redis"}
+_LAZY = {
+    "KafkaSource": ".kafka",
+    "MqttSource": ".mqtt",
+    "NatsSource": ".nats",
+    "RedisStreamSource": ".redis",
+}
 
 
 def __getattr__(name: str) -> Any:
