@@ -143,7 +143,11 @@ def test_an_unknown_key_is_an_error_naming_the_dotted_key(
             "Expected `float`, got `str`, found 'high'",
         ),
         ("sinks: {type: stdout}", "sinks", "Expected `array`, got `object`"),
-        ("source: {type: kafka, topic: t}", "source.type", "'kafka'; use one of memory, file"),
+        (
+            "source: {type: pulsar, topic: t}",
+            "source.type",
+            "'pulsar'; use one of memory, file, redis, nats, kafka, mqtt",
+        ),
         ("decode: {codec: xml}", "decode.codec", "'xml'; use one of json, msgpack"),
         ("decode: {fields: {amount: double}}", "decode.fields.amount", "use one of any, bool"),
         ("sinks: [{type: file}]", "sinks.0.path", "missing required key 'path'"),
