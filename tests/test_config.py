@@ -148,7 +148,7 @@ def test_an_unknown_key_is_an_error_naming_the_dotted_key(
             "source.type",
             "'pulsar'; use one of memory, file, redis, nats, kafka, mqtt",
         ),
-        ("decode: {codec: xml}", "decode.codec", "'xml'; use one of json, msgpack"),
+        ("decode: {codec: xml}", "decode.codec", "'xml'; use one of json, msgpack, raw"),
         ("decode: {fields: {amount: double}}", "decode.fields.amount", "use one of any, bool"),
         ("sinks: [{type: file}]", "sinks.0.path", "missing required key 'path'"),
         ("runtime: {read_size: 0}", "runtime", "read_size must be at least 1, got 0"),

@@ -626,3 +626,20 @@ async def test_a_pipeline_from_a_kafka_topic_to_a_kafka_topic(kafka: str, topic:
     # Everything read was acknowledged, and committed when the source closed.
     ends = Counter(p for p, _, _ in sent)
     assert committed(kafka, members, inbox, 3) == {p: ends[p] or None for p in range(3)}
+
+
+async def test_lag_counts_what_the_group_has_not_committed(kafka: str, topic: Topics) -> None:
+    name, members = topic("in", partitions=3), group()
+    produce(kafka, name, spread(12, 3))
+    src = source(kafka, name, members)
+    await src.start()
+    try:
+        events = await read(src, 12)
+        assert await src.lag() == 12  # read, but nothing acknowledged yet
+        done = [e for e in events if e.position is not None and e.position.offset in (0, 1)]
+        await src.ack(positions(done))
+        await wait_committed(kafka, members, name, {0: 2, 1: 2, 2: 2})
+        assert await src.lag() == 6
+    finally:
+        await src.aclose()
+    assert await src.lag() is None  # closed: nothing to tell

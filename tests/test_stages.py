@@ -394,3 +394,12 @@ async def test_results_name_the_version_of_the_model_that_scored_them() -> None:
         assert batch.events[0].result["model_version"] == "2026-11-26"
     finally:
         await predict.aclose()
+
+
+def test_decode_raw_keeps_the_bytes_and_names_events_by_position() -> None:
+    batch = batch_of(b"\x00\x01binary", b"text")
+    Decode(codec="raw")(batch)
+    assert [e.data for e in batch.events] == [b"\x00\x01binary", b"text"]
+    assert [e.id for e in batch.events] == ["src/2/10", "src/2/11"]
+    with pytest.raises(ConfigError, match="raw codec takes no schema"):
+        Decode(Reading, codec="raw")

@@ -229,7 +229,7 @@ SinkConfig = (
 class DecodeConfig(_Strict):
     """How event bytes become data: codec, schema (a Struct's import path, or inline fields)."""
 
-    codec: Literal["json", "msgpack"] = "json"
+    codec: Literal["json", "msgpack", "raw"] = "json"
     schema: str | None = None
     fields: dict[str, Literal["str", "int", "float", "bool", "any"]] | None = None
     id_field: str | None = "id"

@@ -574,6 +574,34 @@ class KafkaSource:
         if queue:
             self._executor.submit(self._store_and_commit)
 
+    async def lag(self) -> int | None:
+        """Messages of this member's partitions not yet committed by the group.
+
+        Each member reports its own partitions; summed over the group's workers (in
+        Prometheus) it is the group's lag. Asked on the consumer's thread, between polls.
+        """
+        executor = self._executor
+        if executor is None or self._closed:
+            return None
+        return await asyncio.wrap_future(executor.submit(self._lag))
+
+    def _lag(self) -> int | None:
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        partitions = consumer.assignment()
+        if not partitions:
+            return 0
+        total = 0
+        for tp in consumer.committed(partitions, timeout=2.0):
+            # The high watermark the last fetch reported (no broker round trip; tansu's
+            # ListOffsets answers wrongly here), else asked of the broker.
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                low, high = consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+            total += max(0, high - (tp.offset if tp.offset >= 0 else low))
+        return total
+
     @property
     def assignment(self) -> list[tuple[str, int]]:
         """The ``(topic, partition)`` pairs assigned to this member now, sorted."""

@@ -45,7 +45,8 @@ class Decode:
     """Decode each event's bytes (JSON or MessagePack) and validate them against a schema.
 
     ``schema`` is a ``msgspec.Struct`` type (``None``: any JSON value, as dicts and
-    lists). An event that does not decode or validate is dead-lettered with
+    lists). ``codec="raw"`` keeps the bytes as they are (``data`` is the payload; a
+    stage of yours makes the model input from it; no schema, ids by position). An event that does not decode or validate is dead-lettered with
     msgspec's message, which names the field. ``id_field`` gives the event its
     id (else its position does); ``event_time_field`` its event time, in
     ``event_time_unit`` (``s`` or ``ms``) since the epoch.
@@ -70,8 +71,14 @@ class Decode:
             self._decode = msgspec.json.Decoder(target).decode
         elif codec in ("msgpack", "messagepack"):
             self._decode = msgspec.msgpack.Decoder(target).decode
+        elif codec == "raw":
+            if schema is not None:
+                raise ConfigError("the raw codec takes no schema", key="decode.schema")
+            self._decode = bytes
         else:
-            raise ConfigError(f"unknown codec {codec!r}; use json or msgpack", key="decode.codec")
+            raise ConfigError(
+                f"unknown codec {codec!r}; use json, msgpack or raw", key="decode.codec"
+            )
         if event_time_unit not in ("s", "ms"):
             raise ConfigError(
                 f"event_time_unit must be 's' or 'ms', got {event_time_unit!r}",
