@@ -47,9 +47,10 @@ class Decode:
     ``schema`` is a ``msgspec.Struct`` type (``None``: any JSON value, as dicts and
     lists). ``codec="raw"`` keeps the bytes as they are (``data`` is the payload; a
     stage of yours makes the model input from it; no schema, ids by position). An
-    event that does not decode or validate is dead-lettered with msgspec's message, which names the field. ``id_field`` gives the event its
-    id (else its position does); ``event_time_field`` its event time, in
-    ``event_time_unit`` (``s`` or ``ms``) since the epoch.
+    event that does not decode or validate is dead-lettered with msgspec's message,
+    which names the field. ``id_field`` gives the event its id (else its position
+    does); ``event_time_field`` its event time, in ``event_time_unit`` (``s`` or
+    ``ms``) since the epoch.
     """
 
     __slots__ = ("_decode", "_fast", "_get_id", "_get_time", "_scale", "name", "schema")
