@@ -218,10 +218,11 @@ async def test_nats_source_lag_counts_undelivered_and_unacknowledged() -> None:
     try:
         for i in range(5):
             await js.publish(f"lag.{name}", payload(i))
-        events = await source.read(3)
+        events = await source.read(3)  # a pull may bring fewer
+        assert 1 <= len(events) <= 3
         assert await source.lag() == 5
         await source.ack([e.position for e in events if e.position is not None])
-        assert await source.lag() == 2
+        assert await source.lag() == 5 - len(events)
     finally:
         await source.aclose()
         await js.delete_stream(f"LAG{name}")

@@ -357,6 +357,13 @@ class NatsSource:
         for msg in messages:
             meta = msg.metadata
             sequence = meta.sequence.stream
+            dead = last > 0 and meta.num_delivered >= last
+            previous = unacked.get(sequence)
+            if previous is not None:
+                # Redelivered (AckWait passed) while the pipeline still has it: not handed
+                # out twice; the latest delivery is the one acknowledged, as the server expects.
+                unacked[sequence] = (msg, previous[1] or dead)
+                continue
             raw = msg.headers
             headers = {k: v.encode() for k, v in raw.items()} if raw else {}
             key: bytes | None = None
@@ -368,7 +375,6 @@ class NatsSource:
                     b64 = raw.get(KEY_B64_HEADER)
                     if b64 is not None:
                         key = base64.b64decode(b64)
-            dead = last > 0 and meta.num_delivered >= last
             if dead:
                 headers[DEAD_REASON_HEADER] = f"delivered {meta.num_delivered} times".encode()
             events.append(
@@ -380,8 +386,6 @@ class NatsSource:
                     position=Position(source, 0, sequence),
                 )
             )
-            # A redelivery while the previous delivery is still in flight replaces it:
-            # acking the latest delivery is what the server expects.
             unacked[sequence] = (msg, dead)
         return events
 
