@@ -7,6 +7,8 @@
     rtinfer demo [--events N] [--rate EVENTS_PER_S] [--summary-json PATH] [--metrics-port PORT]
     rtinfer demo generate --events N --out FILE.jsonl
     rtinfer demo train
+    rtinfer serve TARGET [--host H] [--port P] [--api-key KEY | --insecure] [--workers N]
+                  [--max-body-bytes SIZE] [--timeout-ms MS] [--summary-json PATH]
 
 Exit status: 0 on success (a run stopped by one SIGINT/SIGTERM included), 2
 for a configuration or usage error, 1 for any other failure, 130 after a
@@ -83,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, required=True)
     generate.add_argument("--seed", type=int, default=7)
     demo_commands.add_parser("train", help="train (or find) the demo's model; print its path")
+
+    serve = commands.add_parser("serve", help="serve models over HTTP (Open Inference Protocol)")
+    from .serve import add_serve_arguments
+
+    add_serve_arguments(serve)
     return parser
 
 
@@ -114,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages)")
         elif args.command == "demo":
             return _demo(args)
+        elif args.command == "serve":
+            from .serve import serve_command
+
+            return serve_command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

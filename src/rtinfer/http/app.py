@@ -1,0 +1,359 @@
+"""The ASGI application: Open Inference Protocol REST routes over a ModelServer.
+
+A plain ASGI callable (no framework): one ``match`` on the path's parts picks
+the handler; bodies are read with a size limit before anything is parsed;
+every error becomes ``{"error": "..."}`` with its status (see
+:mod:`rtinfer.http.errors`). The ASGI lifespan starts the models (loaded and
+warmed) and closes them after the last request, so ``uvicorn`` runs it as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..serving import ModelServer, ServedModel
+from .auth import BearerAuth
+from .errors import HttpError, from_exception
+from .oip import HEADER_LENGTH, decode_infer, encode, encode_infer, to_array
+from .openapi import openapi_spec
+from .stats import HttpMetrics
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ROUTES", "InferenceApp"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+TIMEOUT_HEADER = b"x-request-timeout-ms"
+JSON = b"application/json"
+
+#: Every route: (method, path template, needs the API key when one is set).
+ROUTES: tuple[tuple[str, str, bool], ...] = (
+    ("GET", "/v2/health/live", False),
+    ("GET", "/v2/health/ready", False),
+    ("GET", "/v2", True),
+    ("GET", "/v2/models/{name}", True),
+    ("GET", "/v2/models/{name}/versions/{version}", True),
+    ("GET", "/v2/models/{name}/ready", True),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", True),
+    ("POST", "/v2/models/{name}/infer", True),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", True),
+    ("POST", "/models/{name}/score", True),
+    ("POST", "/models/{name}/versions/{version}/score", True),
+    ("GET", "/metrics", True),
+    ("GET", "/openapi.json", False),
+)
+_PROTECTED = {template: protected for _, template, protected in ROUTES}
+_METHOD = {template: method for method, template, _ in ROUTES}
+
+
+class Response:
+    """An answer: status, body, content type and extra headers."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        body: bytes,
+        status: int = 200,
+        content_type: bytes = JSON,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+        self.headers = headers or []
+
+
+def _match(parts: list[str]) -> tuple[str, dict[str, str]] | None:
+    """The route template of a path's parts, and the values of its placeholders."""
+    match parts:
+        case ["v2", "health", ("live" | "ready") as what]:
+            return f"/v2/health/{what}", {}
+        case ["v2"]:
+            return "/v2", {}
+        case ["v2", "models", name]:
+            return "/v2/models/{name}", {"name": name}
+        case ["v2", "models", name, "versions", version]:
+            return "/v2/models/{name}/versions/{version}", {"name": name, "version": version}
+        case ["v2", "models", name, ("ready" | "infer") as what]:
+            return f"/v2/models/{{name}}/{what}", {"name": name}
+        case ["v2", "models", name, "versions", version, ("ready" | "infer") as what]:
+            template = f"/v2/models/{{name}}/versions/{{version}}/{what}"
+            return template, {"name": name, "version": version}
+        case ["models", name, "score"]:
+            return "/models/{name}/score", {"name": name}
+        case ["models", name, "versions", version, "score"]:
+            return "/models/{name}/versions/{version}/score", {"name": name, "version": version}
+        case ["metrics"]:
+            return "/metrics", {}
+        case ["openapi.json"]:
+            return "/openapi.json", {}
+    return None
+
+
+class InferenceApp:
+    """The ASGI app serving ``server``'s models over the Open Inference Protocol.
+
+    ``api_key``: when set, every route but health and ``/openapi.json`` needs
+    ``Authorization: Bearer <api_key>``. ``max_body_bytes``: larger bodies get
+    413 before they are parsed. ``default_timeout_s``: the deadline of a request
+    that sends no ``X-Request-Timeout-Ms`` header (``None``: none).
+    ``on_shutdown`` runs after the models are closed (the run summary).
+    """
+
+    def __init__(
+        self,
+        server: ModelServer,
+        *,
+        api_key: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        default_timeout_s: float | None = 30.0,
+        server_name: str = "rtinfer",
+        on_shutdown: Callable[[InferenceApp], None] | None = None,
+    ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
+        self.server = server
+        self.auth = BearerAuth(api_key)
+        self.max_body_bytes = max_body_bytes
+        self.default_timeout_s = default_timeout_s
+        self.server_name = server_name
+        self.on_shutdown = on_shutdown
+        self.stats = HttpMetrics(server.metrics)
+        self._openapi = encode(openapi_spec(auth=self.auth.enabled))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        # Other scopes (websocket) are not served: returning closes them.
+
+    # -- lifespan ---------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.server.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.server.aclose()
+                if self.on_shutdown is not None:
+                    self.on_shutdown(self)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- http -------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        found = _match([p for p in scope["path"].split("/") if p])
+        route = found[0] if found else "other"
+        try:
+            response = await self._dispatch(scope, receive, headers, found)
+        except Exception as exc:
+            error = from_exception(exc, model=found[1].get("name", "") if found else "")
+            response = Response(
+                encode({"error": error.message}),
+                error.status,
+                headers=[(k.encode(), v.encode()) for k, v in error.headers.items()],
+            )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", response.content_type),
+                    (b"content-length", str(len(response.body)).encode()),
+                    *response.headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+        self.stats.observe(route, response.status, time.perf_counter() - started)
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        found: tuple[str, dict[str, str]] | None,
+    ) -> Response:
+        if found is None:
+            raise HttpError(404, f"no route {scope['path']!r}; GET /openapi.json lists them")
+        route, params = found
+        method = scope["method"]
+        allowed = _METHOD[route]
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            message = f"{route} takes {allowed}, not {method}"
+            raise HttpError(405, message, headers={"allow": allowed})
+        if _PROTECTED[route] and not self.auth.allows(headers.get(b"authorization")):
+            raise HttpError(
+                401,
+                "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                headers={"www-authenticate": "Bearer"},
+            )
+        name, version = params.get("name"), params.get("version")
+        if route.startswith("/v2/health/"):
+            if route.endswith("live"):
+                return Response(encode({"live": True}))
+            ready = self.server.ready
+            return Response(encode({"ready": ready}), 200 if ready else 503)
+        if route == "/v2":
+            return Response(encode(self._server_metadata()))
+        if route == "/metrics":
+            return Response(generate_latest(self.server.metrics.registry), 200, _PROMETHEUS)
+        if route == "/openapi.json":
+            return Response(self._openapi)
+        assert name is not None
+        served = self.server.get(name, version)
+        if route.endswith("/ready"):
+            ready = self.server.started and served.ready
+            return Response(
+                encode({"name": served.name, "version": served.version, "ready": ready}),
+                200 if ready else 503,
+            )
+        if route.endswith("/infer"):
+            body = await self._read_body(headers, receive)
+            length = headers.get(HEADER_LENGTH.encode())
+            request, inputs = decode_infer(
+                body, None if length is None else length.decode("latin-1"), served
+            )
+            outputs = await self._infer(served, inputs, headers)
+            payload, header_length = encode_infer(request, served, outputs)
+            if header_length is None:
+                return Response(payload)
+            return Response(
+                payload,
+                content_type=b"application/octet-stream",
+                headers=[(HEADER_LENGTH.encode(), str(header_length).encode())],
+            )
+        if route.endswith("/score"):
+            body = await self._read_body(headers, receive)
+            inputs = _decode_score(body, served)
+            outputs = await self._infer(served, inputs, headers)
+            return Response(encode(_encode_score(served, outputs)))
+        return Response(encode(served.metadata()))
+
+    def _server_metadata(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return {
+            "name": self.server_name,
+            "version": __version__,
+            "extensions": ["binary_tensor_data"],
+        }
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        """The request body, refused with 413 as soon as it is known to pass the limit."""
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HttpError(413, f"the body has {int(declared)} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"the body has more than {limit} bytes; the limit is {limit}")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _infer(
+        self, served: ServedModel, inputs: dict[str, Any], headers: dict[bytes, bytes]
+    ) -> dict[str, Any]:
+        timeout = self._timeout(headers)
+        if timeout is None:
+            _, outputs = await self.server.infer(served.name, inputs, version=served.version)
+            return outputs
+        deadline = time.time() + timeout
+        async with asyncio.timeout(timeout):
+            _, outputs = await self.server.infer(
+                served.name, inputs, version=served.version, deadline=deadline
+            )
+        return outputs
+
+    def _timeout(self, headers: dict[bytes, bytes]) -> float | None:
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.default_timeout_s
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = math.nan
+        if not (math.isfinite(ms) and ms >= 0):
+            raise HttpError(
+                400, f"X-Request-Timeout-Ms must be a number of milliseconds, 0 or more; got "
+                f"{raw.decode('latin-1')[:40]!r}",
+            )  # fmt: skip
+        return ms / 1e3
+
+
+_PROMETHEUS = CONTENT_TYPE_LATEST.encode()
+
+
+def _decode_score(body: bytes, served: ServedModel) -> dict[str, Any]:
+    """``{"instances": [...]}`` or one row (a bare list) as the model's named input arrays."""
+    try:
+        value = msgspec.json.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+    if isinstance(value, list):
+        instances: Any = [value]
+    elif isinstance(value, dict) and isinstance(value.get("instances"), list):
+        instances = value["instances"]
+    else:
+        raise HttpError(400, 'send {"instances": [row, ...]} or one row as a JSON list of numbers')
+    if not instances:
+        raise HttpError(400, "instances is empty; send at least one row")
+    specs = served.model.inputs
+    if all(isinstance(i, dict) for i in instances):
+        inputs = {}
+        for spec in specs:
+            try:
+                column = [i[spec.name] for i in instances]
+            except KeyError:
+                raise HttpError(400, f"an instance has no value for input {spec.name!r}") from None
+            inputs[spec.name] = to_array(column, spec.dtype, None, f"input {spec.name!r}")
+        return inputs
+    if len(specs) != 1:
+        raise HttpError(
+            400,
+            f"model {served.name!r} has inputs {[s.name for s in specs]}; send each instance as "
+            f"an object naming them",
+        )
+    spec = specs[0]
+    return {spec.name: to_array(instances, spec.dtype, None, f"input {spec.name!r}")}
+
+
+def _encode_score(served: ServedModel, outputs: dict[str, Any]) -> dict[str, Any]:
+    """One prediction per instance: the output's row, or an object of rows by output name."""
+    if len(outputs) == 1:
+        (array,) = outputs.values()
+        predictions: list[Any] = array.tolist()
+    else:
+        columns = {name: array.tolist() for name, array in outputs.items()}
+        rows = len(next(iter(columns.values()), []))
+        predictions = [{name: col[i] for name, col in columns.items()} for i in range(rows)]
+    return {"model_name": served.name, "model_version": served.version, "predictions": predictions}

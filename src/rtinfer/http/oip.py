@@ -1,0 +1,265 @@
+"""Open Inference Protocol (KServe V2) REST bodies: decode requests, encode responses.
+
+Supports JSON tensors (``data`` flat in row-major order, or nested) and the
+binary tensor data extension: the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw tensors, each
+input naming its size in ``parameters.binary_data_size``; outputs are sent the
+same way when a request asks with ``parameters.binary_data`` on an output or
+``parameters.binary_data_output`` on the request.
+
+Every value is checked before it reaches a batch: the datatype must be the
+model's, the data must hold exactly ``prod(shape)`` numbers that fit the
+datatype, and floating-point data must be finite. ``BYTES`` tensors are not
+supported yet. Nothing here ever unpickles: bytes in, numpy arrays out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from ..serving import ServedModel, numpy_dtype, oip_datatype
+from ..types import Arrays, TensorSpec
+from .errors import HttpError
+
+__all__ = ["InferRequest", "decode_infer", "encode_infer", "to_array"]
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class RequestInput(msgspec.Struct, forbid_unknown_fields=False):
+    """One input tensor of an inference request."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: Any = None
+    parameters: dict[str, Any] | None = None
+
+
+class RequestOutput(msgspec.Struct):
+    """An output a request asks for by name."""
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(msgspec.Struct):
+    """An Open Inference Protocol inference request."""
+
+    inputs: list[RequestInput]
+    id: str | None = None
+    outputs: list[RequestOutput] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+_decoder = msgspec.json.Decoder(InferRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def _param(parameters: dict[str, Any] | None, key: str) -> Any:
+    return None if parameters is None else parameters.get(key)
+
+
+def decode_infer(
+    body: bytes, header_length: str | None, served: ServedModel
+) -> tuple[InferRequest, Arrays]:
+    """Parse and check an inference request; return it with its inputs as numpy arrays."""
+    binary = b""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= len(body):
+            raise HttpError(
+                400,
+                f"Inference-Header-Content-Length {header_length!r} must be a whole number of "
+                f"bytes between 0 and the body's length ({len(body)})",
+            )
+        body, binary = body[:length], body[length:]
+    try:
+        request = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise HttpError(400, f"invalid inference request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+    specs = {s.name: s for s in served.model.inputs}
+    inputs: Arrays = {}
+    offset = 0
+    for item in request.inputs:
+        spec = specs.get(item.name)
+        if spec is None:
+            raise HttpError(
+                400, f"model {served.name!r} has no input {item.name!r}; its inputs are "
+                f"{sorted(specs)}",
+            )  # fmt: skip
+        if item.name in inputs:
+            raise HttpError(400, f"input {item.name!r} is given twice")
+        _check_datatype(served.name, spec, item.datatype)
+        where = f"input {item.name!r}"
+        size = _param(item.parameters, "binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise HttpError(
+                    400,
+                    f"{where}: binary_data_size {size!r} must be a whole number of bytes within "
+                    f"the {len(binary)} binary bytes after the JSON header",
+                )
+            inputs[item.name] = _from_bytes(
+                binary[offset : offset + size], spec.dtype, item.shape, where
+            )
+            offset += size
+        else:
+            if item.data is None:
+                raise HttpError(400, f"{where} has no data and no parameters.binary_data_size")
+            inputs[item.name] = to_array(item.data, spec.dtype, item.shape, where)
+    if offset != len(binary):
+        raise HttpError(
+            400, f"{len(binary) - offset} binary bytes after the JSON header belong to no input"
+        )
+    return request, inputs
+
+
+def _check_datatype(model: str, spec: TensorSpec, datatype: str) -> None:
+    want = oip_datatype(spec.dtype)
+    if datatype != want:
+        try:
+            numpy_dtype(datatype)
+        except ValueError as exc:
+            raise HttpError(400, f"input {spec.name!r}: {exc}") from None
+        raise HttpError(
+            400, f"model {model!r} input {spec.name!r} expects datatype {want}, got {datatype}"
+        )
+    if want == "BYTES":
+        raise HttpError(400, f"input {spec.name!r}: BYTES tensors are not supported yet")
+
+
+def _check_shape(shape: Sequence[int], where: str) -> int:
+    if not shape or any(type(d) is not int or d < 0 for d in shape):
+        raise HttpError(400, f"{where}: shape {list(shape)} must be non-negative whole numbers")
+    return math.prod(shape)
+
+
+def _from_bytes(
+    data: bytes, dtype: np.dtype[Any], shape: Sequence[int], where: str
+) -> npt.NDArray[Any]:
+    count = _check_shape(shape, where)
+    if len(data) != count * dtype.itemsize:
+        raise HttpError(
+            400,
+            f"{where}: shape {list(shape)} of {dtype} needs {count * dtype.itemsize} bytes, "
+            f"binary_data_size gives {len(data)}",
+        )
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    _check_finite(array, where)
+    return array.reshape(shape)
+
+
+def to_array(
+    data: Any, dtype: np.dtype[Any], shape: Sequence[int] | None, where: str
+) -> npt.NDArray[Any]:
+    """JSON numbers (flat or nested) as an array of ``dtype``, checked to fit and be finite.
+
+    ``shape`` (when given) must hold exactly as many values as ``data``; the
+    result has that shape. Without it the nesting of ``data`` is the shape.
+    """
+    count = None if shape is None else _check_shape(shape, where)
+    try:
+        raw = np.asarray(data)
+    except ValueError:
+        message = f"{where}: nested data must be rectangular (rows of equal length)"
+        raise HttpError(400, message) from None
+    kind = raw.dtype.kind
+    if raw.size and kind not in "biuf":
+        raise HttpError(
+            400, f"{where}: data must be numbers that fit {oip_datatype(dtype)} "
+            f"(found a value that is not a number, or a whole number too large)",
+        )  # fmt: skip
+    if count is not None and raw.size != count:
+        raise HttpError(
+            400, f"{where}: shape {list(shape or [])} holds {count} values, data has {raw.size}"
+        )
+    target = dtype.kind
+    if target == "b" and raw.size and kind != "b":
+        raise HttpError(400, f"{where}: BOOL data must be true or false")
+    if target in "iu":
+        if raw.size and kind == "f" and not np.all(np.equal(np.mod(raw, 1), 0)):
+            raise HttpError(400, f"{where}: {oip_datatype(dtype)} data must be whole numbers")
+        if raw.size:
+            info = np.iinfo(dtype)
+            low, high = raw.min(), raw.max()
+            if low < info.min or high > info.max:
+                raise HttpError(
+                    400, f"{where}: values must fit {oip_datatype(dtype)} "
+                    f"({info.min} to {info.max}); got one of {low if low < info.min else high}",
+                )  # fmt: skip
+    if target == "f" and raw.size:
+        limit = np.finfo(dtype).max
+        if np.abs(raw.astype(np.float64)).max() > limit:
+            raise HttpError(
+                400, f"{where}: values must fit {oip_datatype(dtype)} (magnitude up to {limit:g})"
+            )
+    array = raw.astype(dtype)
+    return array if shape is None else array.reshape(shape)
+
+
+def _check_finite(array: npt.NDArray[Any], where: str) -> None:
+    if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        raise HttpError(400, f"{where}: NaN and infinity are not allowed")
+
+
+def encode_infer(
+    request: InferRequest, served: ServedModel, outputs: Arrays
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    binary_all = bool(_param(request.parameters, "binary_data_output"))
+    if request.outputs:
+        wanted = []
+        for out in request.outputs:
+            if out.name not in outputs:
+                raise HttpError(
+                    400, f"model {served.name!r} has no output {out.name!r}; its outputs are "
+                    f"{sorted(outputs)}",
+                )  # fmt: skip
+            flag = _param(out.parameters, "binary_data")
+            wanted.append((out.name, binary_all if flag is None else bool(flag)))
+    else:
+        wanted = [(name, binary_all) for name in outputs]
+    items: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, as_binary in wanted:
+        array = outputs[name]
+        item: dict[str, Any] = {
+            "name": name,
+            "datatype": oip_datatype(array.dtype),
+            "shape": list(array.shape),
+        }
+        if as_binary:
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            item["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            item["data"] = array.ravel().tolist()
+        items.append(item)
+    response: dict[str, Any] = {
+        "model_name": served.name,
+        "model_version": served.version,
+        "outputs": items,
+    }
+    if request.id is not None:
+        response["id"] = request.id
+    header = _encoder.encode(response)
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+def encode(value: Any) -> bytes:
+    """Any JSON value as bytes (msgspec)."""
+    return _encoder.encode(value)
