@@ -594,10 +594,11 @@ async def test_run_server_with_workers_and_summary(tmp_path: Path, model_file: P
     repo = make_repository(tmp_path / "repo", model_file)
     summary = tmp_path / "summary.json"
     port = free_port()
+    grpc_port = free_port()
     code = (
         "from rtinfer.serve import run_server; "
         f"run_server({str(repo)!r}, port={port}, workers=2, summary_json={str(summary)!r}, "
-        "log_level='warning')"
+        f"log_level='warning', grpc_port={grpc_port})"
     )
     env = {**os.environ, "RTINFER_API_KEY": ""}
     process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env)
@@ -615,6 +616,21 @@ async def test_run_server_with_workers_and_summary(tmp_path: Path, model_file: P
             ok = await c.post("/v2/models/linear/versions/2/infer", json=infer_body([[1, 0]]))
             assert ok.json()["model_version"] == "2"
             assert (await c.get("/v2/models/linear/versions/3")).status_code == 404
+        # The gRPC front on the same models, in both workers (they share the port).
+        import grpc
+
+        from rtinfer.grpc import inference_pb2 as pb
+        from rtinfer.grpc import inference_pb2_grpc
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=SAFETY)).ready
+            request = pb.ModelInferRequest(model_name="linear", model_version="2")
+            features = request.inputs.add(name="features", datatype="FP32", shape=[1, 2])
+            features.contents.fp32_contents.extend([1.0, 0.0])
+            reply = await stub.ModelInfer(request, timeout=SAFETY)
+            assert reply.model_version == "2"
+            assert list(reply.outputs[0].contents.fp32_contents) == [0.0, 1.0]
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0

@@ -7,7 +7,8 @@
     rtinfer demo [--events N] [--rate EVENTS_PER_S] [--summary-json PATH] [--metrics-port PORT]
     rtinfer demo generate --events N --out FILE.jsonl
     rtinfer demo train
-    rtinfer serve TARGET [--host H] [--port P] [--api-key KEY | --insecure] [--workers N]
+    rtinfer serve TARGET [--host H] [--port P] [--grpc-port P] [--api-key KEY | --insecure]
+                  [--workers N]
                   [--max-body-bytes SIZE] [--timeout-ms MS] [--summary-json PATH]
 
 Exit status: 0 on success (a run stopped by one SIGINT/SIGTERM included), 2

@@ -36,7 +36,7 @@ import yaml
 
 from .batching import MicroBatcher
 from .exceptions import ConfigError, MissingDependency
-from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp
+from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
 from .http.stats import summarize
 from .models import load_model
 from .serving import ModelServer
@@ -55,6 +55,7 @@ _ENV_MAX_BODY = "RTINFER_SERVE_MAX_BODY_BYTES"
 _ENV_TIMEOUT = "RTINFER_SERVE_TIMEOUT_S"
 _ENV_PICKLE = "RTINFER_SERVE_ALLOW_PICKLE"
 _ENV_SNAPSHOTS = "RTINFER_SERVE_SNAPSHOTS"
+_ENV_GRPC = "RTINFER_SERVE_GRPC"  # host:port of the gRPC front, when there is one
 _ENV_API_KEY = "RTINFER_API_KEY"
 
 _MODEL_FILES = ("model.onnx", "model.txt")
@@ -149,11 +150,29 @@ def app_from_env() -> InferenceApp:
         if snapshots:
             Path(snapshots, f"{os.getpid()}.json").write_text(json.dumps(app.stats.snapshot()))
 
+    api_key = os.environ.get(_ENV_API_KEY) or None
+    grpc_address = os.environ.get(_ENV_GRPC)
+
+    async def start_grpc(app: InferenceApp) -> Stopper | None:
+        """The gRPC front on the same models (workers share its port: SO_REUSEPORT)."""
+        if not grpc_address:
+            return None
+        from .grpc.service import serve_grpc
+
+        host, _, port = grpc_address.rpartition(":")
+        grpc_server = await serve_grpc(app.server, host, int(port), api_key, reuse_port=True)
+
+        async def stop() -> None:
+            await grpc_server.stop(grace=5.0)
+
+        return stop
+
     return InferenceApp(
         server,
-        api_key=os.environ.get(_ENV_API_KEY) or None,
+        api_key=api_key,
         max_body_bytes=int(os.environ.get(_ENV_MAX_BODY, str(DEFAULT_MAX_BODY_BYTES))),
         default_timeout_s=float(timeout) if timeout else None,
+        on_started=start_grpc,
         on_shutdown=write_snapshot,
     )
 
@@ -180,6 +199,7 @@ def run_server(
     timeout_s: float | None = 30.0,
     allow_pickle: bool = False,
     log_level: str = "info",
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -207,6 +227,7 @@ def run_server(
                 _ENV_TIMEOUT: "" if timeout_s is None else str(timeout_s),
                 _ENV_PICKLE: "1" if allow_pickle else "0",
                 _ENV_SNAPSHOTS: snapshots,
+                _ENV_GRPC: "" if grpc_port is None else f"{host}:{grpc_port}",
             }
         )
         if api_key is not None:
@@ -238,6 +259,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", type=Path, help="a model file, or a model repository folder")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC on this port (rtinfer[grpc])",
+    )
     parser.add_argument(
         "--api-key", help=f"require 'Authorization: Bearer KEY' (or set {_ENV_API_KEY})"
     )
@@ -284,6 +310,7 @@ def serve_command(args: argparse.Namespace) -> int:
         workers=args.workers,
         timeout_s=args.timeout_ms / 1e3 if args.timeout_ms > 0 else None,
         allow_pickle=args.allow_pickle,
+        grpc_port=args.grpc_port,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -101,6 +101,10 @@ def _match(parts: list[str]) -> tuple[str, dict[str, str]] | None:
     return None
 
 
+#: Stops what ``on_started`` started.
+Stopper = Callable[[], Awaitable[None]]
+
+
 class InferenceApp:
     """The ASGI app serving ``server``'s models over the Open Inference Protocol.
 
@@ -108,7 +112,9 @@ class InferenceApp:
     ``Authorization: Bearer <api_key>``. ``max_body_bytes``: larger bodies get
     413 before they are parsed. ``default_timeout_s``: the deadline of a request
     that sends no ``X-Request-Timeout-Ms`` header (``None``: none).
-    ``on_shutdown`` runs after the models are closed (the run summary).
+    ``on_started`` runs once the models are ready (it starts companions such as the
+    gRPC front) and may return a coroutine function that stops them, called first at
+    shutdown. ``on_shutdown`` runs after the models are closed (the run summary).
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class InferenceApp:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         default_timeout_s: float | None = 30.0,
         server_name: str = "rtinfer",
+        on_started: Callable[[InferenceApp], Awaitable[Stopper | None]] | None = None,
         on_shutdown: Callable[[InferenceApp], None] | None = None,
     ) -> None:
         if max_body_bytes < 1:
@@ -128,7 +135,9 @@ class InferenceApp:
         self.max_body_bytes = max_body_bytes
         self.default_timeout_s = default_timeout_s
         self.server_name = server_name
+        self.on_started = on_started
         self.on_shutdown = on_shutdown
+        self._stop_companions: Stopper | None = None
         self.stats = HttpMetrics(server.metrics)
         self._openapi = encode(openapi_spec(auth=self.auth.enabled))
 
@@ -147,11 +156,15 @@ class InferenceApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.server.start()
+                    if self.on_started is not None:
+                        self._stop_companions = await self.on_started(self)
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._stop_companions is not None:
+                    await self._stop_companions()
                 await self.server.aclose()
                 if self.on_shutdown is not None:
                     self.on_shutdown(self)
