@@ -135,6 +135,11 @@ async def retrying(
         try:
             return await operation()
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancelled command (the pipeline stopping) can surface as a connection
+                # error from redis-py: the cancellation must win, never a retry.
+                raise asyncio.CancelledError from exc
             if closed() or time.monotonic() + delay > deadline:
                 raise
             logger.warning("%s: Redis unreachable (%s); trying again in %.2f s", what, exc, delay)
@@ -334,7 +339,14 @@ class RedisStreamSource:
     async def _read(self, client: Redis, max_events: int) -> list[Event]:
         from redis.exceptions import ConnectionError as RedisConnectionError
 
+        task = asyncio.current_task()
         while not self._is_closed():  # a call: aclose() may run while a command waits
+            if task is not None and task.cancelling():
+                # redis-py can swallow a cancellation that lands while it tears a
+                # connection down; never start another blocking read after one.
+                self._backlog = True
+                self._backlog_cursor = "0"
+                raise asyncio.CancelledError
             try:
                 if self._backlog:
                     events = await self._read_backlog(client, max_events)
