@@ -50,7 +50,14 @@ from rtinfer.demo.training import MODEL_VERSION, ensure_model
 from rtinfer.loop import run
 from rtinfer.models import OnnxModel
 
-FAST = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10}
+# Both sides: quick group joins, 10 ms fetch waits, and the same bounded prefetch (rtinfer's
+# default, 8 MiB; librdkafka's own is 64 MiB).
+FAST = {
+    "session.timeout.ms": 2000,
+    "heartbeat.interval.ms": 200,
+    "fetch.wait.max.ms": 10,
+    "queued.max.messages.kbytes": 8192,
+}
 
 PIPELINE = """
 name: bench
