@@ -24,6 +24,7 @@ from .errors import HttpError, from_exception
 from .oip import HEADER_LENGTH, decode_infer, encode, encode_infer, to_array
 from .openapi import openapi_spec
 from .stats import HttpMetrics
+from .websocket import serve_websocket
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ROUTES", "InferenceApp"]
 
@@ -146,7 +147,8 @@ class InferenceApp:
             await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
-        # Other scopes (websocket) are not served: returning closes them.
+        elif scope["type"] == "websocket":
+            await serve_websocket(self, scope, receive, send)
 
     # -- lifespan ---------------------------------------------------------------
 
@@ -296,7 +298,7 @@ class InferenceApp:
     async def _infer(
         self, served: ServedModel, inputs: dict[str, Any], headers: dict[bytes, bytes]
     ) -> dict[str, Any]:
-        timeout = self._timeout(headers)
+        timeout = self.request_timeout(headers)
         if timeout is None:
             _, outputs = await self.server.infer(served.name, inputs, version=served.version)
             return outputs
@@ -307,7 +309,8 @@ class InferenceApp:
             )
         return outputs
 
-    def _timeout(self, headers: dict[bytes, bytes]) -> float | None:
+    def request_timeout(self, headers: dict[bytes, bytes]) -> float | None:
+        """Seconds a request may take: its ``X-Request-Timeout-Ms`` header, else the default."""
         raw = headers.get(TIMEOUT_HEADER)
         if raw is None:
             return self.default_timeout_s

@@ -354,7 +354,13 @@ def openapi_spec(*, auth: bool) -> dict[str, Any]:
         "info": {
             "title": "rtinfer",
             "version": "2",
-            "description": "Open Inference Protocol (KServe V2) REST, and plain JSON scoring.",
+            "description": (
+                "Open Inference Protocol (KServe V2) REST, and plain JSON scoring. Streaming "
+                "inference (not described here: OpenAPI cannot describe WebSockets): "
+                "WebSocket /v2/models/{name}[/versions/{version}]/infer/stream takes one "
+                "JSON inference request with an id per text frame and answers each with its "
+                "id as it completes; see docs/serving.md."
+            ),
         },
         "paths": paths,
         "components": {"schemas": _SCHEMAS},
