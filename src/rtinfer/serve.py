@@ -66,9 +66,14 @@ _ONNX_KEYS = {"intra_op_threads"}
 def build_server(
     target: str | os.PathLike[str], *, allow_pickle: bool = False, **batching: Any
 ) -> ModelServer:
-    """A ModelServer (not started) for a model file or a model repository folder."""
+    """A ModelServer (not started) for a model file or a model repository folder.
+
+    Requests never wait for company by default (``max_delay=0``): batches form while the
+    model is busy, so a lone request is answered at once and a crowd is batched. A
+    model's ``config.yaml`` (``max_delay_ms``) or ``batching`` here can set a delay.
+    """
     path = Path(target)
-    server = ModelServer(batching=batching)
+    server = ModelServer(batching={"max_delay": 0.0, **batching})
     if path.is_dir():
         _add_repository(server, path)
     elif path.is_file():
