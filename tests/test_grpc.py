@@ -542,3 +542,34 @@ async def test_before_the_models_are_loaded(model_file: Path) -> None:
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await grpc_server.stop(None)
+
+
+async def test_review_findings_nan_huge_dims_and_no_leaked_model_errors() -> None:
+    def leaky(inputs: Any) -> Any:
+        if inputs["features"].any():  # warm-up sends zeros: only real requests fail
+            raise RuntimeError("db password=hunter2 at /srv/secret")
+        return {"probabilities": inputs["features"]}
+
+    secretive = PythonModel(
+        leaky, inputs=[tensor("features", "float32", [None, 2])],
+        outputs=[tensor("probabilities", "float32", [None, 2])], name="leaky",
+    )  # fmt: skip
+    async with running(python_model(), secretive) as r:
+        for raw in (False, True):
+            request = features_request([[float("nan"), 1.0]], raw=raw)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await r.stub.ModelInfer(request, timeout=SAFETY)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "NaN or infinity" in (info.value.details() or "")
+        huge = pb.ModelInferRequest(model_name="linear")
+        huge.inputs.add(name="features", datatype="FP32", shape=[0, 2**62])
+        huge.raw_input_contents.append(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await r.stub.ModelInfer(huge, timeout=SAFETY)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await r.stub.ModelInfer(features_request([[0.5, 0.5]], model="leaky"), timeout=SAFETY)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "hunter2" not in (info.value.details() or "")
+        ok = await r.stub.ModelInfer(features_request([[0.5, 0.5]]), timeout=SAFETY)
+        assert ok.model_name == "linear"

@@ -683,3 +683,35 @@ def test_serve_arguments() -> None:
     assert args.max_body_bytes == 1024 * 1024
     assert (args.host, args.port, args.workers, args.insecure) == ("127.0.0.1", 8000, 2, False)
     assert parser.parse_args(["m.onnx", "--max-body-bytes", "4096"]).max_body_bytes == 4096
+
+
+# -- found in review: inputs that used to reach numpy or the model ------------------------
+
+
+async def test_review_findings_are_400s_and_the_server_stays_healthy(
+    client: httpx.AsyncClient,
+) -> None:
+    huge_zero = {"inputs": [{"name": "features", "shape": [0, 2**62], "datatype": "FP32",
+                             "data": []}]}  # fmt: skip
+    response = await client.post("/v2/models/linear/infer", json=huge_zero)
+    assert response.status_code == 400
+    assert "dimension above" in response.json()["error"]
+    # float(2**63 - 1) rounds to 2**63, one past INT64's top: it must not wrap around.
+    wraps = {"inputs": [
+        {"name": "a", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]},
+        {"name": "b", "shape": [1, 1], "datatype": "INT64", "data": [9223372036854775807.0]},
+    ]}  # fmt: skip
+    response = await client.post("/v2/models/mixed/infer", json=wraps)
+    assert response.status_code == 400
+    assert "must fit INT64" in response.json()["error"]
+    nested = (
+        b'{"inputs": [{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": '
+        + (b"[" * 5000)
+        + b"]" * 5000
+        + b"}]}"
+    )
+    response = await client.post(
+        "/v2/models/linear/infer", content=nested, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    await assert_healthy(client)

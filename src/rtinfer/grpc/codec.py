@@ -77,15 +77,32 @@ def decode_inputs(served: ServedModel, request: pb.ModelInferRequest) -> Arrays:
                     f"model {model!r} input {tensor.name!r} has contents although the request "
                     "uses raw_input_contents; send every input one way"
                 )
-            arrays[tensor.name] = _from_raw(model, tensor.name, raw[index], dtype, shape)
+            array = _from_raw(model, tensor.name, raw[index], dtype, shape)
         else:
-            arrays[tensor.name] = _from_contents(model, tensor, want, dtype, shape)
+            array = _from_contents(model, tensor, want, dtype, shape)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ModelInputError(
+                f"model {model!r} input {tensor.name!r} holds NaN or infinity; send finite numbers"
+            )
+        arrays[tensor.name] = array
     return arrays
+
+
+#: The largest dimension accepted: beyond it numpy cannot even describe the array.
+MAX_DIM = 2**31
+
+
+def _check_dims(model: str, name: str, shape: tuple[int, ...]) -> None:
+    if any(d > MAX_DIM for d in shape):
+        raise ModelInputError(
+            f"model {model!r} input {name!r}: shape {list(shape)} has a dimension above {MAX_DIM}"
+        )
 
 
 def _from_raw(
     model: str, name: str, data: bytes, dtype: np.dtype[Any], shape: tuple[int, ...]
 ) -> np.ndarray[Any, Any]:
+    _check_dims(model, name, shape)
     count = math.prod(shape)
     if len(data) != count * dtype.itemsize:
         raise ModelInputError(
@@ -111,6 +128,7 @@ def _from_contents(
             "field; send it in raw_input_contents"
         )
     values: Sequence[Any] = getattr(tensor.contents, field)
+    _check_dims(model, tensor.name, shape)
     count = math.prod(shape)
     if len(values) != count:
         raise ModelInputError(

@@ -193,7 +193,9 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str]
         return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry on another replica", ()
     if isinstance(exc, ModelError):
         return grpc.StatusCode.INTERNAL, str(exc), ()
-    return grpc.StatusCode.INTERNAL, f"the model failed: {type(exc).__name__}: {exc}", ()
+    # Its text may hold anything the model saw (paths, credentials): logged, never sent.
+    logger.error("the model failed on a gRPC request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "the model failed; the server's log has the details", ()
 
 
 def _handler(

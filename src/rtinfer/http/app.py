@@ -161,15 +161,18 @@ class InferenceApp:
                     if self.on_started is not None:
                         self._stop_companions = await self.on_started(self)
                 except Exception as exc:
+                    await self.server.aclose()  # what did load stops its threads
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._stop_companions is not None:
-                    await self._stop_companions()
-                await self.server.aclose()
-                if self.on_shutdown is not None:
-                    self.on_shutdown(self)
+                try:
+                    if self._stop_companions is not None:
+                        await self._stop_companions()
+                finally:
+                    await self.server.aclose()
+                    if self.on_shutdown is not None:
+                        self.on_shutdown(self)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -333,7 +336,7 @@ def _decode_score(body: bytes, served: ServedModel) -> dict[str, Any]:
     """``{"instances": [...]}`` or one row (a bare list) as the model's named input arrays."""
     try:
         value = msgspec.json.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise HttpError(400, f"the body is not valid JSON: {exc}") from None
     if isinstance(value, list):
         instances: Any = [value]

@@ -87,7 +87,7 @@ def decode_infer(
         request = _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise HttpError(400, f"invalid inference request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise HttpError(400, f"the body is not valid JSON: {exc}") from None
     specs = {s.name: s for s in served.model.inputs}
     inputs: Arrays = {}
@@ -140,9 +140,15 @@ def _check_datatype(model: str, spec: TensorSpec, datatype: str) -> None:
         raise HttpError(400, f"input {spec.name!r}: BYTES tensors are not supported yet")
 
 
+#: The largest dimension accepted: beyond it numpy cannot even describe the array.
+MAX_DIM = 2**31
+
+
 def _check_shape(shape: Sequence[int], where: str) -> int:
     if not shape or any(type(d) is not int or d < 0 for d in shape):
         raise HttpError(400, f"{where}: shape {list(shape)} must be non-negative whole numbers")
+    if any(d > MAX_DIM for d in shape):
+        raise HttpError(400, f"{where}: shape {list(shape)} has a dimension above {MAX_DIM}")
     return math.prod(shape)
 
 
@@ -194,7 +200,14 @@ def to_array(
         if raw.size:
             info = np.iinfo(dtype)
             low, high = raw.min(), raw.max()
-            if low < info.min or high > info.max:
+            # Floats compare inexactly near 2**63: float(2**63 - 1) == 2**63, which would
+            # wrap; the top bound is exclusive for floats (the next representable limit).
+            top_out = (
+                high >= 2.0 ** (info.bits - (1 if dtype.kind == "i" else 0))
+                if kind == "f"
+                else high > info.max
+            )
+            if low < info.min or top_out:
                 raise HttpError(
                     400, f"{where}: values must fit {oip_datatype(dtype)} "
                     f"({info.min} to {info.max}); got one of {low if low < info.min else high}",

@@ -74,7 +74,7 @@ def _request_id(raw: bytes) -> str:
         tagged = _tag_decoder.decode(raw)
     except msgspec.ValidationError:
         raise HttpError(400, "a message must be a JSON object: an inference request") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise HttpError(400, f"the message is not valid JSON: {exc}") from None
     if not isinstance(tagged.id, str):
         raise HttpError(
