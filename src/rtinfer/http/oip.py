@@ -202,12 +202,12 @@ def to_array(
             low, high = raw.min(), raw.max()
             # Floats compare inexactly near 2**63: float(2**63 - 1) == 2**63, which would
             # wrap; the top bound is exclusive for floats (the next representable limit).
-            top_out = (
+            too_high = (
                 high >= 2.0 ** (info.bits - (1 if dtype.kind == "i" else 0))
                 if kind == "f"
                 else high > info.max
             )
-            if low < info.min or top_out:
+            if low < info.min or too_high:
                 raise HttpError(
                     400, f"{where}: values must fit {oip_datatype(dtype)} "
                     f"({info.min} to {info.max}); got one of {low if low < info.min else high}",
