@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from common import FRAUD_SCORING, spread
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -59,7 +59,8 @@ FAST = {
     "queued.max.messages.kbytes": 8192,
 }
 
-PIPELINE = """
+PIPELINE = (
+    """
 name: bench
 source:
   type: kafka
@@ -67,19 +68,10 @@ source:
   topics: {source}
   group: rtinfer-{source}
   config: {fast}
-decode: {{schema: "rtinfer.demo.events:Transaction", event_time_field: ts}}
-stages:
-  - {{type: python, use: "rtinfer.demo.features:CardFeatures", args: {{capacity: 32768}}}}
-model:
-  path: "{model}"
-  version: "{version}"
-  batching: {{max_batch_size: 1024, max_delay_ms: 0}}
-decision:
-  output: probabilities
-  thresholds: {{review: 0.3, block: 0.8}}
-  include: [card, amount]
 sinks: [{{type: kafka, bootstrap_servers: "{kafka}", topic: {out}}}]
 """
+    + FRAUD_SCORING
+)
 
 
 @contextlib.contextmanager
@@ -214,13 +206,6 @@ async def with_rtinfer(
     if starter is not None:
         await starter
     return marks[-1] - marks[0], summary.as_dict()
-
-
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"({fmt.format(min(values))}-{fmt.format(max(values))})"
-    )
 
 
 def main() -> None:

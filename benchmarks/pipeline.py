@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import onnxruntime
+from common import spread
 
 import rtinfer
 from rtinfer.demo.events import Transaction
@@ -87,11 +87,6 @@ def run_pipeline(stream: Any, rate: float | None, events: int) -> dict[str, Any]
             stream=(values[:events], keys[:events]),
         )
     )
-
-
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    med = statistics.median(values)
-    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main() -> None:

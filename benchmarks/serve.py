@@ -64,6 +64,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common import spread
+
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = (1, 8, 64)
 
@@ -561,15 +563,6 @@ def session(
 
 
 # --------------------------------------------------------------------------- report
-
-
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    if not values:
-        return "-"
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"({fmt.format(min(values))}-{fmt.format(max(values))})"
-    )
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

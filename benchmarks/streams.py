@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import redis.asyncio as aioredis
+from common import FRAUD_SCORING, spread
 
 from rtinfer.demo.events import Transaction
 from rtinfer.demo.features import CardFeatures
@@ -50,23 +50,15 @@ from rtinfer.models import OnnxModel
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
 
-PIPELINE = """
+PIPELINE = (
+    """
 name: bench
 source: {{type: redis, url: "{url}", stream: {source}, group: bench, block_ms: 20}}
-decode: {{schema: "rtinfer.demo.events:Transaction", event_time_field: ts}}
-stages:
-  - {{type: python, use: "rtinfer.demo.features:CardFeatures", args: {{capacity: 32768}}}}
-model:
-  path: "{model}"
-  version: "{version}"
-  batching: {{max_batch_size: 1024, max_delay_ms: 0}}
-decision:
-  output: probabilities
-  thresholds: {{review: 0.3, block: 0.8}}
-  include: [card, amount]
 sinks: [{{type: redis, url: "{url}", stream: {out}}}]
 dead_letters: {{type: redis, url: "{url}", stream: {out}-dead}}
 """
+    + FRAUD_SCORING
+)
 
 
 async def fill(client: Any, stream: str, values: list[bytes], keys: list[bytes | None]) -> None:
@@ -213,13 +205,6 @@ async def open_loop(
     finally:
         await client.delete(source, out, f"{out}-dead")
         await client.aclose()
-
-
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"({fmt.format(min(values))}-{fmt.format(max(values))})"
-    )
 
 
 async def main() -> None:
