@@ -179,6 +179,10 @@ class Pipeline:
         self.flush_interval = flush_interval
         self.lag_interval = lag_interval
         self.metrics = metrics or Metrics()
+        #: Start the stages before the run and close them after it. A host that shares
+        #: the stages with other callers (a server scoring requests with them) sets it
+        #: to False and starts and closes them itself.
+        self.owns_stages = True
         self.state = Lifecycle.CREATED
         self.ready = asyncio.Event()
         self.latency = LatencyHistogram()
@@ -219,7 +223,7 @@ class Pipeline:
         started_sinks: list[Sink] = []
         source_started = False
         try:
-            for stage in self.stages:
+            for stage in self.stages if self.owns_stages else ():
                 start = getattr(stage, "start", None)
                 if start is not None:
                     await start()

@@ -1,8 +1,11 @@
 """``rtinfer serve``: build a ModelServer from a model file or repository and run it over HTTP.
 
-A TARGET is either one model file (``.onnx``, a LightGBM ``.txt``, or a
+A TARGET is one model file (``.onnx``, a LightGBM ``.txt``, or a
 ``.pkl``/``.joblib`` pickle with ``allow_pickle``; see
-:func:`rtinfer.models.load_model`), served under its file name, or a model
+:func:`rtinfer.models.load_model`), served under its file name; a pipeline file
+(``.yaml``/``.yml``), whose stages answer ``POST /pipelines/<name>/score`` with the
+pipeline's results and whose model is served as well (with ``stream``, the
+pipeline's own source → sinks run beside, sharing the model's batcher); or a model
 repository::
 
     REPO/<model>/config.yaml           optional: batching and thread settings
@@ -56,6 +59,7 @@ _ENV_TIMEOUT = "RTINFER_SERVE_TIMEOUT_S"
 _ENV_PICKLE = "RTINFER_SERVE_ALLOW_PICKLE"
 _ENV_SNAPSHOTS = "RTINFER_SERVE_SNAPSHOTS"
 _ENV_GRPC = "RTINFER_SERVE_GRPC"  # host:port of the gRPC front, when there is one
+_ENV_STREAM = "RTINFER_SERVE_STREAM"  # "1": a pipeline TARGET also runs its stream
 _ENV_API_KEY = "RTINFER_API_KEY"
 
 _MODEL_FILES = ("model.onnx", "model.txt")
@@ -64,17 +68,28 @@ _ONNX_KEYS = {"intra_op_threads"}
 
 
 def build_server(
-    target: str | os.PathLike[str], *, allow_pickle: bool = False, **batching: Any
+    target: str | os.PathLike[str],
+    *,
+    allow_pickle: bool = False,
+    stream: bool = False,
+    **batching: Any,
 ) -> ModelServer:
-    """A ModelServer (not started) for a model file or a model repository folder.
+    """A ModelServer (not started) for a model file, a pipeline file or a model repository.
 
     Requests never wait for company by default (``max_delay=0``): batches form while the
     model is busy, so a lone request is answered at once and a crowd is batched. A
-    model's ``config.yaml`` (``max_delay_ms``) or ``batching`` here can set a delay.
+    model's ``config.yaml`` (``max_delay_ms``) or ``batching`` here can set a delay; a
+    pipeline's batching is its own ``model.batching``.
     """
     path = Path(target)
     server = ModelServer(batching={"max_delay": 0.0, **batching})
-    if path.is_dir():
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        from .build import load_pipeline
+        from .scoring import PipelineScorer
+
+        pipeline = load_pipeline(path, metrics=server.metrics)
+        server.add_pipeline(PipelineScorer(pipeline, stream=stream))
+    elif path.is_dir():
         _add_repository(server, path)
     elif path.is_file():
         server.add(load_model(path, allow_pickle=allow_pickle))
@@ -147,7 +162,11 @@ def app_from_env() -> InferenceApp:
     target = os.environ.get(_ENV_TARGET)
     if not target:
         raise ConfigError(f"{_ENV_TARGET} is not set; start the server with rtinfer serve")
-    server = build_server(target, allow_pickle=os.environ.get(_ENV_PICKLE) == "1")
+    server = build_server(
+        target,
+        allow_pickle=os.environ.get(_ENV_PICKLE) == "1",
+        stream=os.environ.get(_ENV_STREAM) == "1",
+    )
     timeout = os.environ.get(_ENV_TIMEOUT, "30")
     snapshots = os.environ.get(_ENV_SNAPSHOTS)
 
@@ -205,6 +224,7 @@ def run_server(
     allow_pickle: bool = False,
     log_level: str = "info",
     grpc_port: int | None = None,
+    stream: bool = False,
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -231,6 +251,7 @@ def run_server(
                 _ENV_MAX_BODY: str(max_body_bytes),
                 _ENV_TIMEOUT: "" if timeout_s is None else str(timeout_s),
                 _ENV_PICKLE: "1" if allow_pickle else "0",
+                _ENV_STREAM: "1" if stream else "0",
                 _ENV_SNAPSHOTS: snapshots,
                 _ENV_GRPC: "" if grpc_port is None else f"{host}:{grpc_port}",
             }
@@ -261,7 +282,9 @@ def run_server(
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``rtinfer serve`` options, for the CLI's sub-parser."""
-    parser.add_argument("target", type=Path, help="a model file, or a model repository folder")
+    parser.add_argument(
+        "target", type=Path, help="a model file, a pipeline .yaml, or a model repository folder"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000")
     parser.add_argument(
@@ -288,6 +311,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary-json", type=Path, help="write the run's summary here")
     parser.add_argument(
         "--allow-pickle", action="store_true", help="load a local .pkl/.joblib model file"
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="with a pipeline TARGET, also run its source → sinks (sharing the model)",
     )
 
 
@@ -316,6 +344,7 @@ def serve_command(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_ms / 1e3 if args.timeout_ms > 0 else None,
         allow_pickle=args.allow_pickle,
         grpc_port=args.grpc_port,
+        stream=args.stream,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .batching import MicroBatcher
 from .exceptions import RtinferError
 from .observability.metrics import Metrics
 from .types import Arrays, Model, TensorSpec
+
+if TYPE_CHECKING:
+    from .scoring import PipelineScorer
 
 __all__ = [
     "ModelNotFound",
@@ -126,6 +129,7 @@ class ModelServer:
         self.metrics = metrics or Metrics()
         self.batching = dict(batching or {})
         self._models: dict[str, list[ServedModel]] = {}
+        self.pipelines: dict[str, PipelineScorer] = {}
         self.started = False
 
     def add(
@@ -140,23 +144,46 @@ class ModelServer:
         self._models.setdefault(served.name, []).append(served)
         return served
 
+    def add_pipeline(self, scorer: PipelineScorer) -> None:
+        """Serve a pipeline's stages for requests; its model is served too, sharing its batcher."""
+        if scorer.name in self.pipelines:
+            raise ValueError(f"a pipeline named {scorer.name!r} is already served")
+        self.pipelines[scorer.name] = scorer
+        self.add(scorer.batcher.model, batcher=scorer.batcher)
+
+    def pipeline(self, name: str) -> PipelineScorer:
+        """The served pipeline ``name``, or ModelNotFound."""
+        try:
+            return self.pipelines[name]
+        except KeyError:
+            known = ", ".join(sorted(self.pipelines)) or "none"
+            raise ModelNotFound(f"unknown pipeline {name!r}; served here: {known}") from None
+
     def all(self) -> list[ServedModel]:
         return [served for versions in self._models.values() for served in versions]
 
     async def start(self) -> None:
         """Load and warm up every model (concurrently, each on its own thread)."""
         await asyncio.gather(*(s.batcher.start() for s in self.all()))
+        for scorer in self.pipelines.values():
+            await scorer.start()
         self.started = True
 
     async def aclose(self) -> None:
         """Finish the queued requests, then stop every model's threads."""
         self.started = False
+        for scorer in self.pipelines.values():
+            await scorer.aclose()
         await asyncio.gather(*(s.batcher.aclose() for s in self.all()))
 
     @property
     def ready(self) -> bool:
         """Every model is loaded, warmed up and taking requests."""
-        return self.started and all(s.ready for s in self.all())
+        return (
+            self.started
+            and all(s.ready for s in self.all())
+            and all(p.ready for p in self.pipelines.values())
+        )
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The served model ``name`` (its latest version unless ``version``), or ModelNotFound."""

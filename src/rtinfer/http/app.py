@@ -50,6 +50,7 @@ ROUTES: tuple[tuple[str, str, bool], ...] = (
     ("POST", "/v2/models/{name}/versions/{version}/infer", True),
     ("POST", "/models/{name}/score", True),
     ("POST", "/models/{name}/versions/{version}/score", True),
+    ("POST", "/pipelines/{name}/score", True),
     ("GET", "/metrics", True),
     ("GET", "/openapi.json", False),
 )
@@ -95,6 +96,8 @@ def _match(parts: list[str]) -> tuple[str, dict[str, str]] | None:
             return "/models/{name}/score", {"name": name}
         case ["models", name, "versions", version, "score"]:
             return "/models/{name}/versions/{version}/score", {"name": name, "version": version}
+        case ["pipelines", name, "score"]:
+            return "/pipelines/{name}/score", {"name": name}
         case ["metrics"]:
             return "/metrics", {}
         case ["openapi.json"]:
@@ -140,7 +143,11 @@ class InferenceApp:
         self.on_shutdown = on_shutdown
         self._stop_companions: Stopper | None = None
         self.stats = HttpMetrics(server.metrics)
-        self._openapi = encode(openapi_spec(auth=self.auth.enabled))
+        pipelines = {
+            name: getattr(scorer.pipeline.stages[0], "schema", None)
+            for name, scorer in server.pipelines.items()
+        }
+        self._openapi = encode(openapi_spec(auth=self.auth.enabled, pipelines=pipelines))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -240,6 +247,16 @@ class InferenceApp:
         if route == "/openapi.json":
             return Response(self._openapi)
         assert name is not None
+        if route.startswith("/pipelines/"):
+            scorer = self.server.pipeline(name)
+            body = await self._read_body(headers, receive)
+            timeout = self.request_timeout(headers)
+            if timeout is None:
+                results = await scorer.score(body)
+            else:
+                async with asyncio.timeout(timeout):
+                    results = await scorer.score(body, deadline=time.time() + timeout)
+            return Response(encode({"pipeline": scorer.name, "results": results}))
         served = self.server.get(name, version)
         if route.endswith("/ready"):
             ready = self.server.started and served.ready

@@ -10,6 +10,7 @@ trace or a secret never reaches a client.
 error                              status  headers
 =================================  ======  =============================
 malformed body, wrong input        400
+an event a pipeline refused        400
 missing or wrong API key           401     ``WWW-Authenticate: Bearer``
 unknown route, model or version    404
 wrong method                       405     ``Allow``
@@ -28,6 +29,7 @@ import math
 from collections.abc import Mapping
 
 from ..exceptions import Closed, DeadlineExceeded, ModelInputError, Overloaded
+from ..scoring import InvalidEvent
 from ..serving import ModelNotFound
 
 __all__ = ["HttpError", "from_exception"]
@@ -53,7 +55,7 @@ def from_exception(exc: BaseException, *, model: str = "") -> HttpError:
         return exc
     if isinstance(exc, ModelNotFound):
         return HttpError(404, str(exc))
-    if isinstance(exc, ModelInputError):
+    if isinstance(exc, ModelInputError | InvalidEvent):
         return HttpError(400, str(exc))
     if isinstance(exc, Overloaded):
         seconds = max(1, math.ceil(exc.retry_after))

@@ -8,7 +8,10 @@ status each route can answer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import msgspec
 
 __all__ = ["openapi_spec"]
 
@@ -210,6 +213,41 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+def _pipeline_path(
+    name: str, schema: Any, secured: dict[str, Any], schemas: dict[str, Any]
+) -> dict[str, Any]:
+    """The score route of one pipeline; its event schema joins ``schemas``."""
+    if isinstance(schema, type) and issubclass(schema, msgspec.Struct):
+        (event,), components = msgspec.json.schema_components(
+            [schema], ref_template="#/components/schemas/{name}"
+        )
+        schemas.update(components)
+    else:
+        event = {"type": "object"}
+    body = {"oneOf": [event, {"type": "object", "required": ["instances"], "properties": {
+        "instances": {"type": "array", "minItems": 1, "items": event}}}]}  # fmt: skip
+    results = {
+        "type": "object",
+        "required": ["pipeline", "results"],
+        "properties": {
+            "pipeline": {"type": "string"},
+            "results": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    return {
+        "post": {
+            "summary": f"Pipeline {name!r}: one event, or instances, in; one result each out.",
+            **secured,
+            "parameters": [_TIMEOUT],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {
+                "200": _json(results, "One result per event, in order."),
+                **_errors(400, 401, 404, 413, 503, 504),
+            },
+        }
+    }
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -223,8 +261,13 @@ def _model_paths(suffix: str, op: dict[str, Any], method: str) -> dict[str, Any]
     }
 
 
-def openapi_spec(*, auth: bool) -> dict[str, Any]:
-    """The OpenAPI document; ``auth`` adds the bearer scheme to the routes that need it."""
+def openapi_spec(*, auth: bool, pipelines: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI document; ``auth`` adds the bearer scheme to the routes that need it.
+
+    ``pipelines`` maps each served pipeline's name to its events' schema (a
+    ``msgspec.Struct`` type, or ``None`` for any JSON object): each gets its
+    ``/pipelines/<name>/score`` route, its request body described by that schema.
+    """
     secured: dict[str, Any] = {"security": [{"bearer": []}]} if auth else {}
     infer_body = {
         "required": True,
@@ -349,6 +392,9 @@ def openapi_spec(*, auth: bool) -> dict[str, Any]:
     paths["/models/{name}/versions/{version}/score"] = {
         "post": {**score, "parameters": [_NAME, _VERSION, _TIMEOUT]}
     }
+    schemas = dict(_SCHEMAS)
+    for name, schema in (pipelines or {}).items():
+        paths[f"/pipelines/{name}/score"] = _pipeline_path(name, schema, secured, schemas)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -363,7 +409,7 @@ def openapi_spec(*, auth: bool) -> dict[str, Any]:
             ),
         },
         "paths": paths,
-        "components": {"schemas": _SCHEMAS},
+        "components": {"schemas": schemas},
     }
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..batching import MicroBatcher
-from ..exceptions import ConfigError, DeadlineExceeded, ModelInputError
+from ..exceptions import Closed, ConfigError, DeadlineExceeded, ModelInputError, Overloaded
 from ..types import Batch
 
 __all__ = ["Predict"]
@@ -23,6 +23,10 @@ class Predict:
     the events the model cannot handle are dead-lettered. Events whose deadline
     passes before the model runs them are dead-lettered as expired.
     ``column_names`` (per input) make the NaN message name the column.
+
+    ``wait``: when the batcher is full, wait for room (streams: backpressure) or fail
+    at once with :class:`~rtinfer.exceptions.Overloaded` (requests: 503). Overloaded
+    and Closed are the caller's to handle; they never dead-letter an event.
     """
 
     def __init__(
@@ -31,9 +35,11 @@ class Predict:
         *,
         allow_nan: bool = False,
         column_names: Mapping[str, Sequence[str]] | None = None,
+        wait: bool = True,
     ) -> None:
         self.name = "model"
         self.batcher = batcher
+        self.wait = wait
         self.allow_nan = allow_nan
         self.column_names = {k: list(v) for k, v in (column_names or {}).items()}
 
@@ -57,10 +63,14 @@ class Predict:
                 return batch
         inputs = batch.inputs
         try:
-            batch.outputs = await self.batcher.submit(inputs, deadline=batch.deadline(), wait=True)
+            batch.outputs = await self.batcher.submit(
+                inputs, deadline=batch.deadline(), wait=self.wait
+            )
             batch.model_version = self.batcher.model.version
         except (DeadlineExceeded, ModelInputError) as exc:
             batch.drop_all(self.name, str(exc))
+        except (Overloaded, Closed):
+            raise
         except Exception as exc:
             if len(batch) == 1:  # it already ran alone: this event is what the model refuses
                 batch.drop_all(self.name, f"model failed on this event: {exc}")
@@ -106,12 +116,17 @@ class Predict:
         results = await asyncio.gather(
             *(
                 self.batcher.submit(
-                    {k: v[i : i + 1] for k, v in inputs.items()}, deadline=deadline, wait=True
+                    {k: v[i : i + 1] for k, v in inputs.items()},
+                    deadline=deadline,
+                    wait=self.wait,
                 )
                 for i in range(len(batch))
             ),
             return_exceptions=True,
         )
+        for result in results:
+            if isinstance(result, Overloaded | Closed):
+                raise result
         bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         good = [r for r in results if not isinstance(r, BaseException)]
         batch.drop(bad, self.name, [f"model failed on this event: {results[i]}" for i in bad])
