@@ -358,6 +358,27 @@ async def test_the_client_deadline_becomes_the_inference_deadline() -> None:
     assert before < with_timeout < before + 2 * SAFETY
 
 
+async def test_a_call_without_deadline_gets_the_servers_default() -> None:
+    server = RecordingServer()
+    server.add(python_model())
+    await server.start()
+    port = free_port()
+    grpc_server = await serve_grpc(server, "127.0.0.1", port, default_timeout_s=1000.0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            before = time.time()
+            await Stub(channel).ModelInfer(features_request([[0.5, 0.5]]))
+            await Stub(channel).ModelInfer(features_request([[0.5, 0.5]]), timeout=SAFETY)
+    finally:
+        await grpc_server.stop(None)
+        await server.aclose()
+    default, own = server.deadlines
+    assert default is not None
+    assert before + 999 < default < before + 1001
+    assert own is not None
+    assert own < before + 2 * SAFETY  # the client's own deadline wins over the default
+
+
 async def test_overload_is_resource_exhausted() -> None:
     gate, entered = threading.Event(), threading.Event()
     batching = {"max_batch_size": 1, "max_queue_rows": 1}

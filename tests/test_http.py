@@ -517,6 +517,9 @@ async def test_openapi_lists_every_route(client: httpx.AsyncClient) -> None:
     assert documented == routes
     infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
     assert set(infer["responses"]) == {"200", "400", "401", "404", "413", "503", "504"}
+    docs = await client.get("/docs")
+    assert docs.headers["content-type"].startswith("text/html")
+    assert b'url: "openapi.json"' in docs.content
 
 
 # -- tritonclient: a real third-party Open Inference Protocol client -------------------
@@ -717,3 +720,49 @@ async def test_review_findings_are_400s_and_the_server_stays_healthy(
     )
     assert response.status_code == 400
     await assert_healthy(client)
+
+
+async def test_booleans_are_not_numbers_and_unknown_outputs_are_refused_before_the_model(
+    client: httpx.AsyncClient, models: ModelServer
+) -> None:
+    bools = infer_body([[True, False]])
+    response = await client.post("/v2/models/linear/infer", json=bools)
+    assert response.status_code == 400
+    assert "true/false" in response.json()["error"]
+    served = models.get("linear")
+    before = served.batcher.rows
+    asked = infer_body([[0.5, 0.0]], outputs=[{"name": "nope"}])
+    response = await client.post("/v2/models/linear/infer", json=asked)
+    assert response.status_code == 400
+    assert "no output 'nope'" in response.json()["error"]
+    assert served.batcher.rows == before  # refused before the model ran
+    await assert_healthy(client)
+
+
+async def test_bodies_above_the_offload_size_are_answered_the_same(model_file: Path) -> None:
+    from rtinfer.http.oip import OFFLOAD_BYTES
+
+    server = ModelServer(batching={"max_batch_size": 1024, "max_queue_rows": 40_000})
+    server.add(load_model(model_file, name="linear"))
+    rows = [[(i % 100) / 100, 0.0] for i in range(30_000)]  # ~ 400 KiB of JSON
+    body = json.dumps(infer_body(rows)).encode()
+    assert len(body) > OFFLOAD_BYTES
+    with serving(InferenceApp(server)) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=SAFETY) as c:
+            r = await c.post("/v2/models/linear/infer", content=body)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert out["shape"] == [30_000, 2]
+    assert out["data"][2 * 37 + 1] == pytest.approx(0.37)
+
+
+async def test_a_request_larger_than_the_queue_is_400_not_retry(model_file: Path) -> None:
+    server = ModelServer(batching={"max_batch_size": 10, "max_queue_rows": 100})
+    server.add(load_model(model_file, name="linear"))
+    with serving(InferenceApp(server)) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=SAFETY) as c:
+            r = await c.post("/v2/models/linear/infer", json=infer_body([[0.5, 0.0]] * 101))
+            assert r.status_code == 400
+            assert "at most 100 per request" in r.json()["error"]
+            fits = await c.post("/v2/models/linear/infer", json=infer_body([[0.5, 0.0]] * 100))
+            assert fits.status_code == 200

@@ -261,3 +261,22 @@ async def test_stream_answers_are_counted_in_the_http_metrics(
     )
     assert value is not None
     assert value >= 1
+
+
+async def test_frames_over_the_body_limit_are_refused_and_the_connection_goes_on(
+    model_file: Path,
+) -> None:
+    server = ModelServer()
+    server.add(load_model(model_file, name="linear"))
+    with serving(InferenceApp(server, max_body_bytes=4096)) as base:
+        url = base.replace("http://", "ws://") + "/v2/models/linear/infer/stream"
+        async with connect(url) as ws:
+            big = json.dumps({"id": "big", "inputs": [{"name": "features", "shape": [500, 2],
+                              "datatype": "FP32", "data": [0.5] * 1000}]})  # fmt: skip
+            assert len(big) > 4096
+            await ws.send(big)
+            refused = await receive(ws)
+            assert refused["id"] is None
+            assert "the limit is 4096" in refused["error"]
+            await ws.send(request("small", 0.25))
+            assert probabilities(await receive(ws)) == [0.75, 0.25]

@@ -184,7 +184,14 @@ def app_from_env() -> InferenceApp:
         from .grpc.service import serve_grpc
 
         host, _, port = grpc_address.rpartition(":")
-        grpc_server = await serve_grpc(app.server, host, int(port), api_key, reuse_port=True)
+        grpc_server = await serve_grpc(
+            app.server,
+            host,
+            int(port),
+            api_key,
+            reuse_port=True,
+            default_timeout_s=app.default_timeout_s,
+        )
 
         async def stop() -> None:
             await grpc_server.stop(grace=5.0)
@@ -268,6 +275,7 @@ def run_server(
             access_log=False,
             log_level=log_level,
             server_header=False,
+            ws_max_size=max_body_bytes,  # WebSocket frames are bounded like bodies
         )
         summary = summarize(
             json.loads(p.read_text()) for p in sorted(Path(snapshots).glob("*.json"))

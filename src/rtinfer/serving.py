@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .batching import MicroBatcher
-from .exceptions import RtinferError
+from .exceptions import ModelInputError, RtinferError
 from .observability.metrics import Metrics
 from .types import Arrays, Model, TensorSpec
 
@@ -29,6 +30,8 @@ __all__ = [
     "ModelServer",
     "ServedModel",
     "deadline_from_timeout",
+    "decode_bytes_tensor",
+    "encode_bytes_tensor",
     "numpy_dtype",
     "oip_datatype",
 ]
@@ -58,6 +61,50 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
         return _NUMPY_TO_OIP[np.dtype(dtype)]
     except KeyError:
         raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+def decode_bytes_tensor(data: bytes, count: int, where: str) -> npt.NDArray[Any]:
+    """``count`` BYTES elements of the protocol's binary form, as an object array of ``str``.
+
+    Each element is its length as a 4-byte little-endian integer, then its UTF-8 bytes.
+    """
+    if 4 * count > len(data):  # before allocating: a huge shape must not cost memory
+        raise ModelInputError(
+            f"{where}: {count} BYTES elements need at least {4 * count} bytes, got {len(data)}"
+        )
+    out = np.empty(count, dtype=object)
+    offset = 0
+    view = memoryview(data)
+    for i in range(count):
+        if offset + 4 > len(data):
+            raise ModelInputError(f"{where}: the BYTES data ends after {i} of {count} elements")
+        size = int.from_bytes(view[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(data):
+            raise ModelInputError(
+                f"{where}: BYTES element {i} claims {size} bytes; only "
+                f"{len(data) - offset} are left",
+            )  # fmt: skip
+        try:
+            out[i] = str(view[offset : offset + size], "utf-8")
+        except UnicodeDecodeError:
+            raise ModelInputError(f"{where}: BYTES element {i} is not UTF-8 text") from None
+        offset += size
+    if offset != len(data):
+        raise ModelInputError(
+            f"{where}: {len(data) - offset} bytes left over after {count} BYTES elements"
+        )
+    return out
+
+
+def encode_bytes_tensor(array: npt.NDArray[Any]) -> bytes:
+    """An object array of ``str`` (or ``bytes``) in the protocol's binary BYTES form."""
+    parts: list[bytes] = []
+    for value in array.ravel().tolist():
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        parts.append(len(raw).to_bytes(4, "little"))
+        parts.append(raw)
+    return b"".join(parts)
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
@@ -209,6 +256,12 @@ class ModelServer:
     ) -> tuple[ServedModel, Arrays]:
         """Run ``inputs`` through the model's batcher; fails fast with Overloaded when full."""
         served = self.get(name, version)
+        rows = next((len(a) for a in inputs.values()), 0)
+        if rows > served.batcher.max_queue_rows:  # could never fit: not a matter of retrying
+            raise ModelInputError(
+                f"the request has {rows} rows; model {served.name!r} takes at most "
+                f"{served.batcher.max_queue_rows} per request (its max_queue_rows); split it"
+            )
         outputs = await served.batcher.submit(inputs, deadline=deadline, wait=False)
         return served, outputs
 

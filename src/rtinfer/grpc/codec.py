@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import ModelInputError
-from ..serving import ServedModel, numpy_dtype, oip_datatype
+from ..serving import (
+    ServedModel,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    numpy_dtype,
+    oip_datatype,
+)
 from ..types import Arrays
 from . import inference_pb2 as pb
 
 __all__ = ["decode_inputs", "encode_outputs"]
 
-#: The ``InferTensorContents`` field that carries each datatype (FP16 and BYTES have none here).
+#: The ``InferTensorContents`` field that carries each datatype (FP16 has none).
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
@@ -36,6 +42,7 @@ _CONTENTS_FIELD = {
     "UINT64": "uint64_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -104,6 +111,8 @@ def _from_raw(
 ) -> np.ndarray[Any, Any]:
     _check_dims(model, name, shape)
     count = math.prod(shape)
+    if dtype.kind == "O":
+        return decode_bytes_tensor(data, count, f"model {model!r} input {name!r}").reshape(shape)
     if len(data) != count * dtype.itemsize:
         raise ModelInputError(
             f"model {model!r} input {name!r}: shape {list(shape)} of {dtype} needs "
@@ -135,6 +144,15 @@ def _from_contents(
             f"model {model!r} input {tensor.name!r}: shape {list(shape)} holds {count} values, "
             f"contents.{field} has {len(values)}"
         )
+    if dtype.kind == "O":
+        strings = np.empty(count, dtype=object)
+        try:
+            strings[:] = [bytes(v).decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            raise ModelInputError(
+                f"model {model!r} input {tensor.name!r}: a BYTES element is not UTF-8 text"
+            ) from None
+        return strings.reshape(shape)
     try:
         return np.array(values, dtype=dtype).reshape(shape)
     except OverflowError as exc:
@@ -156,7 +174,14 @@ def encode_outputs(
     raw = raw or any(datatype not in _CONTENTS_FIELD for datatype in datatypes)
     for name, array, datatype in zip(names, arrays, datatypes, strict=True):
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if raw:
+        if datatype == "BYTES":
+            if raw:
+                response.raw_output_contents.append(encode_bytes_tensor(array))
+            else:
+                tensor.contents.bytes_contents.extend(
+                    v if isinstance(v, bytes) else str(v).encode() for v in array.ravel().tolist()
+                )
+        elif raw:
             little = array.astype(array.dtype.newbyteorder("<"), copy=False)
             response.raw_output_contents.append(little.tobytes())
         else:

@@ -19,6 +19,7 @@ model. Errors become status codes::
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -59,15 +60,23 @@ class InferenceServicer:
     The methods bear the protocol's names (``ServerLive``, ``ModelInfer``), as gRPC calls them.
 
     ``api_key``: when set, every RPC but ``ServerLive`` and ``ServerReady`` needs the
-    metadata ``authorization: Bearer <api_key>``.
+    metadata ``authorization: Bearer <api_key>``. ``default_timeout_s``: the deadline of
+    an inference call whose client set none (``None``: none), as on the HTTP front.
     """
 
-    __slots__ = ("_expected", "server")
+    __slots__ = ("_expected", "default_timeout_s", "server")
 
-    def __init__(self, server: ModelServer, *, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        server: ModelServer,
+        *,
+        api_key: str | None = None,
+        default_timeout_s: float | None = None,
+    ) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("the API key is empty; pass a non-empty key or none at all")
         self.server = server
+        self.default_timeout_s = default_timeout_s
         self._expected = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def _authorize(self, context: Context) -> None:
@@ -161,11 +170,14 @@ class InferenceServicer:
         except ModelInputError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         remaining: float | None = context.time_remaining()
+        if remaining is None:
+            remaining = self.default_timeout_s
         deadline = None if remaining is None else time.time() + remaining
         try:
-            _, outputs = await self.server.infer(
-                served.name, inputs, version=served.version, deadline=deadline
-            )
+            async with asyncio.timeout(remaining):
+                _, outputs = await self.server.infer(
+                    served.name, inputs, version=served.version, deadline=deadline
+                )
         except Exception as exc:
             code, details, trailers = _status(exc)
             if code is grpc.StatusCode.INTERNAL:
@@ -189,6 +201,8 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str]
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), (("retry-after", seconds),)
     if isinstance(exc, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), ()
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer", ()
     if isinstance(exc, Closed):
         return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry on another replica", ()
     if isinstance(exc, ModelError):
@@ -234,6 +248,7 @@ def create_grpc_server(
     *,
     max_message_bytes: int = 64 * 1024 * 1024,
     reuse_port: bool = False,
+    default_timeout_s: float | None = None,
 ) -> aio.Server:
     """A ``grpc.aio`` server answering ``inference.GRPCInferenceService``, not bound nor started.
 
@@ -250,7 +265,11 @@ def create_grpc_server(
     ]
     grpc_server = aio.server(options=options)
     grpc_server.add_generic_rpc_handlers(
-        [generic_handler(InferenceServicer(server, api_key=api_key))]
+        [
+            generic_handler(
+                InferenceServicer(server, api_key=api_key, default_timeout_s=default_timeout_s)
+            )
+        ]
     )
     return grpc_server
 
@@ -263,6 +282,7 @@ async def serve_grpc(
     *,
     max_message_bytes: int = 64 * 1024 * 1024,
     reuse_port: bool = False,
+    default_timeout_s: float | None = None,
 ) -> aio.Server:
     """Start a ``grpc.aio`` server answering ``inference.GRPCInferenceService`` on host:port.
 
@@ -271,7 +291,11 @@ async def serve_grpc(
     :func:`create_grpc_server` for ``max_message_bytes`` and for TLS or port 0.
     """
     grpc_server = create_grpc_server(
-        server, api_key, max_message_bytes=max_message_bytes, reuse_port=reuse_port
+        server,
+        api_key,
+        max_message_bytes=max_message_bytes,
+        reuse_port=reuse_port,
+        default_timeout_s=default_timeout_s,
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     grpc_server.add_insecure_port(address)

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..serving import ModelServer, ServedModel
 from .auth import BearerAuth
 from .errors import HttpError, from_exception
-from .oip import HEADER_LENGTH, decode_infer, encode, encode_infer, to_array
+from .oip import HEADER_LENGTH, OFFLOAD_BYTES, decode_infer, encode, encode_infer, to_array
 from .openapi import openapi_spec
 from .stats import HttpMetrics
 from .websocket import serve_websocket
@@ -53,6 +53,7 @@ ROUTES: tuple[tuple[str, str, bool], ...] = (
     ("POST", "/pipelines/{name}/score", True),
     ("GET", "/metrics", True),
     ("GET", "/openapi.json", False),
+    ("GET", "/docs", False),
 )
 _PROTECTED = {template: protected for _, template, protected in ROUTES}
 _METHOD = {template: method for method, template, _ in ROUTES}
@@ -102,6 +103,8 @@ def _match(parts: list[str]) -> tuple[str, dict[str, str]] | None:
             return "/metrics", {}
         case ["openapi.json"]:
             return "/openapi.json", {}
+        case ["docs"]:
+            return "/docs", {}
     return None
 
 
@@ -246,6 +249,8 @@ class InferenceApp:
             return Response(generate_latest(self.server.metrics.registry), 200, _PROMETHEUS)
         if route == "/openapi.json":
             return Response(self._openapi)
+        if route == "/docs":
+            return Response(_DOCS_PAGE, content_type=b"text/html; charset=utf-8")
         assert name is not None
         if route.startswith("/pipelines/"):
             scorer = self.server.pipeline(name)
@@ -267,11 +272,18 @@ class InferenceApp:
         if route.endswith("/infer"):
             body = await self._read_body(headers, receive)
             length = headers.get(HEADER_LENGTH.encode())
-            request, inputs = decode_infer(
-                body, None if length is None else length.decode("latin-1"), served
-            )
+            header = None if length is None else length.decode("latin-1")
+            if len(body) > OFFLOAD_BYTES:  # decoding it would hold the event loop up
+                request, inputs = await asyncio.to_thread(decode_infer, body, header, served)
+            else:
+                request, inputs = decode_infer(body, header, served)
             outputs = await self._infer(served, inputs, headers)
-            payload, header_length = encode_infer(request, served, outputs)
+            if sum(a.nbytes for a in outputs.values()) > OFFLOAD_BYTES // 8:
+                payload, header_length = await asyncio.to_thread(
+                    encode_infer, request, served, outputs
+                )
+            else:
+                payload, header_length = encode_infer(request, served, outputs)
             if header_length is None:
                 return Response(payload)
             return Response(
@@ -347,6 +359,16 @@ class InferenceApp:
 
 
 _PROMETHEUS = CONTENT_TYPE_LATEST.encode()
+
+#: ``GET /docs``: Swagger UI (loaded by the browser from a CDN) on ``/openapi.json``.
+_DOCS_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>rtinfer API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head><body><div id="ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#ui"});</script>
+</body></html>
+"""
 
 
 def _decode_score(body: bytes, served: ServedModel) -> dict[str, Any]:

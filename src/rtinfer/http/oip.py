@@ -9,8 +9,12 @@ same way when a request asks with ``parameters.binary_data`` on an output or
 
 Every value is checked before it reaches a batch: the datatype must be the
 model's, the data must hold exactly ``prod(shape)`` numbers that fit the
-datatype, and floating-point data must be finite. ``BYTES`` tensors are not
-supported yet. Nothing here ever unpickles: bytes in, numpy arrays out.
+datatype (``true``/``false`` are not numbers), and floating-point data must be
+finite. ``BYTES`` tensors (ONNX string tensors) are JSON strings, or in binary
+each element's length as a 4-byte little-endian integer followed by its UTF-8
+bytes; they reach the model as numpy object arrays of ``str``. Requested
+outputs are checked against the model's outputs before it runs. Nothing here
+ever unpickles: bytes in, numpy arrays out.
 """
 
 from __future__ import annotations
@@ -23,13 +27,25 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ..serving import ServedModel, numpy_dtype, oip_datatype
+from ..serving import (
+    ServedModel,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    numpy_dtype,
+    oip_datatype,
+)
 from ..types import Arrays, TensorSpec
 from .errors import HttpError
 
-__all__ = ["InferRequest", "decode_infer", "encode_infer", "to_array"]
+__all__ = ["OFFLOAD_BYTES", "InferRequest", "decode_infer", "encode_infer", "to_array"]
 
 HEADER_LENGTH = "inference-header-content-length"
+
+#: Bodies larger than this are decoded on a worker thread, not the event loop (decoding
+#: 256 KiB of JSON numbers takes about a millisecond: every other request would wait);
+#: outputs of more than an eighth of it (each number ~8 times larger as JSON) are
+#: encoded there too.
+OFFLOAD_BYTES = 256 * 1024
 
 
 class RequestInput(msgspec.Struct, forbid_unknown_fields=False):
@@ -123,6 +139,14 @@ def decode_infer(
         raise HttpError(
             400, f"{len(binary) - offset} binary bytes after the JSON header belong to no input"
         )
+    if request.outputs:
+        known = [s.name for s in served.model.outputs]
+        for out in request.outputs:
+            if known and out.name not in known:
+                raise HttpError(
+                    400, f"model {served.name!r} has no output {out.name!r}; its outputs are "
+                    f"{sorted(known)}",
+                )  # fmt: skip
     return request, inputs
 
 
@@ -136,8 +160,6 @@ def _check_datatype(model: str, spec: TensorSpec, datatype: str) -> None:
         raise HttpError(
             400, f"model {model!r} input {spec.name!r} expects datatype {want}, got {datatype}"
         )
-    if want == "BYTES":
-        raise HttpError(400, f"input {spec.name!r}: BYTES tensors are not supported yet")
 
 
 #: The largest dimension accepted: beyond it numpy cannot even describe the array.
@@ -156,6 +178,8 @@ def _from_bytes(
     data: bytes, dtype: np.dtype[Any], shape: Sequence[int], where: str
 ) -> npt.NDArray[Any]:
     count = _check_shape(shape, where)
+    if dtype.kind == "O":
+        return decode_bytes_tensor(data, count, where).reshape(shape)
     if len(data) != count * dtype.itemsize:
         raise HttpError(
             400,
@@ -165,6 +189,13 @@ def _from_bytes(
     array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
     _check_finite(array, where)
     return array.reshape(shape)
+
+
+def _strings_to_json(array: npt.NDArray[Any]) -> list[str]:
+    return [
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        for v in array.ravel().tolist()
+    ]
 
 
 def to_array(
@@ -182,6 +213,19 @@ def to_array(
         message = f"{where}: nested data must be rectangular (rows of equal length)"
         raise HttpError(400, message) from None
     kind = raw.dtype.kind
+    if dtype.kind == "O":
+        if raw.size and kind != "U":
+            raise HttpError(400, f"{where}: BYTES data must be strings (flat or nested lists)")
+        if count is not None and raw.size != count:
+            raise HttpError(
+                400, f"{where}: shape {list(shape or [])} holds {count} values, data has {raw.size}"
+            )
+        strings = raw.astype(object)
+        return strings if shape is None else strings.reshape(shape)
+    if kind == "b" and dtype.kind != "b" and raw.size:
+        raise HttpError(
+            400, f"{where}: data must be numbers for {oip_datatype(dtype)}; got true/false"
+        )
     if raw.size and kind not in "biuf":
         raise HttpError(
             400, f"{where}: data must be numbers that fit {oip_datatype(dtype)} "
@@ -253,12 +297,16 @@ def encode_infer(
             "datatype": oip_datatype(array.dtype),
             "shape": list(array.shape),
         }
+        strings = array.dtype.kind == "O"
         if as_binary:
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            if strings:
+                raw = encode_bytes_tensor(array)
+            else:
+                raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             item["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            item["data"] = array.ravel().tolist()
+            item["data"] = _strings_to_json(array) if strings else array.ravel().tolist()
         items.append(item)
     response: dict[str, Any] = {
         "model_name": served.name,

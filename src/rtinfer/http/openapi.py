@@ -332,6 +332,17 @@ def openapi_spec(*, auth: bool, pipelines: Mapping[str, Any] | None = None) -> d
                 "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
             }
         },
+        "/docs": {
+            "get": {
+                "summary": "This document in Swagger UI (the page loads it from a CDN).",
+                "responses": {
+                    "200": {
+                        "description": "An HTML page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
     }
     paths.update(
         _model_paths(

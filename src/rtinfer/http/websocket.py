@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .errors import HttpError, from_exception
-from .oip import InferRequest, decode_infer, encode, encode_infer
+from .oip import OFFLOAD_BYTES, InferRequest, decode_infer, encode, encode_infer
 
 if TYPE_CHECKING:
     from ..serving import ServedModel
@@ -163,7 +163,14 @@ class _Stream:
                     self.in_flight.release()
                     await self._reply(encode({"id": None, "error": _BINARY}))
                     continue
-                task = asyncio.create_task(self._answer(text.encode()))
+                raw = text.encode()
+                if len(raw) > self.app.max_body_bytes:
+                    self.in_flight.release()
+                    limit = self.app.max_body_bytes
+                    error = f"the frame has {len(raw)} bytes; the limit is {limit}"
+                    await self._reply(encode({"id": None, "error": error}))
+                    continue
+                task = asyncio.create_task(self._answer(raw))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
         finally:
@@ -187,7 +194,10 @@ class _Stream:
         status = 200
         try:
             request_id = _request_id(raw)
-            request, inputs = decode_infer(raw, None, served)
+            if len(raw) > OFFLOAD_BYTES:  # decoding it would hold the event loop up
+                request, inputs = await asyncio.to_thread(decode_infer, raw, None, served)
+            else:
+                request, inputs = decode_infer(raw, None, served)
             if _wants_binary(request):
                 raise HttpError(400, "binary outputs are not supported over WebSocket; use JSON")
             outputs = await self._infer(inputs)

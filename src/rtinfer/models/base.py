@@ -79,7 +79,10 @@ def example_inputs(specs: Sequence[TensorSpec], rows: int) -> Arrays:
     out: dict[str, np.ndarray[Any, Any]] = {}
     for spec in specs:
         dims = [rows] + [1 if d is None else d for d in spec.shape[1:]]
-        out[spec.name] = np.zeros(dims, dtype=spec.dtype)
+        if spec.dtype.kind == "O":  # string tensors: empty strings, not integer zeros
+            out[spec.name] = np.full(dims, "", dtype=object)
+        else:
+            out[spec.name] = np.zeros(dims, dtype=spec.dtype)
     return out
 
 
