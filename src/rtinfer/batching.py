@@ -19,8 +19,15 @@ Guarantees (property-tested):
 
 - a batch never holds more than ``max_batch_size`` rows (a larger request is
   split, and its parts reassembled);
+- queued work runs earliest deadline first: requests with a deadline, ordered by
+  it, then requests without one, in arrival order (first in, first out among
+  equal deadlines), so under load the requests that have least time left go
+  first;
 - a request whose deadline has passed is never put in a batch: it fails with
-  :class:`~rtinfer.exceptions.DeadlineExceeded`;
+  :class:`~rtinfer.exceptions.DeadlineExceeded` at submit, when its deadline
+  passes while it waits (one timer, armed for the earliest deadline), or at
+  batch formation, whichever comes first; nor does a request wait for more
+  rows (``max_delay``) when waiting could take it past its deadline;
 - every caller gets its own result or its own error: if a batch of several
   requests fails, each request is retried alone, so one poisonous request
   does not fail the others; if a split request fails in one part, its other
@@ -35,6 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import heapq
+import itertools
+import math
 import sys
 import time
 from collections import deque
@@ -71,7 +81,7 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 
 
 class _Request:
-    __slots__ = ("context", "deadline", "enqueued", "future", "inputs", "rows")
+    __slots__ = ("context", "deadline", "enqueued", "future", "inputs", "rows", "taken")
 
     def __init__(
         self,
@@ -86,6 +96,8 @@ class _Request:
         self.deadline = deadline
         self.future = future
         self.enqueued = enqueued
+        #: Set when a request with a deadline leaves the deadline heap (batched or failed).
+        self.taken = False
         # The caller's context variables (trace spans, deadlines), for the model call.
         # Captured here: a batch starts from whichever task frees a slot or fires the timer.
         self.context = contextvars.copy_context()
@@ -133,7 +145,19 @@ class MicroBatcher:
                 f"({max_batch_size})"
             )
         self.metrics = metrics or Metrics()
-        self._queue: deque[_Request] = deque()
+        # Two queues, so that a request without a deadline (the common case on a stream)
+        # costs no more than a deque append: requests with a deadline wait on a heap keyed
+        # by (deadline, arrival), and run first; the others wait in arrival order behind.
+        self._dated: list[tuple[float, int, _Request]] = []
+        self._undated: deque[_Request] = deque()
+        # The requests with a deadline in arrival order (taken ones are skipped lazily),
+        # for the max_delay timer, which counts from the oldest request.
+        self._arrivals: deque[_Request] = deque()
+        self._arrival = itertools.count()
+        # One timer, for the earliest deadline on the heap: an expired request is failed
+        # when its deadline passes, even while every slot is busy.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._queued_rows = 0
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -218,7 +242,14 @@ class MicroBatcher:
                 raise Closed(f"micro-batcher of model {self.model.name!r} was closed")
         assert self._loop is not None
         future: asyncio.Future[Arrays] = self._loop.create_future()
-        self._queue.append(_Request(inputs, rows, deadline, future, self._loop.time()))
+        request = _Request(inputs, rows, deadline, future, self._loop.time())
+        if deadline is None:
+            self._undated.append(request)
+        else:
+            heapq.heappush(self._dated, (deadline, next(self._arrival), request))
+            self._arrivals.append(request)
+            if deadline < self._expiry_at:
+                self._arm_expiry(deadline)
         self._queued_rows += rows
         self._m_queued.set(self._queued_rows)
         self._idle.clear()
@@ -254,9 +285,14 @@ class MicroBatcher:
     def _pump(self) -> None:
         """Start every batch that may start now; arm the timer for the one that may not yet."""
         assert self._loop is not None
-        while self._queue and self._in_flight < self.max_in_flight:
-            if self._queued_rows < self.max_batch_size and self.max_delay > 0:
-                due = self._queue[0].enqueued + self.max_delay
+        while (self._dated or self._undated) and self._in_flight < self.max_in_flight:
+            if (
+                self._queued_rows < self.max_batch_size
+                and self.max_delay > 0
+                # Never wait for more rows past the earliest deadline.
+                and not (self._dated and self._dated[0][0] <= time.time() + self.max_delay)
+            ):
+                due = self._oldest_enqueued() + self.max_delay
                 if self._loop.time() < due:
                     if self._timer is None:
                         self._timer = self._loop.call_at(due, self._on_timer)
@@ -267,12 +303,68 @@ class MicroBatcher:
                 task = self._loop.create_task(self._run(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
-        if not self._queue and self._in_flight == 0:
+        if not self._dated and not self._undated and self._in_flight == 0:
             self._idle.set()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._pump()
+
+    def _oldest_enqueued(self) -> float:
+        """When the oldest queued request arrived (loop time); the queue is not empty."""
+        arrivals = self._arrivals
+        while arrivals and arrivals[0].taken:
+            arrivals.popleft()
+        if len(arrivals) > 2 * len(self._dated) + 64:  # taken ones behind a waiting one
+            self._arrivals = arrivals = deque(r for r in arrivals if not r.taken)
+        oldest = math.inf
+        if arrivals:
+            oldest = arrivals[0].enqueued
+        if self._undated:
+            oldest = min(oldest, self._undated[0].enqueued)
+        return oldest
+
+    def _arm_expiry(self, deadline: float) -> None:
+        assert self._loop is not None
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        delay = max(0.0, deadline - time.time())
+        self._expiry = self._loop.call_at(self._loop.time() + delay, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        """Fail every queued request whose deadline has passed; re-arm for the next one."""
+        assert self._loop is not None
+        self._expiry = None
+        self._expiry_at = math.inf
+        dated = self._dated
+        now_wall = time.time()
+        now = self._loop.time()
+        removed = False
+        while dated and (dated[0][0] <= now_wall or dated[0][2].future.done()):
+            request = heapq.heappop(dated)[2]
+            request.taken = True
+            self._queued_rows -= request.rows
+            removed = True
+            if not request.future.done():
+                self._expire(request, now)
+        if dated:
+            self._arm_expiry(dated[0][0])
+        if removed:
+            self._m_queued.set(self._queued_rows)
+            if self._queued_rows + self.max_batch_size <= self.max_queue_rows:
+                self._room.set()
+            if not dated and not self._undated and self._in_flight == 0:
+                self._idle.set()
+
+    def _expire(self, request: _Request, now: float) -> None:
+        self._m_expired.inc()
+        request.future.set_exception(
+            DeadlineExceeded(
+                f"deadline passed after {1e3 * (now - request.enqueued):.1f} ms in the "
+                f"queue of model {self.model.name!r}; the request was not run"
+            )
+        )
 
     def _take(self) -> list[_Request]:
         """Pop up to a full batch of live requests; fail expired ones without batching them."""
@@ -281,20 +373,30 @@ class MicroBatcher:
         size = 0
         now_wall = time.time()
         now = self._loop.time()
-        queue = self._queue
-        while queue and size + queue[0].rows <= self.max_batch_size:
-            request = queue.popleft()
+        dated = self._dated
+        undated = self._undated
+        limit = self.max_batch_size
+        while True:
+            # Earliest deadline first, then the requests without one, in arrival order;
+            # stop at the first that does not fit (no overtaking).
+            if dated:
+                request = dated[0][2]
+                if size + request.rows > limit:
+                    break
+                heapq.heappop(dated)
+                request.taken = True
+            elif undated:
+                request = undated[0]
+                if size + request.rows > limit:
+                    break
+                undated.popleft()
+            else:
+                break
             self._queued_rows -= request.rows
             if request.future.done():  # the caller gave up (cancelled)
                 continue
             if request.deadline is not None and request.deadline <= now_wall:
-                self._m_expired.inc()
-                request.future.set_exception(
-                    DeadlineExceeded(
-                        f"deadline passed after {1e3 * (now - request.enqueued):.1f} ms in the "
-                        f"queue of model {self.model.name!r}; the request was not run"
-                    )
-                )
+                self._expire(request, now)
                 continue
             self._m_wait.observe(now - request.enqueued)
             batch.append(request)
@@ -385,6 +487,9 @@ class MicroBatcher:
         self._room.set()
         if self._timer is not None:
             self._timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 

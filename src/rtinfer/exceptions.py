@@ -6,9 +6,12 @@
     ├── ConfigError            a pipeline file or argument is wrong; names the file and key
     ├── ModelError
     │   ├── ModelLoadError     a model file is missing, unreadable or refused (pickle)
-    │   └── ModelInputError    inputs do not match the model's names, shapes or dtypes
+    │   ├── ModelInputError    inputs do not match the model's names, shapes or dtypes
+    │   └── FallbackExhausted  every step of a fallback chain failed; carries ``errors``
     ├── DeadlineExceeded       an item's deadline passed before the model ran it
     ├── Overloaded             a queue is full; carries ``retry_after`` seconds
+    │   ├── CircuitOpen        a circuit breaker is open; ``retry_after``: until it probes
+    │   └── QuotaExceeded      a client used up its quota (HTTP 429); carries ``client``
     ├── MissingDependency      an optional extra is not installed; says what to pip install
     └── Closed                 the component was closed while the call waited
 
@@ -20,14 +23,17 @@ the fix.
 from __future__ import annotations
 
 __all__ = [
+    "CircuitOpen",
     "Closed",
     "ConfigError",
     "DeadlineExceeded",
+    "FallbackExhausted",
     "MissingDependency",
     "ModelError",
     "ModelInputError",
     "ModelLoadError",
     "Overloaded",
+    "QuotaExceeded",
     "RtinferError",
 ]
 
@@ -76,6 +82,42 @@ class Overloaded(RtinferError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CircuitOpen(Overloaded):
+    """A circuit breaker is open: calls fail at once instead of reaching a failing dependency.
+
+    ``breaker`` names it; ``retry_after`` is the time until it lets a probe through. It
+    is an :class:`Overloaded`, so fronts answer it as one (503 with ``Retry-After``) and a
+    fallback chain moves on to its next step.
+    """
+
+    def __init__(self, message: str, *, breaker: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.breaker = breaker
+
+
+class QuotaExceeded(Overloaded):
+    """A client has used up its request quota: answer 429 with ``Retry-After``.
+
+    ``client`` names it (an API key id, an address); ``retry_after`` is when its quota
+    has room again.
+    """
+
+    def __init__(self, message: str, *, client: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.client = client
+
+
+class FallbackExhausted(ModelError):
+    """Every step of a fallback chain failed (and it has no default decision).
+
+    ``errors`` holds each step's name and error, in order.
+    """
+
+    def __init__(self, message: str, *, errors: list[tuple[str, BaseException]]) -> None:
+        super().__init__(message)
+        self.errors = errors
 
 
 class MissingDependency(RtinferError, ImportError):

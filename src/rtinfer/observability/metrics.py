@@ -48,7 +48,7 @@ class _LatencyCollector(Collector):
 
 
 class Metrics:
-    """The metrics of one rtinfer process (pipelines, models, batchers)."""
+    """The metrics of one rtinfer process (pipelines, models, batchers, resilience)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -114,6 +114,87 @@ class Metrics:
             "pipeline's consumer group (undelivered and in flight), where the broker can tell: "
             "what an autoscaler (KEDA) scales on.", ["pipeline", "source"], registry=r,
         )  # fmt: skip
+        # -- resilience (rtinfer.resilience) --
+        self.breaker_state = Gauge(
+            "rtinfer_breaker_state",
+            "State of a circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["breaker"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "rtinfer_breaker_transitions",
+            "Circuit breaker state changes, by the state entered (closed, open, half_open).",
+            ["breaker", "state"],
+            registry=r,
+        )
+        self.breaker_rejected = Counter(
+            "rtinfer_breaker_rejected",
+            "Calls a circuit breaker refused at once because it was open (or half-open with "
+            "every probe taken).",
+            ["breaker"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "rtinfer_retries",
+            "Retries made after a failed call, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.retries_denied = Counter(
+            "rtinfer_retries_denied",
+            "Retries not made because the retry budget was spent (the error was raised).",
+            ["operation"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "rtinfer_cache_hits",
+            "Rows answered from a prediction cache without running the model.",
+            ["cache", "model"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "rtinfer_cache_misses",
+            "Rows a prediction cache did not hold (the model ran on them).",
+            ["cache", "model"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "rtinfer_cache_errors",
+            "Prediction cache operations that failed or were skipped because the shared "
+            "store was unreachable (each counted as a miss, never a failed request).",
+            ["cache", "operation"],
+            registry=r,
+        )
+        self.limiter_limit = Gauge(
+            "rtinfer_limiter_limit",
+            "Current adaptive concurrency limit in front of a model.",
+            ["limiter"],
+            registry=r,
+        )
+        self.limiter_in_flight = Gauge(
+            "rtinfer_limiter_in_flight",
+            "Calls admitted by a concurrency limiter and not yet finished.",
+            ["limiter"],
+            registry=r,
+        )
+        self.limiter_rejected = Counter(
+            "rtinfer_limiter_rejected",
+            "Calls a limiter shed, by priority (critical, best_effort) and reason (limit, quota).",
+            ["limiter", "priority", "reason"],
+            registry=r,
+        )
+        self.fallback_outputs = Counter(
+            "rtinfer_fallback_outputs",
+            "Rows answered by each step of a fallback chain (the first step is the primary).",
+            ["chain", "step"],
+            registry=r,
+        )
+        self.fallback_failures = Counter(
+            "rtinfer_fallback_failures",
+            "Failures of a fallback chain's step that sent its rows on to the next step.",
+            ["chain", "step"],
+            registry=r,
+        )
         self._latency = _LatencyCollector()
         r.register(self._latency)
 
