@@ -7,6 +7,7 @@
     rtinfer demo [--events N] [--rate EVENTS_PER_S] [--summary-json PATH] [--metrics-port PORT]
     rtinfer demo generate --events N --out FILE.jsonl
     rtinfer demo train
+    rtinfer features backfill DEFINITION.yaml --input EVENTS --output FEATURES
     rtinfer serve TARGET [--host H] [--port P] [--grpc-port P] [--api-key KEY | --insecure]
                   [--workers N]
                   [--max-body-bytes SIZE] [--timeout-ms MS] [--summary-json PATH]
@@ -87,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=7)
     demo_commands.add_parser("train", help="train (or find) the demo's model; print its path")
 
+    features = commands.add_parser("features", help="feature definitions, offline")
+    features_commands = features.add_subparsers(
+        dest="features_command", required=True, metavar="SUBCOMMAND"
+    )
+    backfill = features_commands.add_parser(
+        "backfill", help="compute a definition's features over historical events (training data)"
+    )
+    backfill.add_argument("definition", type=Path, help="the feature definition (YAML)")
+    backfill.add_argument(
+        "--input", type=Path, required=True, help="the events: .parquet, .csv or .jsonl"
+    )
+    backfill.add_argument(
+        "--output", type=Path, required=True, help="the features: .parquet, .csv or .jsonl"
+    )
+
     serve = commands.add_parser("serve", help="serve models over HTTP (Open Inference Protocol)")
     from .serve import add_serve_arguments
 
@@ -122,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages)")
         elif args.command == "demo":
             return _demo(args)
+        elif args.command == "features":
+            from .features.backfill import main as backfill_main
+
+            return backfill_main(args.definition, args.input, args.output)
         elif args.command == "serve":
             from .serve import serve_command
 

@@ -15,7 +15,10 @@ source positions of everything written before the flush. So:
   batch is written); when every slot is busy the source is not read at all;
 - **dead letters alone**: a stage drops a bad event from its batch with a
   reason; the rest of the batch carries on, and the dead letter is written
-  (and flushed) before its position is acknowledged.
+  (and flushed) before its position is acknowledged;
+- **state with offsets**: a stage with ``async def checkpoint(positions)`` is
+  awaited after every flush and before the acknowledgement of ``positions``,
+  so state it commits there always covers what the source is told to forget.
 
 :meth:`Pipeline.stop` stops intake; what was read is finished, flushed and
 acknowledged before :meth:`Pipeline.run` returns. The pipeline is ``DRAINING``
@@ -389,5 +392,11 @@ class Pipeline:
         for sink in self.sinks:
             await sink.flush()
         await self.dead_letters.flush()
+        # A stage that keeps durable state (rtinfer.features) commits it here, with the
+        # positions it covers, so its state is never behind what the source forgets.
+        for stage in self.stages:
+            checkpoint = getattr(stage, "checkpoint", None)
+            if checkpoint is not None:
+                await checkpoint(positions)
         if positions:
             await self.source.ack(positions)
