@@ -34,10 +34,11 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 
 from rtinfer.batching import MicroBatcher
+from rtinfer.connectors.mqtt import MqttLink, new_properties
 from rtinfer.exceptions import ConfigError, RtinferError
 from rtinfer.pipeline import Pipeline
 from rtinfer.sinks.mqtt import SOURCE_ID_PROPERTY, MqttSink
-from rtinfer.sources.mqtt import TOPIC_HEADER, MqttLink, MqttSource, new_properties
+from rtinfer.sources.mqtt import TOPIC_HEADER, MqttSource
 from rtinfer.stages import Decode, Outputs, Predict, Vectorize
 from rtinfer.types import Event, Position
 

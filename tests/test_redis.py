@@ -20,10 +20,11 @@ import pytest
 
 from conftest import SAFETY, Reading, payload, python_model, service_missing, wait_until
 from rtinfer.batching import MicroBatcher
+from rtinfer.connectors.redis import connect
 from rtinfer.exceptions import ConfigError, MissingDependency
 from rtinfer.pipeline import Pipeline
 from rtinfer.sinks.redis import RedisStreamSink
-from rtinfer.sources.redis import DEAD_REASON_HEADER, RedisStreamSource, connect
+from rtinfer.sources.redis import DEAD_REASON_HEADER, RedisStreamSource
 from rtinfer.stages import Decode, Outputs, Predict, Vectorize
 from rtinfer.types import Event, Position, Sink, Source
 

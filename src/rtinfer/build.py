@@ -110,17 +110,59 @@ def build_pipeline(
     else:
         stages.append(Outputs())
     r = config.runtime
+    source = _source(config.source, broker)
+    sinks = [_sink(s, broker) for s in config.sinks]
+    dead_letters = _sink(config.dead_letters, broker) if config.dead_letters else None
+    _link_transactions(source, sinks, dead_letters, file)
     return Pipeline(
-        _source(config.source, broker),
+        source,
         stages,
-        [_sink(s, broker) for s in config.sinks],
-        dead_letters=_sink(config.dead_letters, broker) if config.dead_letters else None,
+        sinks,
+        dead_letters=dead_letters,
         name=config.name,
         read_size=r.read_size,
         max_in_flight=r.max_in_flight,
         flush_interval=r.flush_interval_ms / 1e3,
         metrics=metrics,
     )
+
+
+def _link_transactions(
+    source: Source, sinks: list[Sink], dead_letters: Sink | None, file: str | None
+) -> None:
+    """Exactly once: the Kafka source commits its offsets in the transactional sink's
+    transactions. Only one sink can be transactional, and only with a Kafka source."""
+    transactional = [s for s in sinks if getattr(s, "transactional", False)]
+    if dead_letters is not None and getattr(dead_letters, "transactional", False):
+        raise ConfigError(
+            "the dead-letter sink cannot be transactional: dead letters are written at least "
+            "once; leave out its transactional_id",
+            key="dead_letters.transactional_id",
+            file=file,
+        )
+    if not transactional:
+        return
+    from .sinks.kafka import KafkaSink
+    from .sources.kafka import KafkaSource
+
+    if len(transactional) > 1:
+        raise ConfigError(
+            "only one sink can be transactional: the source's offsets commit in one "
+            "transaction; give the other sinks no transactional_id",
+            key="sinks",
+            file=file,
+        )
+    if not isinstance(source, KafkaSource):
+        raise ConfigError(
+            f"a transactional Kafka sink needs a Kafka source (exactly once is Kafka → Kafka: "
+            f"the source's offsets commit inside the sink's transaction); the source is "
+            f"{source.name}",
+            key="sinks",
+            file=file,
+        )
+    (sink,) = transactional
+    assert isinstance(sink, KafkaSink)
+    source.commit_with(sink)
 
 
 def build_model(config: ModelConfig, *, file: str | None = None) -> Model:

@@ -156,9 +156,12 @@ class KafkaSourceConfig(_Strict, tag="kafka", tag_field="type"):
 
 
 class KafkaSinkConfig(_Strict, tag="kafka", tag_field="type"):
+    """A Kafka topic, idempotent producer; ``transactional_id``: exactly once (docs/kafka.md)."""
+
     bootstrap_servers: str
     topic: str
     config: dict[str, Any] = msgspec.field(default_factory=dict)
+    transactional_id: str | None = None
 
 
 class MqttSourceConfig(_Strict, tag="mqtt", tag_field="type"):

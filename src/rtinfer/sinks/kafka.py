@@ -6,6 +6,12 @@ in one partition, in order), and the header ``rtinfer-source-id`` carries the
 event's id, so that consumers of the output can de-duplicate what a redelivery
 wrote twice.
 
+With a ``transactional_id`` the sink is transactional, for exactly-once
+Kafka → Kafka: results are produced inside a transaction, and the Kafka source
+of the same pipeline (:meth:`rtinfer.sources.kafka.KafkaSource.commit_with`)
+commits its offsets inside that transaction instead of on its own (see
+``docs/kafka.md``, "Exactly once").
+
 ``confluent-kafka`` is imported when a sink is built, not when this module is,
 so ``rtinfer`` imports without the ``kafka`` extra.
 """
@@ -19,15 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..connectors.kafka import client_config, require_kafka
 from ..exceptions import ConfigError, RtinferError
-from ..sources.kafka import client_config, require_kafka
 from ..types import Event
 
 if TYPE_CHECKING:
-    from confluent_kafka import KafkaError, Message, Producer
+    from confluent_kafka import KafkaError, Message, Producer, TopicPartition
     from confluent_kafka._types import HeadersType
 
-__all__ = ["PRODUCER_DEFAULTS", "SOURCE_ID_HEADER", "KafkaDeliveryError", "KafkaSink"]
+__all__ = [
+    "PRODUCER_DEFAULTS",
+    "SOURCE_ID_HEADER",
+    "KafkaDeliveryError",
+    "KafkaSink",
+    "KafkaTransactionError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +58,7 @@ _FIXED_PRODUCER = {"acks": "all", "enable.idempotence": True}
 _OWNED_PRODUCER = {
     "bootstrap.servers": "bootstrap_servers",
     "error_cb": "the sink's error handling",
-    "transactional.id": "nothing yet: transactions are not supported (see docs/kafka.md)",
+    "transactional.id": "transactional_id",
 }
 
 _encode = msgspec.json.Encoder().encode
@@ -58,6 +70,10 @@ class KafkaDeliveryError(RtinferError):
     def __init__(self, message: str, errors: Sequence[KafkaError]) -> None:
         super().__init__(message)
         self.errors = list(errors)
+
+
+class KafkaTransactionError(RtinferError):
+    """A transaction could not be committed; it was aborted and its inputs are read again."""
 
 
 class KafkaSink:
@@ -77,9 +93,28 @@ class KafkaSink:
     then acknowledges nothing. A failure is final for this sink: every later
     flush raises it again (the failed messages are gone from librdkafka's
     queue), so build a new sink, and the inputs are read again.
+
+    ``transactional_id`` makes the sink transactional (exactly once, with a Kafka
+    source that commits through it): :meth:`start` registers the id (fencing off an
+    earlier producer with the same id, whose open transaction is aborted) and opens
+    a transaction; :meth:`commit_transaction` adds the source's offsets to it,
+    commits it and opens the next. The id must be unique among the producers
+    running at one time and is best stable per worker (``fraud-${RTINFER_WORKER:-0}``).
+    :meth:`aclose` aborts a transaction still open: its results are never seen by
+    ``read_committed`` consumers, and their inputs, not committed either, are read again.
     """
 
-    __slots__ = ("_config", "_failures", "_fatal", "_producer", "_stopping", "name", "topic")
+    __slots__ = (
+        "_config",
+        "_failures",
+        "_fatal",
+        "_producer",
+        "_stopping",
+        "name",
+        "timeout_s",
+        "topic",
+        "transactional_id",
+    )
 
     def __init__(
         self,
@@ -87,6 +122,8 @@ class KafkaSink:
         topic: str,
         *,
         config: Mapping[str, Any] | None = None,
+        transactional_id: str | None = None,
+        timeout_s: float = 10.0,
     ) -> None:
         require_kafka("the Kafka sink")
         if not topic:
@@ -107,6 +144,16 @@ class KafkaSink:
             fixed=_FIXED_PRODUCER,
             owned=_OWNED_PRODUCER,
         )
+        if transactional_id is not None:
+            if not transactional_id.strip():
+                raise ConfigError(
+                    "the Kafka sink: transactional_id is empty; name it or leave it out"
+                )
+            self._config["transactional.id"] = transactional_id
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be above 0, got {timeout_s}")
+        self.transactional_id = transactional_id
+        self.timeout_s = timeout_s
         self.topic = topic
         self.name = f"kafka://{topic}"
         self._producer: Producer | None = None
@@ -134,10 +181,66 @@ class KafkaSink:
         config = dict(self._config)
         config["error_cb"] = self._on_error
         try:
-            self._producer = Producer(config)
+            producer = Producer(config)
         except KafkaException as exc:
             raise ConfigError(f"the Kafka sink: invalid configuration: {exc}") from exc
+        if self.transactional_id is not None:
+
+            def open_transactions() -> None:
+                producer.init_transactions(self.timeout_s)
+                producer.begin_transaction()
+
+            try:
+                await asyncio.to_thread(open_transactions)
+            except KafkaException as exc:
+                raise KafkaTransactionError(
+                    f"{self.name}: could not start transactions as {self.transactional_id!r}: "
+                    f"{exc.args[0]}"
+                ) from exc
+        self._producer = producer
         self._stopping = False
+
+    @property
+    def transactional(self) -> bool:
+        """Results go out in transactions that also commit the source's offsets."""
+        return self.transactional_id is not None
+
+    async def commit_transaction(
+        self, offsets: Sequence[TopicPartition], group_metadata: Any
+    ) -> None:
+        """Commit the open transaction with the source's ``offsets``; open the next one.
+
+        Called by the source's ``ack``, after :meth:`flush`: the results written since
+        the last commit and the offsets of the inputs they came from become visible
+        together, or (on failure: the transaction is aborted and
+        :class:`KafkaTransactionError` raised) not at all.
+        """
+        from confluent_kafka import KafkaException
+
+        producer = self._check()
+        if self.transactional_id is None:
+            raise RtinferError(f"{self.name} is not transactional; give it a transactional_id")
+        timeout = self.timeout_s
+
+        def commit() -> None:
+            try:
+                producer.send_offsets_to_transaction(list(offsets), group_metadata, timeout)
+                producer.commit_transaction(timeout)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.fatal():
+                    try:
+                        producer.abort_transaction(timeout)
+                        producer.begin_transaction()
+                    except KafkaException:
+                        logger.exception("%s: aborting the transaction failed", self.name)
+                raise KafkaTransactionError(
+                    f"{self.name}: the transaction was aborted ({error}); its results are "
+                    "discarded and their inputs read again"
+                ) from exc
+            producer.begin_transaction()
+
+        await asyncio.to_thread(commit)
 
     def _check(self) -> Producer:
         from confluent_kafka import KafkaException
@@ -196,10 +299,22 @@ class KafkaSink:
         self._check()
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
-        """Wait up to ``timeout_s`` for messages still in flight, then drop the producer."""
+        """Wait up to ``timeout_s`` for messages still in flight, then drop the producer.
+
+        A transactional sink aborts its open transaction instead: what it holds was
+        never acknowledged (a drain commits everything before the sinks close).
+        """
         producer, self._producer = self._producer, None
         self._stopping = True
         if producer is None:
+            return
+        if self.transactional_id is not None:
+            from confluent_kafka import KafkaException
+
+            try:
+                await asyncio.to_thread(producer.abort_transaction, timeout_s)
+            except KafkaException as exc:
+                logger.warning("%s: aborting the open transaction failed: %s", self.name, exc)
             return
         left = await asyncio.to_thread(producer.flush, timeout_s)
         if left:

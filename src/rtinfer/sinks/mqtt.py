@@ -31,7 +31,7 @@ try:
 except ImportError as exc:  # the optional extra is not installed
     raise MissingDependency("the MQTT sink", "mqtt") from exc
 
-from ..sources.mqtt import (
+from ..connectors.mqtt import (
     KEY_B64_SUFFIX,
     KEY_PROPERTY,
     MqttLink,

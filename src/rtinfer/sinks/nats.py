@@ -29,7 +29,7 @@ try:
 except ImportError as exc:  # the optional extra is not installed
     raise MissingDependency("the NATS JetStream sink", "nats") from exc
 
-from ..sources.nats import KEY_B64_HEADER, KEY_HEADER, connect
+from ..connectors.nats import KEY_B64_HEADER, KEY_HEADER, connect
 
 __all__ = ["MSG_ID_HEADER", "NatsSink"]
 

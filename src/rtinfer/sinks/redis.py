@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..sources.redis import connect, require_redis, retrying
+from ..connectors.redis import connect, require_redis, retrying
 from ..types import Event
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class RedisStreamSink:
 
     ``field``, ``key_field`` and ``id_field`` name the entry's fields
     (``key_field``/``id_field`` ``None``: leave that field out). Connection
-    options are those of :func:`rtinfer.sources.redis.connect`.
+    options are those of :func:`rtinfer.connectors.redis.connect`.
     """
 
     __slots__ = (

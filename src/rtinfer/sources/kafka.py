@@ -19,8 +19,7 @@
 Per-key order follows partitions: one partition is read by one member of the
 group at a time, in offset order. ``confluent-kafka`` is imported when a source
 is built, not when this module is, so ``rtinfer`` imports without the ``kafka``
-extra. :func:`require_kafka` and :func:`client_config` are shared with
-:mod:`rtinfer.sinks.kafka`.
+extra (:mod:`rtinfer.connectors.kafka` holds what the source and the sink share).
 """
 
 from __future__ import annotations
@@ -33,14 +32,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConfigError, MissingDependency
+from ..connectors.kafka import client_config, require_kafka
+from ..exceptions import ConfigError, RtinferError
 from ..types import DEAD_REASON_HEADER, Event, Position
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
     from confluent_kafka._types import HeadersType
 
-__all__ = ["CONSUMER_DEFAULTS", "KafkaSource", "client_config", "require_kafka"]
+    from ..sinks.kafka import KafkaSink
+
+__all__ = ["CONSUMER_DEFAULTS", "KafkaSource"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,57 +66,6 @@ _OWNED_CONSUMER = {
 }
 
 _Key = tuple[str, int]  # (position source "kafka://<topic>", partition)
-
-
-def require_kafka(what: str) -> None:
-    """Raise :class:`MissingDependency` naming ``what`` if confluent-kafka is not installed."""
-    try:
-        import confluent_kafka  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependency(what, "kafka") from exc
-
-
-def _setting_is(value: Any, wanted: Any) -> bool:
-    if isinstance(wanted, bool):
-        return value is wanted or str(value).lower() == str(wanted).lower()
-    return str(value).lower() == str(wanted).lower()
-
-
-def client_config(
-    what: str,
-    bootstrap_servers: str | Sequence[str],
-    config: Mapping[str, Any] | None,
-    *,
-    defaults: Mapping[str, Any],
-    fixed: Mapping[str, Any],
-    owned: Mapping[str, str],
-) -> dict[str, Any]:
-    """The librdkafka configuration of a client: ``defaults``, then ``config``, then ``fixed``.
-
-    A key of ``owned`` in ``config`` is a :class:`ConfigError` (it is set through
-    the argument the mapping names), and so is a key of ``fixed`` with another value.
-    """
-    servers = (
-        bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
-    )
-    if not servers.strip():
-        raise ConfigError(
-            f"{what}: bootstrap_servers is empty; use e.g. 'kafka-1:9092,kafka-2:9092'"
-        )
-    merged: dict[str, Any] = dict(defaults)
-    for key, value in (config or {}).items():
-        if key in owned:
-            raise ConfigError(f"{what}: {key!r} cannot be set in config; it is set by {owned[key]}")
-        if key in fixed and not _setting_is(value, fixed[key]):
-            raise ConfigError(
-                f"{what}: {key}={value!r} would break at-least-once delivery; rtinfer needs "
-                f"{key}={fixed[key]!r} (leave it out of config)"
-            )
-        merged[key] = value
-    merged.update(fixed)
-    merged["bootstrap.servers"] = servers
-    merged.setdefault("logger", logging.getLogger("rtinfer.librdkafka"))
-    return merged
 
 
 class KafkaSource:
@@ -157,11 +108,18 @@ class KafkaSource:
 
     ``max_deliveries`` must stay ``None``: Kafka keeps no per-message delivery
     count (see ``docs/kafka.md``).
+
+    Exactly once: :meth:`commit_with` a transactional :class:`~rtinfer.sinks.kafka.KafkaSink`
+    and :meth:`ack` commits the offsets inside the sink's transaction, with the results
+    written since the last ack, instead of committing them itself. A partition revoked
+    while its events are still in an open transaction fails the source (the transaction
+    is aborted when the pipeline closes; a restart reads them again).
     """
 
     __slots__ = (
         "_acked",
         "_assigned",
+        "_broken",
         "_closed",
         "_commit_queued",
         "_cond",
@@ -175,6 +133,7 @@ class KafkaSource:
         "_ready",
         "_sources",
         "_stored",
+        "_transactions",
         "group",
         "name",
         "poll_timeout_s",
@@ -240,6 +199,17 @@ class KafkaSource:
         self._handed: dict[_Key, int] = {}  # highest offset handed to the pipeline
         self._acked: dict[_Key, int] = {}  # highest offset acknowledged
         self._stored: dict[_Key, int] = {}  # highest offset + 1 stored for commit
+        self._transactions: KafkaSink | None = None  # commits offsets in its transactions
+        self._broken: str | None = None  # why exactly-once cannot go on (see _on_revoke)
+
+    def commit_with(self, sink: KafkaSink) -> None:
+        """Commit offsets inside ``sink``'s transactions (exactly once); call before start."""
+        if not sink.transactional:
+            raise ConfigError(
+                f"{self.name}: {sink.name} is not transactional; give it a transactional_id "
+                "to commit offsets through it"
+            )
+        self._transactions = sink
 
     # -- the consumer thread ---------------------------------------------------------
 
@@ -334,6 +304,18 @@ class KafkaSource:
                 self._topic_partition(k, self._acked[k] + 1) for k in keys if k in self._acked
             ]
             dropped = self._forget(keys)
+            if self._transactions is not None:
+                offsets = []  # acknowledged = committed, inside the sink's transactions
+                if not drained and not self._closed:
+                    # Their results may be in the open transaction; committing it now
+                    # would duplicate what the new owner writes. Only an abort is safe.
+                    self._broken = (
+                        f"partitions {_describe(keys)} were revoked with events in an open "
+                        f"transaction after waiting {self.revoke_wait_s:.1f} s; the transaction "
+                        "is aborted and they are read again (raise revoke_wait_s above the "
+                        "pipeline's longest batch)"
+                    )
+                    self._cond.notify_all()
         if offsets:
             self._commit_now(consumer, offsets, "on revocation")
         if not drained and not self._closed:
@@ -395,7 +377,7 @@ class KafkaSource:
         from confluent_kafka import KafkaException
 
         consumer = self._consumer
-        if consumer is None:
+        if consumer is None or self._transactions is not None:
             return
         offsets = self._pending_offsets()
         if not offsets:
@@ -470,6 +452,8 @@ class KafkaSource:
         try:
             with self._cond:
                 offsets = [self._topic_partition(k, a + 1) for k, a in self._acked.items()]
+                if self._transactions is not None:
+                    offsets = []  # committed already, in the sink's transactions
                 unacked = sum(1 for k, h in self._handed.items() if h > self._acked.get(k, -1))
             if offsets:
                 self._commit_now(consumer, offsets, "on close")
@@ -547,6 +531,8 @@ class KafkaSource:
         new owner reads them again), and so are positions read before the current
         assignment of their partition began.
         """
+        if self._broken is not None:
+            raise RtinferError(f"{self.name}: {self._broken}")
         if not positions or self._executor is None:
             return
         highest: dict[_Key, int] = {}
@@ -557,6 +543,9 @@ class KafkaSource:
             key = _position_key(position)
             if offset > highest.get(key, -1):
                 highest[key] = offset
+        if self._transactions is not None:
+            await self._ack_in_transaction(highest)
+            return
         with self._cond:
             changed = False
             for key, offset in highest.items():
@@ -573,6 +562,32 @@ class KafkaSource:
             self._commit_queued = True
         if queue:
             self._executor.submit(self._store_and_commit)
+
+    async def _ack_in_transaction(self, highest: dict[_Key, int]) -> None:
+        """Commit ``offset + 1`` of each partition in the sink's transaction, then record it."""
+        assert self._transactions is not None
+        consumer = self._consumer
+        if consumer is None:
+            return
+        with self._cond:
+            wanted = {
+                key: offset
+                for key, offset in highest.items()
+                if key in self._assigned
+                and (first := self._first_read.get(key)) is not None
+                and offset >= first
+                and offset > self._acked.get(key, -1)
+            }
+        if not wanted:
+            return
+        offsets = [self._topic_partition(key, offset + 1) for key, offset in wanted.items()]
+        await self._transactions.commit_transaction(offsets, consumer.consumer_group_metadata())
+        with self._cond:
+            for key, offset in wanted.items():
+                if key in self._assigned and offset > self._acked.get(key, -1):
+                    self._acked[key] = offset
+                    self._stored[key] = offset + 1
+            self._cond.notify_all()  # a revocation may be waiting for these
 
     async def lag(self) -> int | None:
         """Messages of this member's partitions not yet committed by the group.

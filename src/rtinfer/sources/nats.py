@@ -11,118 +11,35 @@ delivered again, to whichever worker of the durable pulls next, up to
 
 Importing this module needs ``nats-py`` (``pip install 'rtinfer[nats]'``);
 without it the import raises :class:`~rtinfer.exceptions.MissingDependency`.
-:func:`connect` is shared with :mod:`rtinfer.sinks.nats`.
+The connection (:func:`~rtinfer.connectors.nats.connect`) is in
+:mod:`rtinfer.connectors.nats`, shared with :mod:`rtinfer.sinks.nats`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import logging
-import ssl
 from collections.abc import Sequence
 
-from ..exceptions import ConfigError, MissingDependency, RtinferError
+from ..exceptions import ConfigError, MissingDependency
 from ..types import DEAD_REASON_HEADER, Event, Position
 
 try:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
-    from nats.errors import FlushTimeoutError, NoServersError
+    from nats.errors import FlushTimeoutError
     from nats.js import JetStreamContext
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
     from nats.js.errors import NotFoundError
 except ImportError as exc:  # the optional extra is not installed
     raise MissingDependency("the NATS JetStream source", "nats") from exc
 
-__all__ = ["DEAD_REASON_HEADER", "KEY_B64_HEADER", "KEY_HEADER", "NatsSource", "connect"]
+from ..connectors.nats import KEY_B64_HEADER, KEY_HEADER, close_quietly, connect
+
+__all__ = ["DEAD_REASON_HEADER", "NatsSource"]
 
 logger = logging.getLogger(__name__)
-
-#: Header holding an event's key as UTF-8 text (what :class:`~rtinfer.sinks.nats.NatsSink` writes).
-KEY_HEADER = "rtinfer-key"
-#: Header holding an event's key as base64, for keys that are not header-safe UTF-8 text.
-KEY_B64_HEADER = "rtinfer-key-b64"
-#: Header set on an event delivered for the last time: the pipeline dead-letters it.
-
-
-async def connect(
-    url: str,
-    *,
-    name: str,
-    creds_file: str | None = None,
-    tls_ca_file: str | None = None,
-    tls_cert_file: str | None = None,
-    tls_key_file: str | None = None,
-    connect_timeout_s: float = 5.0,
-) -> Client:
-    """Connect to the NATS server(s) at ``url`` (comma-separated for a cluster).
-
-    ``creds_file`` is a NATS ``.creds`` file (JWT and NKey seed; needs the
-    ``nkeys`` package, in the ``nats`` extra). TLS is used
-    when the URL is ``tls://`` or any ``tls_*`` file is given: ``tls_ca_file``
-    verifies the server, ``tls_cert_file`` and ``tls_key_file`` authenticate
-    the client. Once connected, the client reconnects for as long as it
-    lives; the first connection must succeed within ``connect_timeout_s``,
-    else :class:`~rtinfer.exceptions.RtinferError` names the URL.
-    """
-    if creds_file is not None and importlib.util.find_spec("nkeys") is None:
-        raise MissingDependency("NATS credentials (creds_file)", "nats")
-    servers = [s.strip() for s in url.split(",") if s.strip()]
-    if not servers:
-        raise ConfigError(f"no NATS server in url {url!r}; use e.g. nats://127.0.0.1:4222")
-    tls: ssl.SSLContext | None = None
-    if tls_ca_file or tls_cert_file or tls_key_file:
-        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls_ca_file)
-        if tls_cert_file:
-            tls.load_cert_chain(tls_cert_file, tls_key_file)
-        elif tls_key_file:
-            raise ConfigError("tls_key_file needs tls_cert_file (the client certificate)")
-
-    client = Client()
-
-    async def on_error(exc: Exception) -> None:
-        logger.warning("NATS %s (%s): %s", url, name, exc)
-
-    async def on_disconnected() -> None:
-        if not client.is_closed:  # closing calls this too
-            logger.warning("NATS %s (%s): disconnected, reconnecting", url, name)
-
-    async def on_reconnected() -> None:
-        logger.info("NATS %s (%s): reconnected", url, name)
-
-    try:
-        # nats-py retries a first connection for as long as reconnection is allowed
-        # (forever here), so the first connection is bounded from outside.
-        await asyncio.wait_for(
-            client.connect(
-                servers,
-                name=name,
-                user_credentials=creds_file,
-                tls=tls,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-                connect_timeout=max(1, round(connect_timeout_s)),
-                max_reconnect_attempts=-1,
-            ),
-            connect_timeout_s,
-        )
-    except (TimeoutError, OSError, NoServersError) as exc:
-        await _close_quietly(client)
-        raise RtinferError(
-            f"cannot connect to NATS at {url} within {connect_timeout_s} s ({exc!r}); "
-            "check that the server runs and the URL, credentials and TLS files are right"
-        ) from exc
-    return client
-
-
-async def _close_quietly(client: Client) -> None:
-    try:
-        await client.close()
-    except Exception:  # closing a client that never connected: nothing to release
-        logger.debug("closing an unconnected NATS client failed", exc_info=True)
 
 
 class NatsSource:
@@ -293,7 +210,7 @@ class NatsSource:
             self._max_deliver = info.config.max_deliver or self.max_deliver
             self._sub = await js.pull_subscribe_bind(self.durable, stream=self.stream)
         except BaseException:
-            await _close_quietly(nc)
+            await close_quietly(nc)
             raise
         self._nc, self._js = nc, js
 
