@@ -419,6 +419,39 @@ async def test_sink_results_published_twice_are_stored_once(nats_admin: Nats) ->
         await sink.aclose()
 
 
+async def test_results_of_mqtt_events_without_ids_are_never_taken_for_duplicates(
+    nats_admin: Nats,
+) -> None:
+    # MQTT reuses packet ids: two different events may share a position, so that
+    # position must not become their Nats-Msg-Id (JetStream would drop the second).
+    stream, subject = await nats_admin.stream()
+    sink = NatsSink(NATS_URL, subject, stream=stream)
+    await sink.start()
+    try:
+        first, second = result_event(None, {"n": 1}), result_event(None, {"n": 2})
+        for event in (first, second):
+            event.position = Position("mqtt://sensors/+", 0, 1)
+        await sink.write([first, second])
+        await sink.flush()
+        assert await nats_admin.messages(stream) == 2
+    finally:
+        await sink.aclose()
+    data = await nats_admin.read_all(stream, subject, 2)
+    assert all("Nats-Msg-Id" not in (headers or {}) for _, headers in data)
+
+
+async def test_a_malformed_key_header_loses_the_key_not_the_event(nats_admin: Nats) -> None:
+    stream, subject = nats_admin.names()
+    src = source(stream, subject)
+    await src.start()
+    try:
+        await nats_admin.js.publish(subject, b"v", headers={"rtinfer-key-b64": "not base64!"})
+        (event,) = await read_n(src, 1)
+        assert (event.value, event.key) == (b"v", None)
+    finally:
+        await src.aclose()
+
+
 async def test_sink_refuses_a_missing_stream(nats_admin: Nats) -> None:
     stream, subject = nats_admin.names()
     sink = NatsSink(NATS_URL, subject, stream=stream)

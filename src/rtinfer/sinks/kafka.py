@@ -28,6 +28,7 @@ import msgspec
 from ..connectors.kafka import client_config, require_kafka
 from ..exceptions import ConfigError, RtinferError
 from ..types import Event
+from .ids import source_id
 
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message, Producer, TopicPartition
@@ -259,10 +260,7 @@ class KafkaSink:
         for event in events:
             result = event.result
             value = result if type(result) is bytes else _encode(result)
-            ident = event.id
-            if ident is None and event.position is not None:
-                p = event.position
-                ident = f"{p.source}/{p.partition}/{p.offset}"
+            ident = source_id(event)
             headers: HeadersType | None = None
             if ident is not None:
                 headers = [(SOURCE_ID_HEADER, ident.encode())]

@@ -23,6 +23,7 @@ import msgspec
 
 from ..exceptions import MissingDependency, RtinferError
 from ..types import Event
+from .ids import source_id
 
 try:
     import aiomqtt
@@ -64,21 +65,6 @@ def key_property(name: str, key: bytes) -> tuple[str, str]:
     if text is not None and text.isprintable() and text == text.strip():
         return (name, text)
     return (name + KEY_B64_SUFFIX, base64.b64encode(key).decode("ascii"))
-
-
-def source_id(event: Event) -> str | None:
-    """The id that identifies ``event`` across deliveries, or ``None``.
-
-    The event's id; without one, its position when that names a place in a
-    log (``<source>/<partition>/<offset>``). An MQTT position names a delivery
-    (packet ids are reused), so it never stands in for an id.
-    """
-    if event.id is not None:
-        return event.id
-    p = event.position
-    if p is not None and not p.source.startswith("mqtt://"):
-        return f"{p.source}/{p.partition}/{p.offset}"
-    return None
 
 
 class MqttSink:

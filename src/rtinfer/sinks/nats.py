@@ -21,6 +21,7 @@ import msgspec
 
 from ..exceptions import ConfigError, MissingDependency
 from ..types import Event
+from .ids import source_id
 
 try:
     from nats.aio.client import Client
@@ -182,10 +183,7 @@ class NatsSink:
             result = event.result
             payload = result if type(result) is bytes else _encode(result)
             headers = key_headers(event.key) if event.key is not None else {}
-            ident = event.id
-            if ident is None and event.position is not None:
-                p = event.position
-                ident = f"{p.source}/{p.partition}/{p.offset}"
+            ident = source_id(event)
             if ident is not None:
                 headers[MSG_ID_HEADER] = prefix + ident
             append((payload, headers))

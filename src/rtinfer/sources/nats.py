@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 from collections.abc import Sequence
 
@@ -291,7 +292,10 @@ class NatsSource:
                 else:
                     b64 = raw.get(KEY_B64_HEADER)
                     if b64 is not None:
-                        key = base64.b64decode(b64)
+                        try:
+                            key = base64.b64decode(b64, validate=True)
+                        except (binascii.Error, ValueError):  # a bad header loses the key only
+                            key = None
             if dead:
                 headers[DEAD_REASON_HEADER] = f"delivered {meta.num_delivered} times".encode()
             events.append(
