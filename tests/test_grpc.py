@@ -28,7 +28,7 @@ from conftest import SAFETY, linear, python_model, wait_until
 from rtinfer.grpc import create_grpc_server, inference_pb2_grpc, serve_grpc
 from rtinfer.grpc import inference_pb2 as pb
 from rtinfer.models import OnnxModel, PythonModel, tensor
-from rtinfer.serving import ModelServer
+from rtinfer.serving import Inference, ModelServer
 from rtinfer.types import Arrays
 
 Stub = inference_pb2_grpc.GRPCInferenceServiceStub
@@ -330,9 +330,10 @@ class RecordingServer(ModelServer):
         *,
         version: str | None = None,
         deadline: float | None = None,
-    ) -> tuple[Any, Arrays]:
+        **kwargs: Any,
+    ) -> Inference:
         self.deadlines.append(deadline)
-        return await super().infer(name, inputs, version=version, deadline=deadline)
+        return await super().infer(name, inputs, version=version, deadline=deadline, **kwargs)
 
 
 async def test_the_client_deadline_becomes_the_inference_deadline() -> None:

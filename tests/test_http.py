@@ -516,7 +516,7 @@ async def test_openapi_lists_every_route(client: httpx.AsyncClient) -> None:
     routes = {(method, path) for method, path, _ in ROUTES if not path.startswith("/pipelines/")}
     assert documented == routes
     infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
-    assert set(infer["responses"]) == {"200", "400", "401", "404", "413", "503", "504"}
+    assert set(infer["responses"]) == {"200", "400", "401", "404", "413", "429", "503", "504"}
     docs = await client.get("/docs")
     assert docs.headers["content-type"].startswith("text/html")
     assert b'url: "openapi.json"' in docs.content

@@ -28,9 +28,10 @@ async def test_versions_metadata_and_inference() -> None:
             server.get("linear", "9")
         with pytest.raises(ModelNotFound, match="unknown model 'nope'; served here: linear"):
             server.get("nope")
-        served, outputs = await server.infer(
+        served, outputs, step = await server.infer(
             "linear", {"features": np.array([[0.25, 0.0]], np.float32)}, version="1"
         )
+        assert step is None  # no fallback chain: the model answered
         assert served.version == "1"
         np.testing.assert_allclose(outputs["probabilities"], [[0.75, 0.25]])
         meta = served.metadata()

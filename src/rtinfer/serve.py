@@ -12,7 +12,9 @@ repository::
     REPO/<model>/<version>/model.onnx  one folder per version; the highest answers by default
 
 ``config.yaml`` may set ``max_batch_size``, ``max_delay_ms``, ``max_in_flight``,
-``max_queue_rows`` and ``intra_op_threads``.
+``max_queue_rows`` and ``intra_op_threads``, and the model's protections (see
+:class:`~rtinfer.serving.ModelPolicy`): ``priority``, ``max_concurrency``, ``breaker``,
+``cache``, ``deterministic`` and ``fallback`` (``model``, ``rules``, ``default``).
 
 :func:`run_server` runs the :class:`~rtinfer.http.InferenceApp` under uvicorn
 (uvloop and httptools where installed), in ``workers`` processes sharing the
@@ -22,19 +24,32 @@ port, each loading the models once. The settings reach the workers through
 uvicorn finishes the requests in flight, then the models drain their queues)
 every worker leaves a snapshot of its request metrics, and the summary of all
 of them is returned and written to ``summary_json``.
+
+SIGTERM drains first: readiness turns false at once, new requests are refused (503
+with ``Retry-After``, gRPC ``UNAVAILABLE``), the requests in flight finish (at most
+``drain_s`` seconds), and only then does uvicorn stop accepting and exit. SIGINT (and
+a second SIGTERM) stops at once, still finishing the requests in flight.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
+import logging
+import math
 import os
 import re
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import numpy as np
 import yaml
 
 from .batching import MicroBatcher
@@ -42,7 +57,9 @@ from .exceptions import ConfigError, MissingDependency
 from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
 from .http.stats import summarize
 from .models import load_model
-from .serving import ModelServer
+from .resilience import ClientQuota, MemoryStore, PredictionCache, Priority, RedisStore
+from .resilience import parse_priority as _parse_priority
+from .serving import ModelPolicy, ModelServer
 from .types import Model
 
 __all__ = [
@@ -61,10 +78,19 @@ _ENV_SNAPSHOTS = "RTINFER_SERVE_SNAPSHOTS"
 _ENV_GRPC = "RTINFER_SERVE_GRPC"  # host:port of the gRPC front, when there is one
 _ENV_STREAM = "RTINFER_SERVE_STREAM"  # "1": a pipeline TARGET also runs its stream
 _ENV_API_KEY = "RTINFER_API_KEY"
+_ENV_POLICY = "RTINFER_SERVE_POLICY"  # JSON: the protections' server-wide settings
+
+log = logging.getLogger("rtinfer.serve")
+
+DEFAULT_DRAIN_S = 10.0
 
 _MODEL_FILES = ("model.onnx", "model.txt")
 _CONFIG_KEYS = {"max_batch_size", "max_delay_ms", "max_in_flight", "max_queue_rows"}
 _ONNX_KEYS = {"intra_op_threads"}
+_POLICY_KEYS = {"priority", "max_concurrency", "breaker", "cache", "deterministic", "fallback"}
+_ALL_KEYS = _CONFIG_KEYS | _ONNX_KEYS | _POLICY_KEYS
+_FALLBACK_KEYS = {"model", "rules", "default"}
+_BREAKER_KEYS = {"consecutive_failures", "open_seconds"}
 
 
 def build_server(
@@ -72,6 +98,12 @@ def build_server(
     *,
     allow_pickle: bool = False,
     stream: bool = False,
+    max_concurrency: int = 1000,
+    default_priority: Priority | str = Priority.CRITICAL,
+    quota: str | None = None,
+    cache_size: int = 0,
+    cache_ttl_s: float = 60.0,
+    cache_redis: str | None = None,
     **batching: Any,
 ) -> ModelServer:
     """A ModelServer (not started) for a model file, a pipeline file or a model repository.
@@ -80,9 +112,34 @@ def build_server(
     model is busy, so a lone request is answered at once and a crowd is batched. A
     model's ``config.yaml`` (``max_delay_ms``) or ``batching`` here can set a delay; a
     pipeline's batching is its own ``model.batching``.
+
+    The server-wide protections (``rtinfer serve`` options of the same names):
+    ``max_concurrency``, the ceiling of each model's adaptive limiter (0: none);
+    ``default_priority`` of requests that send none; ``quota`` ``"RATE[/BURST]"`` calls
+    per second per client (429 past it); a prediction cache of ``cache_size`` rows in
+    memory, or in Redis at ``cache_redis``, each kept ``cache_ttl_s`` seconds.
     """
     path = Path(target)
-    server = ModelServer(batching={"max_delay": 0.0, **batching})
+    server = ModelServer(
+        batching={"max_delay": 0.0, **batching},
+        max_concurrency=max_concurrency,
+        default_priority=(
+            default_priority
+            if isinstance(default_priority, Priority)
+            else _parse_priority(default_priority)
+        ),
+    )
+    if quota is not None:
+        rate, burst = parse_quota(quota)
+        server.quota = ClientQuota(rate, burst=burst, metrics=server.metrics)
+    if cache_redis:
+        server.cache = PredictionCache(
+            RedisStore(cache_redis, ttl_seconds=cache_ttl_s), metrics=server.metrics
+        )
+    elif cache_size > 0:
+        server.cache = PredictionCache(
+            MemoryStore(max_entries=cache_size, ttl_seconds=cache_ttl_s), metrics=server.metrics
+        )
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         from .build import load_pipeline
         from .scoring import PipelineScorer
@@ -108,8 +165,11 @@ def _version_key(name: str) -> tuple[int, int, str]:
 
 
 def _add_repository(server: ModelServer, repo: Path) -> None:
-    for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = {folder.name for folder in folders}
+    for folder in folders:
         config = _read_config(folder / "config.yaml")
+        policy = _policy(config, folder / "config.yaml", names - {folder.name})
         batching = {k: v for k, v in config.items() if k in _CONFIG_KEYS}
         if "max_delay_ms" in batching:
             batching["max_delay"] = batching.pop("max_delay_ms") / 1e3
@@ -128,7 +188,8 @@ def _add_repository(server: ModelServer, repo: Path) -> None:
                     f"{', '.join(_MODEL_FILES)}"
                 )
             model = load_model(files[0], name=folder.name, version=version.name, **onnx)
-            server.add(model, batcher=_batcher(server, model, batching) if batching else None)
+            batcher = _batcher(server, model, batching) if batching else None
+            server.add(model, batcher=batcher, policy=policy)
 
 
 def _batcher(server: ModelServer, model: Model, batching: dict[str, Any]) -> MicroBatcher:
@@ -145,9 +206,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("must be a mapping of settings", file=str(path))
     for key, value in config.items():
-        if key not in _CONFIG_KEYS | _ONNX_KEYS:
-            known = ", ".join(sorted(_CONFIG_KEYS | _ONNX_KEYS))
+        if key not in _ALL_KEYS:
+            known = ", ".join(sorted(_ALL_KEYS))
             raise ConfigError(f"unknown setting; use one of {known}", file=str(path), key=key)
+        if key in _POLICY_KEYS:
+            continue  # checked by _policy
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(
                 f"must be a number, 0 or more; got {value!r}", file=str(path), key=key
@@ -157,15 +220,148 @@ def _read_config(path: Path) -> dict[str, Any]:
     return dict(config)
 
 
+def _policy(config: Mapping[str, Any], path: Path, others: set[str]) -> ModelPolicy:
+    """The model's protections from its ``config.yaml`` (``others``: the models beside it)."""
+    file = str(path)
+    options: dict[str, Any] = {}
+    if "priority" in config:
+        try:
+            options["priority"] = _parse_priority(str(config["priority"]))
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=file, key="priority") from None
+    if "max_concurrency" in config:
+        value = config["max_concurrency"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f"must be a whole number, 0 (no limiter) or more; got {value!r}",
+                file=file,
+                key="max_concurrency",
+            )
+        options["max_concurrency"] = value
+    for key in ("cache", "deterministic"):
+        if key in config:
+            if not isinstance(config[key], bool):
+                raise ConfigError(f"must be true or false; got {config[key]!r}", file=file, key=key)
+            options[key] = config[key]
+    breaker = config.get("breaker", True)
+    if isinstance(breaker, bool):
+        options["breaker"] = breaker
+    elif isinstance(breaker, dict):
+        for key, value in breaker.items():
+            where = f"breaker.{key}"
+            if key not in _BREAKER_KEYS:
+                known = ", ".join(sorted(_BREAKER_KEYS))
+                raise ConfigError(f"unknown setting; use one of {known}", file=file, key=where)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"must be a number above 0; got {value!r}", file=file, key=where)
+        if not isinstance(breaker.get("consecutive_failures", 1), int):
+            raise ConfigError(
+                "must be a whole number", file=file, key="breaker.consecutive_failures"
+            )
+        options["breaker_failures"] = breaker.get("consecutive_failures", 5)
+        options["breaker_open_s"] = float(breaker.get("open_seconds", 5.0))
+    else:
+        raise ConfigError(
+            f"must be true, false or a mapping of {', '.join(sorted(_BREAKER_KEYS))}; "
+            f"got {breaker!r}",
+            file=file,
+            key="breaker",
+        )
+    fallback = config.get("fallback")
+    if fallback is not None:
+        options.update(_fallback(fallback, file, others))
+    return ModelPolicy(**options)
+
+
+def _fallback(fallback: Any, file: str, others: set[str]) -> dict[str, Any]:
+    if not isinstance(fallback, dict) or not fallback:
+        raise ConfigError(
+            "must be a mapping of model (a model served beside it), rules "
+            "('package.module:function') and/or default ({output: row})",
+            file=file,
+            key="fallback",
+        )
+    options: dict[str, Any] = {}
+    for key, value in fallback.items():
+        where = f"fallback.{key}"
+        if key not in _FALLBACK_KEYS:
+            known = ", ".join(sorted(_FALLBACK_KEYS))
+            raise ConfigError(f"unknown setting; use one of {known}", file=file, key=where)
+        if key == "model":
+            if value not in others:
+                have = ", ".join(sorted(others)) or "none"
+                raise ConfigError(
+                    f"no model {value!r} is served beside it; the repository has {have}",
+                    file=file,
+                    key=where,
+                )
+            options["fallback_model"] = value
+        elif key == "rules":
+            from .config import import_object
+
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"must be an import path 'package.module:function'; got {value!r}",
+                    file=file,
+                    key=where,
+                )
+            rules = import_object(value, key=where, file=file)
+            if not callable(rules):
+                raise ConfigError(f"{value!r} is not callable", file=file, key=where)
+            options["rules"] = rules
+        else:
+            if not isinstance(value, dict) or not value:
+                raise ConfigError(
+                    "must map each output name to its row, e.g. {probabilities: [1.0, 0.0]}",
+                    file=file,
+                    key=where,
+                )
+            default = {str(k): np.asarray(v) for k, v in value.items()}
+            for name, array in default.items():
+                if array.dtype.kind not in "biuf":
+                    raise ConfigError(
+                        f"output {name!r} must be a number or a list of numbers; got "
+                        f"{value[name]!r}",
+                        file=file,
+                        key=where,
+                    )
+            options["default"] = default
+    return options
+
+
+def parse_quota(text: str) -> tuple[float, float | None]:
+    """``"RATE[/BURST]"`` (calls per second, burst size) of ``--quota``; ValueError if bad."""
+    rate_text, _, burst_text = text.partition("/")
+    try:
+        rate = float(rate_text)
+        burst = float(burst_text) if burst_text else None
+    except ValueError:
+        rate, burst = math.nan, None
+    if not (math.isfinite(rate) and rate > 0) or (burst is not None and not burst >= 1):
+        raise ValueError(
+            f"expected RATE[/BURST]: calls per second above 0, and a burst of at least 1 "
+            f"call, e.g. 100/200; got {text!r}"
+        )
+    return rate, burst
+
+
+def _policy_settings() -> dict[str, Any]:
+    raw = os.environ.get(_ENV_POLICY)
+    return dict(json.loads(raw)) if raw else {}
+
+
 def app_from_env() -> InferenceApp:
     """The app of one worker process, from the ``RTINFER_SERVE_*`` environment (uvicorn factory)."""
     target = os.environ.get(_ENV_TARGET)
     if not target:
         raise ConfigError(f"{_ENV_TARGET} is not set; start the server with rtinfer serve")
+    settings = _policy_settings()
+    drain_s = settings.pop("drain_s", DEFAULT_DRAIN_S)
     server = build_server(
         target,
         allow_pickle=os.environ.get(_ENV_PICKLE) == "1",
         stream=os.environ.get(_ENV_STREAM) == "1",
+        **settings,
     )
     timeout = os.environ.get(_ENV_TIMEOUT, "30")
     snapshots = os.environ.get(_ENV_SNAPSHOTS)
@@ -177,24 +373,33 @@ def app_from_env() -> InferenceApp:
     api_key = os.environ.get(_ENV_API_KEY) or None
     grpc_address = os.environ.get(_ENV_GRPC)
 
-    async def start_grpc(app: InferenceApp) -> Stopper | None:
-        """The gRPC front on the same models (workers share its port: SO_REUSEPORT)."""
-        if not grpc_address:
-            return None
-        from .grpc.service import serve_grpc
+    async def started(app: InferenceApp) -> Stopper | None:
+        """The gRPC front on the same models (workers share its port: SO_REUSEPORT), and
+        SIGTERM made to drain first."""
+        stop_grpc: Stopper | None = None
+        if grpc_address:
+            from .grpc.service import serve_grpc
 
-        host, _, port = grpc_address.rpartition(":")
-        grpc_server = await serve_grpc(
-            app.server,
-            host,
-            int(port),
-            api_key,
-            reuse_port=True,
-            default_timeout_s=app.default_timeout_s,
-        )
+            host, _, port = grpc_address.rpartition(":")
+            grpc_server = await serve_grpc(
+                app.server,
+                host,
+                int(port),
+                api_key,
+                reuse_port=True,
+                default_timeout_s=app.default_timeout_s,
+            )
+
+            async def stop_grpc() -> None:
+                await grpc_server.stop(grace=5.0)
+
+        restore = drain_on_sigterm(app.server, drain_s)
 
         async def stop() -> None:
-            await grpc_server.stop(grace=5.0)
+            if restore is not None:
+                restore()
+            if stop_grpc is not None:
+                await stop_grpc()
 
         return stop
 
@@ -203,9 +408,61 @@ def app_from_env() -> InferenceApp:
         api_key=api_key,
         max_body_bytes=int(os.environ.get(_ENV_MAX_BODY, str(DEFAULT_MAX_BODY_BYTES))),
         default_timeout_s=float(timeout) if timeout else None,
-        on_started=start_grpc,
+        on_started=started,
         on_shutdown=write_snapshot,
     )
+
+
+Handler = Callable[[int, FrameType | None], Any]
+
+
+def drain_on_sigterm(server: ModelServer, drain_s: float | None) -> Callable[[], None] | None:
+    """Make SIGTERM drain ``server`` before the handler already installed (uvicorn's) runs.
+
+    On the first SIGTERM the server turns not ready and refuses new requests at once,
+    the requests in flight finish (at most ``drain_s`` seconds), then the previous
+    handler is called, which stops uvicorn (it stops accepting, closes the idle
+    connections and runs the lifespan shutdown). A second SIGTERM calls it at once.
+    Returns what restores the previous handler, or ``None`` when signals cannot be
+    handled here (not the main thread, or no Python handler to hand over to).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return None
+    handover: Handler = previous
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    signalled: list[int] = []
+
+    async def drain_then_stop() -> None:
+        if not await server.drain(drain_s):
+            log.warning(
+                "%d request(s) still in flight after the %s s drain; stopping anyway",
+                server.in_flight,
+                drain_s,
+            )
+        handover(signal.SIGTERM, None)
+
+    def start() -> None:
+        tasks.append(loop.create_task(drain_then_stop()))
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        signalled.append(sig)
+        if len(signalled) > 1:
+            handover(sig, frame)  # a second SIGTERM: stop now
+            return
+        log.info("SIGTERM: draining (not ready, new requests refused) for up to %s s", drain_s)
+        loop.call_soon_threadsafe(start)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, handover)
+
+    return restore
 
 
 def _is_loopback(host: str) -> bool:
@@ -232,11 +489,21 @@ def run_server(
     log_level: str = "info",
     grpc_port: int | None = None,
     stream: bool = False,
+    max_concurrency: int = 1000,
+    default_priority: str = "critical",
+    quota: str | None = None,
+    cache_size: int = 0,
+    cache_ttl_s: float = 60.0,
+    cache_redis: str | None = None,
+    drain_s: float = DEFAULT_DRAIN_S,
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
     Binding anything but a loopback address needs an API key (``api_key`` or
-    ``RTINFER_API_KEY``) unless ``insecure``.
+    ``RTINFER_API_KEY``) unless ``insecure``. ``timeout_s`` is the SLO: the deadline of
+    a request that sends none (``--slo-ms``). SIGTERM drains for up to ``drain_s``
+    seconds first (see the module). The protections' settings are
+    :func:`build_server`'s.
     """
     try:
         import uvicorn
@@ -250,7 +517,15 @@ def run_server(
             f"binding {host} exposes the models beyond this machine; set an API key "
             f"(--api-key or {_ENV_API_KEY}) or pass --insecure"
         )
-    build_server(target, allow_pickle=allow_pickle)  # fail here, not in every worker
+    policy: dict[str, Any] = {
+        "max_concurrency": max_concurrency,
+        "default_priority": default_priority,
+        "quota": quota,
+        "cache_size": cache_size,
+        "cache_ttl_s": cache_ttl_s,
+        "cache_redis": cache_redis,
+    }
+    build_server(target, allow_pickle=allow_pickle, **policy)  # fail here, not in every worker
     with tempfile.TemporaryDirectory(prefix="rtinfer-serve-") as snapshots:
         os.environ.update(
             {
@@ -261,22 +536,21 @@ def run_server(
                 _ENV_STREAM: "1" if stream else "0",
                 _ENV_SNAPSHOTS: snapshots,
                 _ENV_GRPC: "" if grpc_port is None else f"{host}:{grpc_port}",
+                _ENV_POLICY: json.dumps({**policy, "drain_s": drain_s}),
             }
         )
         if api_key is not None:
             os.environ[_ENV_API_KEY] = api_key
-        uvicorn.run(
-            "rtinfer.serve:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            lifespan="on",
-            access_log=False,
-            log_level=log_level,
-            server_header=False,
-            ws_max_size=max_body_bytes,  # WebSocket frames are bounded like bodies
-        )
+        # uvicorn raises the signal that stopped it again once it has finished, under the
+        # handler found before it started: by default that kills this process before the
+        # summary is written. A handler that only notes it lets the run end normally.
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGTERM, _stopped) if main else None
+        try:
+            _run_uvicorn(uvicorn, host, port, workers, log_level, max_body_bytes, drain_s)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, before)
         summary = summarize(
             json.loads(p.read_text()) for p in sorted(Path(snapshots).glob("*.json"))
         )
@@ -286,6 +560,35 @@ def run_server(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _stopped(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM after uvicorn has stopped: the run is ending anyway."""
+
+
+def _run_uvicorn(
+    uvicorn: Any,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    max_body_bytes: int,
+    drain_s: float,
+) -> None:
+    uvicorn.run(
+        "rtinfer.serve:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        lifespan="on",
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+        ws_max_size=max_body_bytes,  # WebSocket frames are bounded like bodies
+        # After a drain, or on SIGINT: what is still running gets this long.
+        timeout_graceful_shutdown=drain_s,
+    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,10 +613,53 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=_size, default=DEFAULT_MAX_BODY_BYTES, help="default 16MiB"
     )
     parser.add_argument(
-        "--timeout-ms",
+        "--slo-ms",
+        "--timeout-ms",  # its former name
+        dest="slo_ms",
         type=float,
         default=30_000.0,
-        help="deadline of requests that send no X-Request-Timeout-Ms (0: none); default 30000",
+        help="the default deadline of a request that sends none (X-Request-Timeout-Ms, a "
+        "gRPC deadline); 0: none; default 30000",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=_whole,
+        default=1000,
+        help="the most requests each model's adaptive concurrency limit may admit at once "
+        "(past the limit: 503 with Retry-After); 0: no limiter; default 1000",
+    )
+    parser.add_argument(
+        "--default-priority",
+        choices=["critical", "best_effort"],
+        default="critical",
+        help="traffic class of requests without X-Priority (best_effort is shed first); "
+        "default critical",
+    )
+    parser.add_argument(
+        "--quota",
+        type=_quota,
+        help="per-client quota, RATE[/BURST] requests per second (past it: 429); default none",
+    )
+    parser.add_argument(
+        "--cache-size",
+        type=_whole,
+        default=0,
+        help="cache this many predicted rows in memory (deterministic models); default 0: off",
+    )
+    parser.add_argument(
+        "--cache-ttl-s", type=float, default=60.0, help="seconds a cached row is kept; default 60"
+    )
+    parser.add_argument(
+        "--cache-redis",
+        metavar="URL",
+        help="cache predictions in Redis (shared by workers and replicas) instead of memory",
+    )
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        help="on SIGTERM, answer not ready and finish the requests in flight for at most this "
+        "many seconds before stopping; default 10",
     )
     parser.add_argument("--workers", type=int, default=1, help="server processes; default 1")
     parser.add_argument("--summary-json", type=Path, help="write the run's summary here")
@@ -338,6 +684,24 @@ def _size(text: str) -> int:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more; got {text!r}")
+    return value
+
+
+def _quota(text: str) -> str:
+    try:
+        parse_quota(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Run ``rtinfer serve`` from parsed arguments; print the summary; return the exit status."""
     summary = run_server(
@@ -349,10 +713,17 @@ def serve_command(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         summary_json=args.summary_json,
         workers=args.workers,
-        timeout_s=args.timeout_ms / 1e3 if args.timeout_ms > 0 else None,
+        timeout_s=args.slo_ms / 1e3 if args.slo_ms > 0 else None,
         allow_pickle=args.allow_pickle,
         grpc_port=args.grpc_port,
         stream=args.stream,
+        max_concurrency=args.max_concurrency,
+        default_priority=args.default_priority,
+        quota=args.quota,
+        cache_size=args.cache_size,
+        cache_ttl_s=args.cache_ttl_s,
+        cache_redis=args.cache_redis,
+        drain_s=args.drain_s,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -5,33 +5,67 @@ A :class:`ModelServer` holds named, versioned models, each behind its own
 pipelines sharing the batcher) are batched together. The protocol fronts
 (REST, gRPC, WebSocket) only translate: they find the model, check and decode
 the request, call :meth:`ModelServer.infer`, and encode the answer or the error.
+
+:meth:`ModelServer.infer` is the one place where the serving policy lives, so every
+front gets the same: a draining server refuses (:class:`~rtinfer.exceptions.Closed`),
+a client over its quota gets :class:`~rtinfer.exceptions.QuotaExceeded` (429), the
+model's adaptive limiter admits by priority or sheds (``Overloaded``, 503), then the
+model's path runs, built once at :meth:`ModelServer.start`::
+
+    fallback chain ─► step "model": cache ─► circuit breaker ─► micro-batcher (deadline)
+                   ─► step "model:<light>" ─► "rules" ─► "default"
+
+Every piece that is off costs nothing per request: a model without a cache, breaker
+or chain submits straight to its batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .batching import MicroBatcher
-from .exceptions import ModelInputError, RtinferError
+from .exceptions import (
+    Closed,
+    ConfigError,
+    DeadlineExceeded,
+    ModelInputError,
+    Overloaded,
+    RtinferError,
+)
 from .observability.metrics import Metrics
+from .resilience import (
+    AdaptiveLimiter,
+    CircuitBreaker,
+    ClientQuota,
+    FallbackChain,
+    Permit,
+    PredictionCache,
+    Priority,
+    Step,
+    is_deterministic,
+)
 from .types import Arrays, Model, TensorSpec
 
 if TYPE_CHECKING:
     from .scoring import PipelineScorer
 
 __all__ = [
+    "Inference",
     "ModelNotFound",
+    "ModelPolicy",
     "ModelServer",
     "ServedModel",
     "deadline_from_timeout",
     "decode_bytes_tensor",
     "encode_bytes_tensor",
+    "model_failed",
     "numpy_dtype",
     "oip_datatype",
 ]
@@ -120,15 +154,100 @@ class ModelNotFound(RtinferError, LookupError):
     """No model (or no such version of it) is served here."""
 
 
+#: What a served model's composed call returns: the outputs and the fallback step that
+#: produced them (``None`` when the model has no fallback chain: the model answered).
+Call = Callable[[Arrays, "float | None"], Awaitable[tuple[Arrays, "str | None"]]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelPolicy:
+    """How one served model is protected: a model repository's ``config.yaml`` sets these.
+
+    - ``priority``: the traffic class of its requests that send no ``X-Priority``
+      (``None``: the server's default);
+    - ``max_concurrency``: the most requests its adaptive limiter may ever admit at once
+      (``None``: the server's setting; ``0``: no limiter);
+    - ``breaker``: a circuit breaker around the model's calls, opened by
+      ``breaker_failures`` failures in a row, for ``breaker_open_s`` seconds;
+    - ``cache``: use the server's prediction cache (when it has one);
+      ``deterministic``: whether the same input always gives the same answer
+      (``None``: the model's own ``deterministic`` attribute, else true); only
+      deterministic models are cached;
+    - the fallback chain, tried in this order when the model fails, its breaker is
+      open or its queue is full: ``fallback_model`` (another served model, by name),
+      ``rules`` (a vectorised callable, ``inputs -> outputs``), ``default`` (the same
+      outputs for every row, e.g. ``{"probabilities": [1.0, 0.0]}``).
+    """
+
+    priority: Priority | None = None
+    max_concurrency: int | None = None
+    breaker: bool = True
+    breaker_failures: int = 5
+    breaker_open_s: float = 5.0
+    cache: bool = True
+    deterministic: bool | None = None
+    fallback_model: str | None = None
+    rules: Callable[[Arrays], Arrays] | None = None
+    default: Mapping[str, Any] | None = None
+
+    @property
+    def has_fallback(self) -> bool:
+        return self.fallback_model is not None or self.rules is not None or self.default is not None
+
+
+def model_failed(exc: BaseException) -> bool:
+    """What a model's breaker counts as a failure: the model itself failing.
+
+    Not the caller's mistakes (bad inputs, spent quotas), not load (a full queue, an open
+    breaker) and not deadlines (the limiter reacts to latency; a request that arrives
+    late says nothing about the model).
+    """
+    return isinstance(exc, Exception) and not isinstance(
+        exc, ModelInputError | Overloaded | DeadlineExceeded | TimeoutError | Closed
+    )
+
+
 class ServedModel:
-    """One version of a model, behind its micro-batcher."""
+    """One version of a model, behind its micro-batcher, with its protections.
 
-    __slots__ = ("batcher", "model", "name")
+    ``limiter``, ``breaker``, ``chain`` (the fallback chain) and ``cache`` are built by
+    :meth:`ModelServer.start` from the model's :class:`ModelPolicy` (``None``: off), and
+    with them ``call``, the one composed function a request runs.
+    """
 
-    def __init__(self, name: str, model: Model, batcher: MicroBatcher) -> None:
+    __slots__ = (
+        "batcher",
+        "breaker",
+        "cache",
+        "call",
+        "chain",
+        "limiter",
+        "model",
+        "name",
+        "policy",
+        "priority",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        model: Model,
+        batcher: MicroBatcher,
+        policy: ModelPolicy | None = None,
+    ) -> None:
         self.name = name
         self.model = model
         self.batcher = batcher
+        self.policy = policy or ModelPolicy()
+        self.priority = self.policy.priority or Priority.CRITICAL
+        self.limiter: AdaptiveLimiter | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.chain: FallbackChain | None = None
+        self.cache: PredictionCache | None = None
+        self.call: Call = self._submit
+
+    async def _submit(self, inputs: Arrays, deadline: float | None) -> tuple[Arrays, str | None]:
+        return await self.batcher.submit(inputs, deadline=deadline, wait=False), None
 
     @property
     def version(self) -> str:
@@ -138,6 +257,13 @@ class ServedModel:
     @property
     def ready(self) -> bool:
         return self.batcher.ready
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the same input always gives the same answer (only then is it cached)."""
+        if self.policy.deterministic is not None:
+            return self.policy.deterministic
+        return is_deterministic(self.model)
 
     def metadata(self) -> dict[str, Any]:
         """The Open Inference Protocol's model metadata."""
@@ -150,6 +276,55 @@ class ServedModel:
             "outputs": [_tensor_metadata(s) for s in self.model.outputs],
         }
 
+    def _primary(self) -> Callable[[Arrays, float | None], Awaitable[Arrays]]:
+        """The model's own path, decided once: the cache, then the breaker, then the batcher."""
+        batcher, breaker = self.batcher, self.breaker
+        if breaker is None:
+
+            async def model(inputs: Arrays, deadline: float | None) -> Arrays:
+                return await batcher.submit(inputs, deadline=deadline, wait=False)
+
+        else:
+
+            async def model(inputs: Arrays, deadline: float | None) -> Arrays:
+                probe = breaker.acquire()
+                started = time.monotonic()
+                try:
+                    outputs = await batcher.submit(inputs, deadline=deadline, wait=False)
+                except BaseException as exc:
+                    breaker.release(probe, exc, time.monotonic() - started)
+                    raise
+                breaker.release(probe, None, time.monotonic() - started)
+                return outputs
+
+        cache = self.cache
+        if cache is None:
+            return model
+        name, version, uncached = self.name, self.version, model
+
+        async def cached(inputs: Arrays, deadline: float | None) -> Arrays:
+            return await cache.predict(name, version, inputs, lambda rows: uncached(rows, deadline))
+
+        return cached
+
+    def _compose(self, primary: Callable[[Arrays, float | None], Awaitable[Arrays]]) -> Call:
+        """The whole request path: ``primary`` alone, or as the fallback chain's first step."""
+        chain = self.chain
+        if chain is not None:
+
+            async def call(inputs: Arrays, deadline: float | None) -> tuple[Arrays, str | None]:
+                answer = await chain.predict(inputs, deadline=deadline)
+                return answer.outputs, answer.step
+
+            return call
+        if self.breaker is None and self.cache is None:
+            return self._submit
+
+        async def alone(inputs: Arrays, deadline: float | None) -> tuple[Arrays, str | None]:
+            return await primary(inputs, deadline), None
+
+        return alone
+
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     return {
@@ -159,12 +334,28 @@ def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     }
 
 
+class Inference(NamedTuple):
+    """An answer of :meth:`ModelServer.infer`: the model that answered, its outputs, and the
+    fallback step that produced them (``None`` when the model has no fallback chain)."""
+
+    served: ServedModel
+    outputs: Arrays
+    step: str | None
+
+
 class ModelServer:
     """Named models behind micro-batchers; start them all, infer on one, close them all.
 
     ``batching`` holds the :class:`MicroBatcher` keyword arguments used for every
     model added without a batcher of its own. Several versions of one name may be
     served; the last one added answers requests that name no version.
+
+    The protections every request meets (see ``docs/resilience.md``), server-wide:
+    ``max_concurrency``, the ceiling of each model's adaptive concurrency limit (``0``:
+    no limiter); ``default_priority`` of requests that name none; ``quota``, a
+    per-client :class:`ClientQuota` (429); ``cache``, a :class:`PredictionCache` shared
+    by every deterministic model. Each model's :class:`ModelPolicy` refines them.
+    ``clock`` (monotonic seconds) drives the limiters and breakers (tests inject one).
     """
 
     def __init__(
@@ -172,31 +363,61 @@ class ModelServer:
         *,
         metrics: Metrics | None = None,
         batching: Mapping[str, Any] | None = None,
+        max_concurrency: int = 1000,
+        default_priority: Priority = Priority.CRITICAL,
+        quota: ClientQuota | None = None,
+        cache: PredictionCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if max_concurrency < 0:
+            raise ValueError(
+                f"max_concurrency must be 0 (no limiter) or more, got {max_concurrency}"
+            )
         self.metrics = metrics or Metrics()
         self.batching = dict(batching or {})
+        self.max_concurrency = max_concurrency
+        self.default_priority = default_priority
+        self.quota = quota
+        self.cache = cache
+        self.clock = clock
         self._models: dict[str, list[ServedModel]] = {}
         self.pipelines: dict[str, PipelineScorer] = {}
+        self._pipeline_models: dict[str, ServedModel] = {}
         self.started = False
+        #: True from :meth:`drain` on: not ready, new requests refused (503, UNAVAILABLE).
+        self.draining = False
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
 
     def add(
-        self, model: Model, *, name: str | None = None, batcher: MicroBatcher | None = None
+        self,
+        model: Model,
+        *,
+        name: str | None = None,
+        batcher: MicroBatcher | None = None,
+        policy: ModelPolicy | None = None,
     ) -> ServedModel:
-        """Serve ``model`` under ``name`` (default: its own name)."""
+        """Serve ``model`` under ``name`` (default: its own name), protected by ``policy``."""
+        if self.started:
+            raise RuntimeError("add models before start(); the request paths are built then")
         served = ServedModel(
             name or model.name,
             model,
             batcher or MicroBatcher(model, metrics=self.metrics, **self.batching),
+            policy,
         )
+        if policy is None or policy.priority is None:
+            served.priority = self.default_priority
         self._models.setdefault(served.name, []).append(served)
         return served
 
-    def add_pipeline(self, scorer: PipelineScorer) -> None:
+    def add_pipeline(self, scorer: PipelineScorer, *, policy: ModelPolicy | None = None) -> None:
         """Serve a pipeline's stages for requests; its model is served too, sharing its batcher."""
         if scorer.name in self.pipelines:
             raise ValueError(f"a pipeline named {scorer.name!r} is already served")
         self.pipelines[scorer.name] = scorer
-        self.add(scorer.batcher.model, batcher=scorer.batcher)
+        served = self.add(scorer.batcher.model, batcher=scorer.batcher, policy=policy)
+        self._pipeline_models[scorer.name] = served
 
     def pipeline(self, name: str) -> PipelineScorer:
         """The served pipeline ``name``, or ModelNotFound."""
@@ -210,11 +431,56 @@ class ModelServer:
         return [served for versions in self._models.values() for served in versions]
 
     async def start(self) -> None:
-        """Load and warm up every model (concurrently, each on its own thread)."""
+        """Load and warm up every model (concurrently, each on its own thread), then build
+        each model's request path (limiter, breaker, cache, fallback chain) once."""
         await asyncio.gather(*(s.batcher.start() for s in self.all()))
+        for versions in self._models.values():
+            for served in versions:
+                self._protect(served, several=len(versions) > 1)
         for scorer in self.pipelines.values():
             await scorer.start()
         self.started = True
+
+    def _protect(self, served: ServedModel, *, several: bool) -> None:
+        policy = served.policy
+        label = f"{served.name}@{served.version}" if several else served.name
+        ceiling = self.max_concurrency if policy.max_concurrency is None else policy.max_concurrency
+        if ceiling > 0:
+            initial = min(ceiling, max(20, served.batcher.max_batch_size))
+            served.limiter = AdaptiveLimiter(
+                label, initial_limit=initial, max_limit=ceiling, clock=self.clock,
+                metrics=self.metrics,
+            )  # fmt: skip
+        if policy.breaker:
+            served.breaker = CircuitBreaker(
+                f"model:{label}",
+                consecutive_failures=policy.breaker_failures,
+                open_seconds=policy.breaker_open_s,
+                is_failure=model_failed,
+                clock=self.clock,
+                metrics=self.metrics,
+            )
+        if self.cache is not None and policy.cache and served.deterministic:
+            served.cache = self.cache
+        primary = served._primary()
+        if policy.has_fallback:
+            steps = [Step("model", primary)]
+            if policy.fallback_model is not None:
+                light = self.get(policy.fallback_model)
+                if light is served:
+                    raise ConfigError(
+                        f"model {served.name!r} names itself as its fallback model; name a "
+                        "lighter model served beside it"
+                    )
+                steps.append(Step.model(light.batcher, name=f"model:{light.name}"))
+            if policy.rules is not None:
+                steps.append(Step.rules("rules", policy.rules))
+            if policy.default is not None:
+                dtypes = {spec.name: spec.dtype for spec in served.model.outputs}
+                row = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in policy.default.items()}
+                steps.append(Step.default("default", row))
+            served.chain = FallbackChain(label, steps, metrics=self.metrics)
+        served.call = served._compose(primary)
 
     async def aclose(self) -> None:
         """Finish the queued requests, then stop every model's threads."""
@@ -222,15 +488,41 @@ class ModelServer:
         for scorer in self.pipelines.values():
             await scorer.aclose()
         await asyncio.gather(*(s.batcher.aclose() for s in self.all()))
+        if self.cache is not None:
+            await self.cache.aclose()
 
     @property
     def ready(self) -> bool:
-        """Every model is loaded, warmed up and taking requests."""
+        """Every model is loaded, warmed up and taking requests (false while draining)."""
         return (
             self.started
+            and not self.draining
             and all(s.ready for s in self.all())
             and all(p.ready for p in self.pipelines.values())
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted (by :meth:`infer` or :meth:`score`) and not yet answered."""
+        return self._in_flight
+
+    async def drain(self, within: float | None) -> bool:
+        """Turn not ready, refuse new requests, and wait for those in flight to finish.
+
+        Waits at most ``within`` seconds (``None``: no bound); returns whether every
+        request in flight finished. New requests get :class:`Closed` (HTTP 503 with
+        ``Retry-After``, gRPC ``UNAVAILABLE``) from now on.
+        """
+        self.draining = True
+        if self._in_flight == 0:
+            return True
+        self._idle = idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(within):
+                await idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The served model ``name`` (its latest version unless ``version``), or ModelNotFound."""
@@ -246,6 +538,29 @@ class ModelServer:
         have = ", ".join(s.version for s in versions)
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {have}")
 
+    def _admit(
+        self, served: ServedModel, priority: Priority | None, client: str | None
+    ) -> Permit | None:
+        """Refuse a request at once (draining, quota, limiter) or count it in flight."""
+        if self.draining:
+            raise Closed("the server is draining before it stops")
+        if client is not None and self.quota is not None:
+            self.quota.check(client)
+        limiter = served.limiter
+        permit = None if limiter is None else limiter.try_acquire(priority or served.priority)
+        self._in_flight += 1
+        return permit
+
+    def _finish(self, permit: Permit | None, error: BaseException | None) -> None:
+        if permit is not None:
+            if error is None:
+                permit.release()
+            else:
+                permit.release(ok=False, dropped=isinstance(error, TimeoutError | DeadlineExceeded))
+        self._in_flight -= 1
+        if self._idle is not None and self._in_flight == 0:
+            self._idle.set()
+
     async def infer(
         self,
         name: str,
@@ -253,8 +568,17 @@ class ModelServer:
         *,
         version: str | None = None,
         deadline: float | None = None,
-    ) -> tuple[ServedModel, Arrays]:
-        """Run ``inputs`` through the model's batcher; fails fast with Overloaded when full."""
+        priority: Priority | None = None,
+        client: str | None = None,
+    ) -> Inference:
+        """Run ``inputs`` through the model's protected path; fail fast when it is full.
+
+        ``deadline``: a ``time.time()`` instant; the batcher never runs the request after
+        it. ``priority``: its traffic class (``None``: the model's default). ``client``:
+        who asks, for the per-client quota (``None``: not counted). Refusals are at once:
+        :class:`Closed` while draining, :class:`QuotaExceeded` (429),
+        :class:`Overloaded` (503) from the limiter, a full queue or an open breaker.
+        """
         served = self.get(name, version)
         rows = next((len(a) for a in inputs.values()), 0)
         if rows > served.batcher.max_queue_rows:  # could never fit: not a matter of retrying
@@ -262,8 +586,34 @@ class ModelServer:
                 f"the request has {rows} rows; model {served.name!r} takes at most "
                 f"{served.batcher.max_queue_rows} per request (its max_queue_rows); split it"
             )
-        outputs = await served.batcher.submit(inputs, deadline=deadline, wait=False)
-        return served, outputs
+        permit = self._admit(served, priority, client)
+        try:
+            outputs, step = await served.call(inputs, deadline)
+        except BaseException as exc:
+            self._finish(permit, exc)
+            raise
+        self._finish(permit, None)
+        return Inference(served, outputs, step)
+
+    async def score(
+        self,
+        name: str,
+        body: bytes,
+        *,
+        deadline: float | None = None,
+        priority: Priority | None = None,
+        client: str | None = None,
+    ) -> list[Any]:
+        """The pipeline ``name``'s results for the events in ``body``, admitted as :meth:`infer`."""
+        scorer = self.pipeline(name)
+        permit = self._admit(self._pipeline_models[name], priority, client)
+        try:
+            results = await scorer.score(body, deadline=deadline)
+        except BaseException as exc:
+            self._finish(permit, exc)
+            raise
+        self._finish(permit, None)
+        return results
 
 
 def deadline_from_timeout(timeout_s: float | None) -> float | None:

@@ -9,12 +9,18 @@ model. Errors become status codes::
     missing or wrong API key               UNAUTHENTICATED
     unknown model or version               NOT_FOUND
     bad input name, datatype, shape, size  INVALID_ARGUMENT
-    batcher queue full (Overloaded)        RESOURCE_EXHAUSTED  (+ retry-after trailer)
+    bad x-priority metadata                INVALID_ARGUMENT
+    client over quota (QuotaExceeded)      RESOURCE_EXHAUSTED  (+ retry-after trailer)
+    limiter, queue full, breaker open      RESOURCE_EXHAUSTED  (+ retry-after trailer)
     gRPC deadline passed before the run    DEADLINE_EXCEEDED
-    model not ready, server closing        UNAVAILABLE
+    model not ready, server draining       UNAVAILABLE
     the model itself failed                INTERNAL
 
-``ServerLive`` and ``ServerReady`` answer without a key (health probes carry none).
+``ServerLive`` and ``ServerReady`` answer without a key (health probes carry none);
+``ServerReady`` turns false as soon as the server starts draining. The metadata
+``x-priority: critical|best_effort`` picks the call's traffic class; the quota counts
+calls per peer address. For a model with a fallback chain the response's
+``parameters["rtinfer_step"]`` names the step that answered.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from grpc import aio
 
 from .. import __version__
 from ..exceptions import Closed, DeadlineExceeded, ModelError, ModelInputError, Overloaded
+from ..resilience import Priority, parse_priority
 from ..serving import ModelNotFound, ModelServer, ServedModel
 from . import inference_pb2 as pb
 from .codec import decode_inputs, encode_outputs
@@ -127,7 +134,8 @@ class InferenceServicer:
         """The model (a version of it) takes requests; NOT_FOUND when it is not served."""
         await self._authorize(context)
         served = await self._model(context, request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.server.started and served.ready)
+        ready = self.server.started and not self.server.draining and served.ready
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
@@ -167,16 +175,23 @@ class InferenceServicer:
                     f"its outputs are {sorted(outputs_known)}"
                 )
             inputs = decode_inputs(served, request)
+            priority = _priority(context)
         except ModelInputError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        client = _peer(context) if self.server.quota is not None else None
         remaining: float | None = context.time_remaining()
         if remaining is None:
             remaining = self.default_timeout_s
         deadline = None if remaining is None else time.time() + remaining
         try:
             async with asyncio.timeout(remaining):
-                _, outputs = await self.server.infer(
-                    served.name, inputs, version=served.version, deadline=deadline
+                answer = await self.server.infer(
+                    served.name,
+                    inputs,
+                    version=served.version,
+                    deadline=deadline,
+                    priority=priority,
+                    client=client,
                 )
         except Exception as exc:
             code, details, trailers = _status(exc)
@@ -186,8 +201,32 @@ class InferenceServicer:
         response = pb.ModelInferResponse(
             model_name=served.name, model_version=served.version, id=request.id
         )
-        encode_outputs(outputs, requested, raw=bool(request.raw_input_contents), response=response)
+        raw = bool(request.raw_input_contents)
+        encode_outputs(answer.outputs, requested, raw=raw, response=response)
+        if answer.step is not None:
+            response.parameters["rtinfer_step"].string_param = answer.step
         return response
+
+
+def _priority(context: Context) -> Priority | None:
+    """The call's ``x-priority`` metadata (``None``: the model's default)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-priority":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            if not text.strip():
+                return None
+            try:
+                return parse_priority(text)
+            except ValueError as exc:
+                raise ModelInputError(f"x-priority metadata: {exc}") from None
+    return None
+
+
+def _peer(context: Context) -> str:
+    """The caller's address without its port (``ipv4:10.0.0.7:51234`` → ``ipv4:10.0.0.7``)."""
+    peer = context.peer() or "unknown"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:

@@ -18,7 +18,8 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..serving import ModelServer, ServedModel
+from ..resilience import Priority, parse_priority
+from ..serving import Inference, ModelServer, ServedModel
 from .auth import BearerAuth
 from .errors import HttpError, from_exception
 from .oip import HEADER_LENGTH, OFFLOAD_BYTES, decode_infer, encode, encode_infer, to_array
@@ -35,6 +36,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 TIMEOUT_HEADER = b"x-request-timeout-ms"
+PRIORITY_HEADER = b"x-priority"
 JSON = b"application/json"
 
 #: Every route: (method, path template, needs the API key when one is set).
@@ -253,18 +255,26 @@ class InferenceApp:
             return Response(_DOCS_PAGE, content_type=b"text/html; charset=utf-8")
         assert name is not None
         if route.startswith("/pipelines/"):
-            scorer = self.server.pipeline(name)
+            self.server.pipeline(name)  # 404 before reading the body
             body = await self._read_body(headers, receive)
             timeout = self.request_timeout(headers)
+            priority = self.request_priority(headers)
+            client = _client(scope) if self.server.quota is not None else None
             if timeout is None:
-                results = await scorer.score(body)
+                results = await self.server.score(name, body, priority=priority, client=client)
             else:
                 async with asyncio.timeout(timeout):
-                    results = await scorer.score(body, deadline=time.time() + timeout)
-            return Response(encode({"pipeline": scorer.name, "results": results}))
+                    results = await self.server.score(
+                        name,
+                        body,
+                        deadline=time.time() + timeout,
+                        priority=priority,
+                        client=client,
+                    )
+            return Response(encode({"pipeline": name, "results": results}))
         served = self.server.get(name, version)
         if route.endswith("/ready"):
-            ready = self.server.started and served.ready
+            ready = self.server.started and not self.server.draining and served.ready
             return Response(
                 encode({"name": served.name, "version": served.version, "ready": ready}),
                 200 if ready else 503,
@@ -277,13 +287,13 @@ class InferenceApp:
                 request, inputs = await asyncio.to_thread(decode_infer, body, header, served)
             else:
                 request, inputs = decode_infer(body, header, served)
-            outputs = await self._infer(served, inputs, headers)
+            outputs, step = await self._infer(served, inputs, headers, scope)
             if sum(a.nbytes for a in outputs.values()) > OFFLOAD_BYTES // 8:
                 payload, header_length = await asyncio.to_thread(
-                    encode_infer, request, served, outputs
+                    encode_infer, request, served, outputs, step
                 )
             else:
-                payload, header_length = encode_infer(request, served, outputs)
+                payload, header_length = encode_infer(request, served, outputs, step)
             if header_length is None:
                 return Response(payload)
             return Response(
@@ -294,8 +304,8 @@ class InferenceApp:
         if route.endswith("/score"):
             body = await self._read_body(headers, receive)
             inputs = _decode_score(body, served)
-            outputs = await self._infer(served, inputs, headers)
-            return Response(encode(_encode_score(served, outputs)))
+            outputs, step = await self._infer(served, inputs, headers, scope)
+            return Response(encode(_encode_score(served, outputs, step)))
         return Response(encode(served.metadata()))
 
     def _server_metadata(self) -> dict[str, Any]:
@@ -328,18 +338,43 @@ class InferenceApp:
                 return b"".join(chunks)
 
     async def _infer(
-        self, served: ServedModel, inputs: dict[str, Any], headers: dict[bytes, bytes]
-    ) -> dict[str, Any]:
+        self,
+        served: ServedModel,
+        inputs: dict[str, Any],
+        headers: dict[bytes, bytes],
+        scope: Scope,
+    ) -> tuple[dict[str, Any], str | None]:
+        """The outputs, and the fallback step that produced them (``None``: no chain)."""
         timeout = self.request_timeout(headers)
+        priority = self.request_priority(headers)
+        client = _client(scope) if self.server.quota is not None else None
+        answer: Inference
         if timeout is None:
-            _, outputs = await self.server.infer(served.name, inputs, version=served.version)
-            return outputs
+            answer = await self.server.infer(
+                served.name, inputs, version=served.version, priority=priority, client=client
+            )
+            return answer.outputs, answer.step
         deadline = time.time() + timeout
         async with asyncio.timeout(timeout):
-            _, outputs = await self.server.infer(
-                served.name, inputs, version=served.version, deadline=deadline
+            answer = await self.server.infer(
+                served.name,
+                inputs,
+                version=served.version,
+                deadline=deadline,
+                priority=priority,
+                client=client,
             )
-        return outputs
+        return answer.outputs, answer.step
+
+    def request_priority(self, headers: dict[bytes, bytes]) -> Priority | None:
+        """The ``X-Priority`` header's traffic class (``None``: the model's default)."""
+        raw = headers.get(PRIORITY_HEADER)
+        if raw is None or not raw.strip():
+            return None
+        try:
+            return parse_priority(raw)
+        except ValueError as exc:
+            raise HttpError(400, f"X-Priority: {exc}") from None
 
     def request_timeout(self, headers: dict[bytes, bytes]) -> float | None:
         """Seconds a request may take: its ``X-Request-Timeout-Ms`` header, else the default."""
@@ -369,6 +404,12 @@ _DOCS_PAGE = b"""<!doctype html>
 <script>SwaggerUIBundle({url: "openapi.json", dom_id: "#ui"});</script>
 </body></html>
 """
+
+
+def _client(scope: Scope) -> str:
+    """Who sent the request, for the per-client quota: the peer's address."""
+    peer = scope.get("client")
+    return str(peer[0]) if peer else "unknown"
 
 
 def _decode_score(body: bytes, served: ServedModel) -> dict[str, Any]:
@@ -405,8 +446,13 @@ def _decode_score(body: bytes, served: ServedModel) -> dict[str, Any]:
     return {spec.name: to_array(instances, spec.dtype, None, f"input {spec.name!r}")}
 
 
-def _encode_score(served: ServedModel, outputs: dict[str, Any]) -> dict[str, Any]:
-    """One prediction per instance: the output's row, or an object of rows by output name."""
+def _encode_score(
+    served: ServedModel, outputs: dict[str, Any], step: str | None = None
+) -> dict[str, Any]:
+    """One prediction per instance: the output's row, or an object of rows by output name.
+
+    ``rtinfer_step`` names the fallback step that answered, for a model with a chain.
+    """
     if len(outputs) == 1:
         (array,) = outputs.values()
         predictions: list[Any] = array.tolist()
@@ -414,4 +460,11 @@ def _encode_score(served: ServedModel, outputs: dict[str, Any]) -> dict[str, Any
         columns = {name: array.tolist() for name, array in outputs.items()}
         rows = len(next(iter(columns.values()), []))
         predictions = [{name: col[i] for name, col in columns.items()} for i in range(rows)]
-    return {"model_name": served.name, "model_version": served.version, "predictions": predictions}
+    answer = {
+        "model_name": served.name,
+        "model_version": served.version,
+        "predictions": predictions,
+    }
+    if step is not None:
+        answer["rtinfer_step"] = step
+    return answer

@@ -15,8 +15,11 @@ missing or wrong API key           401     ``WWW-Authenticate: Bearer``
 unknown route, model or version    404
 wrong method                       405     ``Allow``
 body too large                     413
-batcher queue full (Overloaded)    503     ``Retry-After`` (whole seconds)
-server closing (Closed)            503     ``Retry-After: 1``
+bad X-Priority                     400
+client over quota (QuotaExceeded)  429     ``Retry-After`` (whole seconds)
+limiter, queue full, breaker open  503     ``Retry-After`` (whole seconds)
+(Overloaded, CircuitOpen)
+server draining/closing (Closed)   503     ``Retry-After: 1``
 deadline passed                    504
 anything else                      500
 =================================  ======  =============================
@@ -28,7 +31,7 @@ import logging
 import math
 from collections.abc import Mapping
 
-from ..exceptions import Closed, DeadlineExceeded, ModelInputError, Overloaded
+from ..exceptions import Closed, DeadlineExceeded, ModelInputError, Overloaded, QuotaExceeded
 from ..scoring import InvalidEvent
 from ..serving import ModelNotFound
 
@@ -59,9 +62,10 @@ def from_exception(exc: BaseException, *, model: str = "") -> HttpError:
         return HttpError(400, str(exc))
     if isinstance(exc, Overloaded):
         seconds = max(1, math.ceil(exc.retry_after))
-        return HttpError(503, str(exc), headers={"retry-after": str(seconds)})
+        status = 429 if isinstance(exc, QuotaExceeded) else 503
+        return HttpError(status, str(exc), headers={"retry-after": str(seconds)})
     if isinstance(exc, Closed):
-        return HttpError(503, "the server is shutting down; retry", headers={"retry-after": "1"})
+        return HttpError(503, f"{exc}; retry", headers={"retry-after": "1"})
     if isinstance(exc, DeadlineExceeded | TimeoutError):
         detail = str(exc) if isinstance(exc, DeadlineExceeded) else ""
         return HttpError(504, detail or "the request's deadline passed before it was answered")

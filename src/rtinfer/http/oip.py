@@ -272,9 +272,13 @@ def _check_finite(array: npt.NDArray[Any], where: str) -> None:
 
 
 def encode_infer(
-    request: InferRequest, served: ServedModel, outputs: Arrays
+    request: InferRequest, served: ServedModel, outputs: Arrays, step: str | None = None
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it."""
+    """The response body, and the JSON header's length when binary outputs follow it.
+
+    ``step``: the fallback step that produced the outputs, answered as the response's
+    ``parameters.rtinfer_step`` (only for a model with a fallback chain).
+    """
     binary_all = bool(_param(request.parameters, "binary_data_output"))
     if request.outputs:
         wanted = []
@@ -315,6 +319,8 @@ def encode_infer(
     }
     if request.id is not None:
         response["id"] = request.id
+    if step is not None:
+        response["parameters"] = {"rtinfer_step": step}
     header = _encoder.encode(response)
     if not chunks:
         return header, None

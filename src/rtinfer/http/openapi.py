@@ -29,13 +29,16 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "Missing or wrong API key (only when the server has one).",
         404: "Unknown model or version.",
         413: "The body is larger than the server's --max-body-bytes.",
-        503: "The model's queue is full (see Retry-After), or the server is not ready.",
+        429: "This client is over its quota (--quota); retry after Retry-After seconds.",
+        503: "The model is at its concurrency limit or its queue is full (retry after "
+        "Retry-After seconds), its circuit breaker is open, or the server is not ready or "
+        "draining before it stops.",
         504: "The request's deadline (X-Request-Timeout-Ms or the server's default) passed.",
     }
     out: dict[str, Any] = {}
     for code in codes:
         response = _json(_ERROR, text[code])
-        if code == 503:
+        if code in (429, 503):
             response["headers"] = {
                 "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
             }
@@ -51,6 +54,14 @@ _TIMEOUT = {
     "required": False,
     "description": "Answer within this many milliseconds or get 504.",
     "schema": {"type": "number", "minimum": 0},
+}
+_PRIORITY = {
+    "name": "X-Priority",
+    "in": "header",
+    "required": False,
+    "description": "The request's traffic class: critical (the default unless the server "
+    "or model says otherwise) or best_effort, shed first under load.",
+    "schema": {"type": "string", "enum": ["critical", "best_effort"]},
 }
 _HEADER_LENGTH = {
     "name": "Inference-Header-Content-Length",
@@ -151,6 +162,12 @@ _SCHEMAS: dict[str, Any] = {
             "model_version": {"type": "string"},
             "id": {"type": "string"},
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/ResponseOutput"}},
+            "parameters": {
+                "type": "object",
+                "description": "rtinfer_step: the fallback step that answered (model, "
+                "model:<name>, rules, default), when the model has a fallback chain.",
+                "properties": {"rtinfer_step": {"type": "string"}},
+            },
         },
     },
     "TensorMetadata": {
@@ -208,6 +225,10 @@ _SCHEMAS: dict[str, Any] = {
             "model_name": {"type": "string"},
             "model_version": {"type": "string"},
             "predictions": {"type": "array"},
+            "rtinfer_step": {
+                "type": "string",
+                "description": "The fallback step that answered, when the model has a chain.",
+            },
         },
     },
 }
@@ -238,11 +259,11 @@ def _pipeline_path(
         "post": {
             "summary": f"Pipeline {name!r}: one event, or instances, in; one result each out.",
             **secured,
-            "parameters": [_TIMEOUT],
+            "parameters": [_TIMEOUT, _PRIORITY],
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
             "responses": {
                 "200": _json(results, "One result per event, in order."),
-                **_errors(400, 401, 404, 413, 503, 504),
+                **_errors(400, 401, 404, 413, 429, 503, 504),
             },
         }
     }
@@ -379,9 +400,9 @@ def openapi_spec(*, auth: bool, pipelines: Mapping[str, Any] | None = None) -> d
             {
                 "summary": "Open Inference Protocol inference (JSON or binary tensors).",
                 **secured,
-                "parameters": [_TIMEOUT, _HEADER_LENGTH],
+                "parameters": [_TIMEOUT, _PRIORITY, _HEADER_LENGTH],
                 "requestBody": infer_body,
-                "responses": {"200": infer_ok, **_errors(400, 401, 404, 413, 503, 504)},
+                "responses": {"200": infer_ok, **_errors(400, 401, 404, 413, 429, 503, 504)},
             },
             "post",
         )
@@ -389,19 +410,19 @@ def openapi_spec(*, auth: bool, pipelines: Mapping[str, Any] | None = None) -> d
     score: dict[str, Any] = {
         "summary": "Plain JSON: one prediction per instance (row).",
         **secured,
-        "parameters": [_TIMEOUT],
+        "parameters": [_TIMEOUT, _PRIORITY],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": _ref("ScoreRequest")}},
         },
         "responses": {
             "200": _json(_ref("ScoreResponse"), "Predictions."),
-            **_errors(400, 401, 404, 413, 503, 504),
+            **_errors(400, 401, 404, 413, 429, 503, 504),
         },
     }
-    paths["/models/{name}/score"] = {"post": {**score, "parameters": [_NAME, _TIMEOUT]}}
+    paths["/models/{name}/score"] = {"post": {**score, "parameters": [_NAME, _TIMEOUT, _PRIORITY]}}
     paths["/models/{name}/versions/{version}/score"] = {
-        "post": {**score, "parameters": [_NAME, _VERSION, _TIMEOUT]}
+        "post": {**score, "parameters": [_NAME, _VERSION, _TIMEOUT, _PRIORITY]}
     }
     schemas = dict(_SCHEMAS)
     for name, schema in (pipelines or {}).items():

@@ -17,8 +17,11 @@ Connection-level answers: an unknown path is refused at the handshake (HTTP
 upgrade request, when the server has one) is accepted then closed with 1008;
 an unknown model or version gets one ``{"id": null, "error": "..."}`` and a
 close with 4404. ``X-Request-Timeout-Ms`` on the upgrade request is the
-deadline of each request (default: the server's); a malformed one gets one
-error message and a close with 1008.
+deadline of each request (default: the server's ``--slo-ms``) and ``X-Priority`` its
+traffic class; a malformed one gets one error message and a close with 1008. Each
+request meets the model's protections like a REST request (quota, limiter, breaker,
+cache, fallback: ``parameters.rtinfer_step`` in the answer), and while the server
+drains each gets an error answer (its REST twin's 503).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..resilience import Priority
 from .errors import HttpError, from_exception
 from .oip import OFFLOAD_BYTES, InferRequest, decode_infer, encode, encode_infer
 
@@ -116,6 +120,7 @@ async def serve_websocket(
     try:
         served = app.server.get(name, version)
         timeout = app.request_timeout(headers)
+        priority = app.request_priority(headers)
     except Exception as exc:
         error = from_exception(exc, model=name)
         await send(
@@ -127,25 +132,41 @@ async def serve_websocket(
         code = CLOSE_NOT_FOUND if error.status == 404 else CLOSE_POLICY
         await send({"type": "websocket.close", "code": code})
         return
-    await _Stream(app, served, timeout, send, max_in_flight).run(receive)
+    peer = scope.get("client")
+    client = (str(peer[0]) if peer else "unknown") if app.server.quota is not None else None
+    await _Stream(app, served, timeout, priority, client, send, max_in_flight).run(receive)
 
 
 class _Stream:
     """One accepted connection: reads requests, runs them concurrently, sends each answer."""
 
-    __slots__ = ("app", "in_flight", "lock", "send", "served", "tasks", "timeout")
+    __slots__ = (
+        "app",
+        "client",
+        "in_flight",
+        "lock",
+        "priority",
+        "send",
+        "served",
+        "tasks",
+        "timeout",
+    )
 
     def __init__(
         self,
         app: InferenceApp,
         served: ServedModel,
         timeout: float | None,
+        priority: Priority | None,
+        client: str | None,
         send: Send,
         max_in_flight: int,
     ) -> None:
         self.app = app
         self.served = served
         self.timeout = timeout
+        self.priority = priority
+        self.client = client
         self.send = send
         self.lock = asyncio.Lock()  # one frame at a time on the socket
         self.in_flight = asyncio.Semaphore(max_in_flight)
@@ -200,8 +221,8 @@ class _Stream:
                 request, inputs = decode_infer(raw, None, served)
             if _wants_binary(request):
                 raise HttpError(400, "binary outputs are not supported over WebSocket; use JSON")
-            outputs = await self._infer(inputs)
-            payload, _ = encode_infer(request, served, outputs)
+            outputs, step = await self._infer(inputs)
+            payload, _ = encode_infer(request, served, outputs, step)
         except Exception as exc:
             error = from_exception(exc, model=served.name)
             status = error.status
@@ -209,19 +230,27 @@ class _Stream:
         self.app.stats.observe(STREAM_ROUTE, status, time.perf_counter() - started)
         return payload
 
-    async def _infer(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    async def _infer(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         served, server = self.served, self.app.server
         if self.timeout is None:
-            _, outputs = await server.infer(served.name, inputs, version=served.version)
-            return outputs
+            answer = await server.infer(
+                served.name,
+                inputs,
+                version=served.version,
+                priority=self.priority,
+                client=self.client,
+            )
+            return answer.outputs, answer.step
         async with asyncio.timeout(self.timeout):
-            _, outputs = await server.infer(
+            answer = await server.infer(
                 served.name,
                 inputs,
                 version=served.version,
                 deadline=time.time() + self.timeout,
+                priority=self.priority,
+                client=self.client,
             )
-        return outputs
+        return answer.outputs, answer.step
 
     async def _reply(self, payload: bytes) -> None:
         async with self.lock:
