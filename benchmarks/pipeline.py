@@ -1,6 +1,7 @@
 """The demo pipeline's speed beside its model alone, measured in one run.
 
     python benchmarks/pipeline.py [--events 200000] [--seconds 8] [--repeats 3]
+    python benchmarks/pipeline.py --stages card,engine --rates ""   # the two feature stages
 
 For each repeat, in turn (A B A B, so drift hits both alike):
 
@@ -16,6 +17,12 @@ It prints the medians over the repeats with their spread (min-max), and the rati
 of the pipeline's cost per event (1 / events/s) to the model's cost per row at the
 pipeline's own mean batch size. Run it on an otherwise idle machine: nothing else
 timed at the same time.
+
+``--stages card,engine`` runs the unbounded pipeline with each feature stage in
+turn (A B A B): the demo's :class:`~rtinfer.demo.features.CardFeatures` and
+:class:`~rtinfer.demo.features.EngineCardFeatures` (the same features through
+the general feature engine), and prints each one's events/s and cost per event,
+and the median of the per-repeat cost ratios.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from common import spread
 import rtinfer
 from rtinfer.demo.events import Transaction
 from rtinfer.demo.features import CardFeatures
-from rtinfer.demo.run import prepare_stream, run_demo
+from rtinfer.demo.run import demo_config_text, prepare_stream, run_demo
 from rtinfer.demo.training import ensure_model
 from rtinfer.loop import run
 from rtinfer.models import OnnxModel
@@ -76,8 +83,16 @@ def model_alone(model: OnnxModel, features: np.ndarray[Any, Any], batch: int) ->
     return (time.perf_counter() - started) / n * 1e6
 
 
-def run_pipeline(stream: Any, rate: float | None, events: int) -> dict[str, Any]:
+STAGES = {"card": "CardFeatures", "engine": "EngineCardFeatures"}
+
+
+def run_pipeline(
+    stream: Any, rate: float | None, events: int, stage: str = "card"
+) -> dict[str, Any]:
     values, keys = stream
+    text = demo_config_text().replace(
+        "rtinfer.demo.features:CardFeatures", f"rtinfer.demo.features:{STAGES[stage]}"
+    )
     return run(
         run_demo(
             events=events,
@@ -85,8 +100,27 @@ def run_pipeline(stream: Any, rate: float | None, events: int) -> dict[str, Any]
             live=False,
             signals=False,
             stream=(values[:events], keys[:events]),
+            config_text=text,
         )
     )
+
+
+def compare_stages(stream: Any, stages: list[str], events: int, repeats: int) -> None:
+    """Unbounded runs of each feature stage in turn, A B A B; prints their figures."""
+    eps: dict[str, list[float]] = {s: [] for s in stages}
+    for repeat in range(repeats):
+        print(f"repeat {repeat + 1}/{repeats}", file=sys.stderr)
+        for stage in stages:
+            eps[stage].append(run_pipeline(stream, None, events, stage)["throughput_eps"])
+    print(f"{'':34} {'median (min-max) over ' + str(repeats) + ' runs':>40}")
+    for stage in stages:
+        cost = [1e6 / e for e in eps[stage]]
+        print(f"{stage + ', events/s':34} {spread(eps[stage]):>40}")
+        print(f"{stage + ', µs/event':34} {spread(cost, '{:.2f}'):>40}")
+    base = stages[0]
+    for stage in stages[1:]:
+        ratios = [b / s for b, s in zip(eps[base], eps[stage], strict=True)]
+        print(f"{stage + ' / ' + base + ' cost ratio':34} {spread(ratios, '{:.2f}'):>40}")
 
 
 def main() -> None:
@@ -95,6 +129,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rates", default="2000,20000")
+    parser.add_argument("--stages", default="", help="e.g. card,engine: compare feature stages")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
 
@@ -103,6 +138,9 @@ def main() -> None:
     print(f"model: {path}", file=sys.stderr)
     needed = max([args.events] + [int(r * args.seconds) for r in rates])
     stream = prepare_stream(needed)
+    if args.stages:
+        compare_stages(stream, args.stages.split(","), args.events, args.repeats)
+        return
     decoder = msgspec.json.Decoder(Transaction)
     features = CardFeatures().transform([decoder.decode(v) for v in stream[0][: args.events]])
     model = OnnxModel(path, intra_op_threads=1, inter_op_threads=1)

@@ -29,11 +29,13 @@ from rtinfer.demo import (
     MODEL_VERSION,
     PATTERNS,
     CardFeatures,
+    EngineCardFeatures,
     Transaction,
     encode_events,
     ensure_model,
     fit_model,
     generate,
+    offline_features,
     train,
     write_jsonl,
 )
@@ -368,3 +370,33 @@ def test_ensure_model_trains_only_when_the_cache_lacks_the_version(
 
 def test_the_model_version_follows_the_generator() -> None:
     assert f"g{GENERATOR_VERSION}-" in MODEL_VERSION
+
+
+# -- the declared features: the offline path and the engine stage ----------------------------
+
+
+def test_the_served_features_equal_the_offline_path_on_the_demo_stream() -> None:
+    from rtinfer.demo.run import DEMO_SEED
+
+    stream = generate(40_000, seed=DEMO_SEED)  # the stream `rtinfer demo` scores
+    np.testing.assert_array_equal(CardFeatures().transform(stream), offline_features(stream))
+
+
+@pytest.mark.parametrize("size", [1, 9, 256])
+def test_the_engine_stage_equals_the_offline_path_in_any_batches(size: int) -> None:
+    from rtinfer.types import Position
+
+    stream = generate(2_000, seed=13, fraud_rate=0.05)
+    stage = EngineCardFeatures()
+    rows = []
+    for start in range(0, len(stream), size):
+        events = [
+            Event(b"", ingest_time=0.0, data=t, position=Position("p", 0, start + i))
+            for i, t in enumerate(stream[start : start + size])
+        ]
+        batch = stage(Batch(events))
+        assert batch.inputs is not None
+        assert not batch.dead
+        rows.append(batch.inputs["features"])
+    np.testing.assert_array_equal(np.concatenate(rows), offline_features(stream))
+    np.testing.assert_array_equal(np.concatenate(rows), CardFeatures().transform(stream))

@@ -2,8 +2,9 @@
 
 - :mod:`~rtinfer.demo.events`: :class:`Transaction`, the JSON event;
 - :mod:`~rtinfer.demo.generator`: a deterministic synthetic stream with labelled fraud;
-- :mod:`~rtinfer.demo.features`: :class:`CardFeatures`, the per-card feature stage,
-  also the training transform;
+- :mod:`~rtinfer.demo.features`: the per-card features, declared in ``features.yaml``
+  (training data through the offline path, :func:`offline_features`), served by
+  :class:`CardFeatures` (or :class:`EngineCardFeatures`, through the feature engine);
 - :mod:`~rtinfer.demo.training`: trains the gradient-boosted model and caches it as ONNX.
 
 ``rtinfer demo`` runs them live; see ``examples/fraud/README.md``.
@@ -12,7 +13,13 @@
 from __future__ import annotations
 
 from .events import PATTERNS, Transaction
-from .features import FEATURE_NAMES, FEATURES_VERSION, CardFeatures
+from .features import (
+    FEATURE_NAMES,
+    FEATURES_VERSION,
+    CardFeatures,
+    EngineCardFeatures,
+    offline_features,
+)
 from .generator import GENERATOR_VERSION, encode_events, generate, write_jsonl
 from .training import MODEL_VERSION, TrainReport, ensure_model, fit_model, train
 
@@ -23,12 +30,14 @@ __all__ = [
     "MODEL_VERSION",
     "PATTERNS",
     "CardFeatures",
+    "EngineCardFeatures",
     "TrainReport",
     "Transaction",
     "encode_events",
     "ensure_model",
     "fit_model",
     "generate",
+    "offline_features",
     "train",
     "write_jsonl",
 ]

@@ -184,10 +184,12 @@ async def run_demo(
     seed: int = DEMO_SEED,
     signals: bool = True,
     stream: tuple[list[bytes], list[bytes | None]] | None = None,
+    config_text: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its summary (the ``--summary-json`` document).
 
-    ``stream`` replaces the generated payments (benchmarks prepare them once).
+    ``stream`` replaces the generated payments (benchmarks prepare them once);
+    ``config_text`` the pipeline file (benchmarks swap the feature stage).
     """
     if events < 1:
         raise ValueError(f"--events must be at least 1, got {events}")
@@ -201,7 +203,7 @@ async def run_demo(
 
     broker = Broker(default_partitions=4)
     metrics = Metrics()
-    config = parse_config(demo_config_text(), file="rtinfer/demo/pipeline.yaml")
+    config = parse_config(config_text or demo_config_text(), file="rtinfer/demo/pipeline.yaml")
     pipeline = build_pipeline(config, broker=broker, metrics=metrics)
     stats = DemoStats()
     pipeline.observe(stats.on_batch)

@@ -3,16 +3,28 @@
 Every aggregate reads the window's values in the buffer's order (event time,
 then arrival), with plain Python float operations, so the same events give the
 same bits online and offline, however the stream was cut into batches. A window
-always holds at least the event it is computed for, so no slice is empty.
+holds at least the event it is computed for, so no slice is empty, except for a
+feature with ``current=False`` (the events before this one), which the engine
+gives its :func:`empty_value` instead of calling the aggregate.
+
+``approx_distinct`` reads a column of HyperLogLog codes (:func:`.sketch.code_of`,
+made when the event is read), not of values; its estimate depends only on the
+set of codes in the window, so it too is the same online and offline.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Aggregate", "aggregate_of", "is_numeric"]
+from .sketch import DEFAULT_PRECISION, estimate_codes
+
+if TYPE_CHECKING:
+    from .definition import Feature
+
+__all__ = ["Aggregate", "aggregate_of", "column_kind", "empty_value"]
 
 #: ``(column, lo, hi) -> value``.
 Aggregate = Callable[[list[Any], int, int], float]
@@ -66,11 +78,47 @@ _AGGREGATES: dict[str, Aggregate] = {
 }
 
 
-def aggregate_of(name: str) -> Aggregate:
-    """The function computing aggregate ``name`` (see :data:`~.definition.AGGREGATES`)."""
-    return _AGGREGATES[name]
+def _ewm(alpha: float) -> Aggregate:
+    def ewm(column: list[Any], lo: int, hi: int) -> float:
+        m = float(column[lo])
+        for x in islice(column, lo + 1, hi):
+            m += alpha * (x - m)
+        return m
+
+    return ewm
 
 
-def is_numeric(name: str) -> bool:
-    """Whether the aggregate needs numbers (its field's values are read as floats)."""
-    return name not in ("count", "distinct")
+def _approx_distinct(precision: int) -> Aggregate:
+    def approx_distinct(column: list[Any], lo: int, hi: int) -> float:
+        return estimate_codes(column[lo:hi], precision)
+
+    return approx_distinct
+
+
+def aggregate_of(feature: Feature) -> Aggregate:
+    """The function computing ``feature``'s aggregate (see :data:`~.definition.AGGREGATES`)."""
+    if feature.agg == "ewm":
+        assert feature.alpha is not None
+        return _ewm(float(feature.alpha))
+    if feature.agg == "approx_distinct":
+        return _approx_distinct(feature.precision or DEFAULT_PRECISION)
+    return _AGGREGATES[feature.agg]
+
+
+def column_kind(feature: Feature) -> str:
+    """How the feature's field is read: ``number`` (a finite float), ``value`` (as it is,
+    for ``distinct``), ``hllP`` (a HyperLogLog code of precision P), or ``""`` (no field)."""
+    if feature.agg == "count":
+        return ""
+    if feature.agg == "distinct":
+        return "value"
+    if feature.agg == "approx_distinct":
+        return f"hll{feature.precision or DEFAULT_PRECISION}"
+    return "number"
+
+
+def empty_value(feature: Feature) -> float:
+    """The value of a ``current=False`` feature whose window holds no earlier event."""
+    if feature.agg in ("count", "sum", "distinct", "approx_distinct"):
+        return 0.0
+    return math.nan if feature.default is None else float(feature.default)

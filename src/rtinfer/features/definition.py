@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 #: Every aggregate a feature may take; ``count`` alone needs no ``field``.
-AGGREGATES = ("count", "sum", "mean", "min", "max", "std", "last", "distinct")
+AGGREGATES = (
+    "count", "sum", "mean", "min", "max", "std", "last", "distinct", "approx_distinct", "ewm",
+)  # fmt: skip
 #: What happens to an event later than the allowed lateness.
 LATE_POLICIES = ("dead_letter", "side_output", "update")
 WINDOW_KINDS = ("sliding", "tumbling", "hopping", "session")
@@ -165,14 +167,27 @@ class Feature:
 
     ``std`` is the population standard deviation; ``last`` the value of the latest
     event in event time (the latest to arrive among equal times); ``distinct`` the
-    exact number of distinct values (an approximate distinct count for high
-    cardinality is not implemented yet).
+    exact number of distinct values; ``approx_distinct`` a HyperLogLog estimate of it
+    (:mod:`~rtinfer.features.sketch`: relative standard error ``1.04 / sqrt(2 **
+    precision)``, 1.6 % at the default ``precision`` 12), whose state per event is one
+    small integer whatever the values; ``ewm`` the exponentially weighted mean in
+    event-time order, weight ``alpha`` on the newest (``m = x0``, then ``m += alpha *
+    (x - m)`` for each later value).
+
+    ``current=False``: the window holds only the key's events *before* this one (in
+    event time; equal times in arrival order), e.g. "the previous amount" (``last``)
+    or "the usual amount so far" (``ewm``); when there are none the value is
+    ``default`` (NaN unless given; ``count``, ``sum`` and the distinct counts give 0).
     """
 
     name: str
     agg: str
     field: str | None = None
     window: Window = dataclasses.field(default_factory=lambda: Window("sliding", 60.0))
+    current: bool = True
+    default: float | None = None
+    alpha: float | None = None
+    precision: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +270,51 @@ class FeatureSet:
                     key=f"{where}.field",
                 )
             feature.window.check(f"{where}.window")
+            _check_options(feature, where)
+
+
+def _check_options(feature: Feature, where: str) -> None:
+    if not isinstance(feature.current, bool):
+        raise ConfigError(
+            f"current is true or false, got {feature.current!r}", key=f"{where}.current"
+        )
+    if feature.default is not None:
+        if feature.current:
+            raise ConfigError(
+                "default is the value when the window holds no earlier event: it needs "
+                "current: false",
+                key=f"{where}.default",
+            )
+        if isinstance(feature.default, bool) or not isinstance(feature.default, int | float):
+            raise ConfigError(
+                f"default is a number, got {feature.default!r}", key=f"{where}.default"
+            )
+    if feature.agg == "ewm":
+        alpha = feature.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= 1:
+            raise ConfigError(
+                f"ewm needs alpha, the weight of the newest value, in (0, 1], got {alpha!r}",
+                key=f"{where}.alpha",
+            )
+    elif feature.alpha is not None:
+        raise ConfigError("only ewm takes alpha", key=f"{where}.alpha")
+    if feature.agg == "approx_distinct":
+        p = feature.precision
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 4 <= p <= 18):
+            raise ConfigError(
+                f"precision is an integer from 4 to 18 (2**precision registers), got {p!r}",
+                key=f"{where}.precision",
+            )
+    elif feature.precision is not None:
+        raise ConfigError("only approx_distinct takes precision", key=f"{where}.precision")
 
 
 _SET_KEYS = {
     "name", "key", "time", "time_unit", "out_of_orderness", "allowed_lateness", "late", "features",
 }  # fmt: skip
-_FEATURE_KEYS = {"name", "agg", "field", "window"}
+_FEATURE_KEYS = {
+    "name", "agg", "field", "window", "current", "default", "alpha", "precision",
+}  # fmt: skip
 
 
 def definition_from_dict(data: object, *, file: str | None = None) -> FeatureSet:
@@ -311,6 +365,10 @@ def _from_dict(data: object) -> FeatureSet:
                 agg=item["agg"],
                 field=item.get("field"),
                 window=Window.parse(item["window"], key=f"{where}.window"),
+                current=item.get("current", True),
+                default=item.get("default"),
+                alpha=item.get("alpha"),
+                precision=item.get("precision"),
             )
         )
     for name in ("key", "time"):

@@ -26,7 +26,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any
 
-from .aggregates import Aggregate, aggregate_of, is_numeric
+from .aggregates import Aggregate, aggregate_of, column_kind, empty_value
 from .definition import FeatureSet, Window
 from .windows import Cut, Range, cut_of, range_of, scaled
 
@@ -59,9 +59,10 @@ class Partition:
 class Engine:
     """Computes a feature set's values row by row; see the module docstring.
 
-    ``columns`` lists the ``(field, numeric)`` pairs a row carries after its key and
-    time, in order: numeric fields are read as floats, the others (``distinct``)
-    as they are.
+    ``columns`` lists the ``(field, kind)`` pairs a row carries after its key and
+    time, in order (:func:`~.aggregates.column_kind`): ``number`` fields are read as
+    floats, ``value`` ones (``distinct``) as they are, ``hllP`` ones as HyperLogLog
+    codes.
     """
 
     __slots__ = ("_cut", "_groups", "_update", "columns", "definition", "delay", "scale", "width")
@@ -73,20 +74,28 @@ class Engine:
         self.delay = scaled(definition.out_of_orderness + definition.allowed_lateness, self.scale)
         self._update = definition.late == "update"
         self.width = len(definition.features)
-        columns: list[tuple[str, bool]] = []
-        groups: dict[Window, list[tuple[Aggregate, int, int]]] = {}
+        columns: list[tuple[str, str]] = []
+        groups: dict[Window, tuple[list[Any], list[Any]]] = {}
         for j, feature in enumerate(definition.features):
             column = 0
             if feature.field is not None:
-                spec = (feature.field, is_numeric(feature.agg))
+                spec = (feature.field, column_kind(feature))
                 if spec not in columns:
                     columns.append(spec)
                 column = 1 + columns.index(spec)
-            groups.setdefault(feature.window, []).append((aggregate_of(feature.agg), column, j))
+            current, before = groups.setdefault(feature.window, ([], []))
+            if feature.current:
+                current.append((aggregate_of(feature), column, j))
+            else:
+                before.append((aggregate_of(feature), column, j, empty_value(feature)))
         self.columns = columns
-        self._groups: list[tuple[Range, list[tuple[Aggregate, int, int]]]] = [
-            (range_of(window, self.scale), aggs) for window, aggs in groups.items()
-        ]
+        #: Per window: its slice function, the aggregates over the whole window, and those
+        #: over the events before the current one (with their value when there are none).
+        self._groups: list[tuple[Range, list[tuple[Aggregate, int, int]],
+                                 list[tuple[Aggregate, int, int, float]]]] = [
+            (range_of(window, self.scale), current, before)
+            for window, (current, before) in groups.items()
+        ]  # fmt: skip
         self._cut: Cut = cut_of(list(groups), self.scale)
 
     def apply(self, part: Partition, rows: list[tuple[Any, ...]]) -> tuple[list[Any], list[int]]:
@@ -132,10 +141,12 @@ class Engine:
                 for c in range(1, ncols + 1):
                     state[c].insert(pos, row[c + 1])
             values = [0.0] * width
-            for window, aggregates in groups:
+            for window, aggregates, earlier in groups:
                 lo, hi = window(times, t, pos)
                 for aggregate, c, j in aggregates:
                     values[j] = aggregate(state[c], lo, hi)
+                for aggregate, c, j, empty in earlier:
+                    values[j] = aggregate(state[c], lo, pos) if lo < pos else empty
             out.append(values)
         part.max_time = latest
         return out, late

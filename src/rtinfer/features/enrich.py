@@ -6,10 +6,20 @@ that is not in its cache in **one** call (a Redis pipeline of ``HGETALL`` or one
 as columns of the model input. Answers (misses included) are cached for ``ttl``
 seconds, at most ``max_entries`` of them (the oldest leave first).
 
-If a look-up fails or takes longer than ``timeout`` seconds, the batch carries
-on with each field's ``default`` (its fallback) and nothing is cached;
-``failures`` counts such batches. A look-up awaits, so put this stage after the
-stages that keep state in source order (:class:`~.stage.FeatureStage`).
+Every look-up goes through a :class:`~rtinfer.resilience.CircuitBreaker`
+(``enrich:NAME``, its state exported as ``rtinfer_breaker_state``). If a
+look-up fails or takes longer than ``timeout`` seconds, the batch carries on
+with each field's ``default`` (its fallback) and nothing is cached; the failure
+opens the breaker (after ``consecutive_failures`` of them in a row, 1 by
+default), and while it is open the batches that miss the cache take the
+defaults at once, without calling: an outage costs one timeout per
+``open_seconds`` (a probe), not one per batch. When a probe succeeds the breaker
+closes and look-ups resume. Rows answered by the defaults are counted in
+``rtinfer_fallback_outputs_total{chain="enrich:NAME",step="defaults"}`` (and
+``step="lookup"`` for the others), failed look-ups in
+``rtinfer_fallback_failures_total``; ``failures`` and ``short_circuited`` count
+batches on the stage. A look-up awaits, so put this stage after the stages that
+keep state in source order (:class:`~.stage.FeatureStage`).
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 
-from ..exceptions import ConfigError, MissingDependency
+from ..exceptions import CircuitOpen, ConfigError, MissingDependency
+from ..observability.metrics import Metrics
+from ..resilience import CircuitBreaker
 from ..types import Batch
 
 __all__ = ["Enrich", "Lookup", "PostgresLookup", "RedisLookup"]
@@ -137,6 +149,8 @@ class Enrich:
         kind: str = "hash",
         query: str | None = None,
         name: str = "enrich",
+        breaker: CircuitBreaker | Mapping[str, Any] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not fields:
             raise ConfigError("enrichment needs at least one field", key="fields")
@@ -167,8 +181,26 @@ class Enrich:
         self.timeout = timeout
         self.name = name
         self._cache: dict[Any, tuple[float, tuple[float, ...]]] = {}
-        #: Batches that fell back to the defaults (look-up failed or timed out).
+        self.metrics = metrics if metrics is not None else Metrics()
+        if not isinstance(breaker, CircuitBreaker):
+            settings = {"consecutive_failures": 1, "open_seconds": 2.0, **(breaker or {})}
+            try:
+                breaker = CircuitBreaker(f"enrich:{name}", metrics=self.metrics, **settings)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"bad breaker settings {settings}: {exc}", key="breaker"
+                ) from None
+        self.breaker: CircuitBreaker = breaker
+        chain = f"enrich:{name}"
+        self._m_looked_up = self.metrics.fallback_outputs.labels(chain, "lookup")
+        self._m_defaulted = self.metrics.fallback_outputs.labels(chain, "defaults")
+        self._m_failed = self.metrics.fallback_failures.labels(chain, "lookup")
+        #: Batches that fell back to the defaults because the look-up failed or timed out.
         self.failures = 0
+        #: Batches that took the defaults without calling: the breaker was open.
+        self.short_circuited = 0
+        #: Rows that took the defaults because of a failure or an open breaker.
+        self.defaulted = 0
         #: Look-up calls made, and keys fetched by them.
         self.calls = 0
         self.fetched = 0
@@ -187,6 +219,32 @@ class Enrich:
                 out.append(default)
         return tuple(out)
 
+    async def _fetch(self, missing: list[Any]) -> dict[Any, Mapping[str, Any]] | None:
+        """The records of ``missing`` through the breaker; ``None``: use the defaults."""
+        try:
+            probe = self.breaker.acquire()
+        except CircuitOpen:
+            self.short_circuited += 1
+            return None
+        self.calls += 1
+        self.fetched += len(missing)
+        started = time.monotonic()
+        try:
+            found = await asyncio.wait_for(self.lookup.fetch(missing), self.timeout)
+        except BaseException as exc:
+            self.breaker.release(probe, exc, time.monotonic() - started)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: not the dependency's fault
+            self.failures += 1
+            self._m_failed.inc()
+            log.warning(
+                "enrichment look-up %r failed (%s: %s); using the defaults, breaker %s",
+                self.name, type(exc).__name__, exc, self.breaker.state.label,
+            )  # fmt: skip
+            return None
+        self.breaker.release(probe, None, time.monotonic() - started)
+        return found
+
     def _key(self, data: Any) -> Any:
         return data[self.key] if isinstance(data, dict) else getattr(data, self.key)
 
@@ -196,6 +254,7 @@ class Enrich:
         cache = self._cache
         answers: dict[Any, tuple[float, ...]] = {}
         missing = []
+        defaulted = 0
         for key in dict.fromkeys(keys):
             hit = cache.get(key)
             if hit is not None and hit[0] > now:
@@ -203,15 +262,14 @@ class Enrich:
             else:
                 missing.append(key)
         if missing:
-            self.calls += 1
-            self.fetched += len(missing)
-            try:
-                found = await asyncio.wait_for(self.lookup.fetch(missing), self.timeout)
-            except Exception as exc:  # the fallback: defaults, nothing cached
-                self.failures += 1
-                log.warning("enrichment look-up failed (%s); using the defaults", exc)
+            found = await self._fetch(missing)
+            if found is None:  # the fallback: defaults, nothing cached
                 for key in missing:
                     answers[key] = self._defaults
+                gone = set(missing)
+                defaulted = sum(1 for k in keys if k in gone)
+                self.defaulted += defaulted
+                self._m_defaulted.inc(defaulted)
             else:
                 expires = now + self.ttl
                 for key in missing:
@@ -220,6 +278,7 @@ class Enrich:
                     cache[key] = (expires, values)
                 while len(cache) > self.max_entries:
                     del cache[next(iter(cache))]
+        self._m_looked_up.inc(len(keys) - defaulted)
         array = np.array([answers[k] for k in keys], dtype=self.dtype).reshape(
             len(keys), len(self.fields)
         )

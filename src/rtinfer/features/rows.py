@@ -4,7 +4,8 @@ offline.
 Numeric fields are read as finite floats, so an amount written ``5`` in one file
 and ``5.0`` in another gives the same bits; the key must be a string, an
 integer or bytes; a field the aggregates count distinct values of must be a
-string, a number or bytes. An event that breaks a rule gets a reason naming the
+string, a number or bytes (for ``approx_distinct`` the row holds its HyperLogLog
+code, :func:`~.sketch.code_of`, not the value). An event that breaks a rule gets a reason naming the
 field, and is dead-lettered alone.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .engine import Engine
+from .sketch import code_of
 
 __all__ = ["RowReader"]
 
@@ -31,7 +33,7 @@ class RowReader:
     than from a field. Raises ``ValueError`` with the reason for a bad event.
     """
 
-    __slots__ = ("_attr", "_fields", "_item", "_key_field", "_numeric", "_time_field")
+    __slots__ = ("_attr", "_fields", "_item", "_key_field", "_kinds", "_time_field")
 
     def __init__(self, engine: Engine) -> None:
         definition = engine.definition
@@ -43,7 +45,7 @@ class RowReader:
         if self._time_field is not None:
             fields.insert(1 if self._key_field is not None else 0, self._time_field)
         self._fields = fields
-        self._numeric = [numeric for _, numeric in engine.columns]
+        self._kinds = [kind for _, kind in engine.columns]
         self._attr: Callable[[Any], Any] = self._getter(operator.attrgetter, fields)
         self._item: Callable[[Any], Any] = self._getter(operator.itemgetter, fields)
 
@@ -91,8 +93,8 @@ class RowReader:
                 + ("; set decode.event_time_field" if time is None and not self._time_field else "")
             )
         row = [key, time]
-        for value, numeric, name in zip(values[at:], self._numeric, self._fields[at:], strict=True):
-            if numeric:
+        for value, kind, name in zip(values[at:], self._kinds, self._fields[at:], strict=True):
+            if kind == "number":
                 try:
                     number = float(value)
                 except (TypeError, ValueError):
@@ -101,7 +103,7 @@ class RowReader:
                     raise ValueError(f"field {name!r} must be finite, got {value!r}")
                 row.append(number)
             elif type(value) in _VALUE_TYPES:
-                row.append(value)
+                row.append(value if kind == "value" else code_of(value, int(kind[3:])))
             else:
                 raise ValueError(
                     f"field {name!r} must be a string, number or bytes to count distinct "
