@@ -16,7 +16,9 @@ import msgspec
 from .batching import MicroBatcher
 from .broker import Broker
 from .config import (
+    DecisionConfig,
     DecodeConfig,
+    FallbackStepConfig,
     FileSinkConfig,
     FileSourceConfig,
     KafkaSinkConfig,
@@ -43,10 +45,12 @@ from .config import (
 from .exceptions import ConfigError, ModelLoadError
 from .models import load_model
 from .observability.metrics import Metrics
-from .pipeline import Pipeline
+from .pipeline import Pipeline, SinkResilience
+from .resilience import CircuitBreaker, Priority, Step
 from .sinks import BrokerSink, JsonLinesSink, StdoutSink
 from .sources import BrokerSource, JsonLinesSource
 from .stages import Decide, Decode, Outputs, Predict, Stage, Vectorize
+from .stages.predict import model_failure
 from .types import Model, Sink, Source
 
 __all__ = ["build_model", "build_pipeline", "load_pipeline"]
@@ -71,20 +75,52 @@ def build_pipeline(
     """Build a pipeline; ``broker`` is the in-process broker that ``memory`` sources use."""
     broker = broker or Broker()
     metrics = metrics or Metrics()
-    model = build_model(config.model, file=file)
-    b = config.model.batching
-    batcher = MicroBatcher(
-        model,
-        max_batch_size=b.max_batch_size,
-        max_delay=b.max_delay_ms / 1e3,
-        max_in_flight=b.max_in_flight,
-        max_queue_rows=b.max_queue_rows,
-        metrics=metrics,
-    )
+    m = config.model
+    model = build_model(m, file=file)
+    batcher = _batcher(model, m, metrics)
     decode = _decode(config.decode, file)
     stages: list[Stage] = [decode]
     stages += [_stage(s, i, file) for i, s in enumerate(config.stages)]
-    stages.append(Predict(batcher, allow_nan=config.model.allow_nan))
+    fallback = [
+        _fallback_step(s, i, config.decision, metrics, file) for i, s in enumerate(m.fallback)
+    ]
+    if config.slo.expired == "fallback" and not fallback:
+        raise ConfigError(
+            "expired: fallback gives late events the answer of the model's fallback steps, "
+            "but model.fallback is empty; add steps (rules, default) or choose dead_letter "
+            "or late",
+            key="slo.expired",
+            file=file,
+        )
+    breaker = None
+    if m.breaker is not None:
+        k = m.breaker
+        breaker = CircuitBreaker(
+            f"model:{model.name}",
+            consecutive_failures=k.consecutive_failures,
+            failure_rate=k.failure_rate,
+            window=k.window,
+            min_calls=k.min_calls,
+            open_seconds=k.open_s,
+            probes=k.probes,
+            slow_call_seconds=k.slow_call_ms / 1e3 if k.slow_call_ms is not None else None,
+            is_failure=model_failure,
+            metrics=metrics,
+        )
+    try:
+        predict = Predict(
+            batcher,
+            allow_nan=m.allow_nan,
+            fallback=fallback,
+            breaker=breaker,
+            expired=config.slo.expired,
+            required_outputs=[config.decision.output] if config.decision is not None else None,
+            priority=Priority(config.runtime.priority),
+            metrics=metrics,
+        )
+    except ValueError as exc:  # two steps with one name
+        raise ConfigError(str(exc), key="model.fallback", file=file) from None
+    stages.append(predict)
     if config.decision is not None:
         d = config.decision
         schema = decode.schema
@@ -110,6 +146,7 @@ def build_pipeline(
     else:
         stages.append(Outputs())
     r = config.runtime
+    sr = r.sink_retry
     source = _source(config.source, broker)
     sinks = [_sink(s, broker) for s in config.sinks]
     dead_letters = _sink(config.dead_letters, broker) if config.dead_letters else None
@@ -123,8 +160,76 @@ def build_pipeline(
         read_size=r.read_size,
         max_in_flight=r.max_in_flight,
         flush_interval=r.flush_interval_ms / 1e3,
+        slo=config.slo.deadline_ms / 1e3 if config.slo.deadline_ms is not None else None,
+        sink_resilience=SinkResilience(
+            attempts=sr.attempts,
+            backoff=sr.backoff_ms / 1e3,
+            max_backoff=sr.max_backoff_ms / 1e3,
+            budget=sr.budget,
+            consecutive_failures=sr.consecutive_failures,
+            open_seconds=sr.open_s,
+        ),
         metrics=metrics,
     )
+
+
+def _batcher(
+    model: Model, config: ModelConfig | FallbackStepConfig, metrics: Metrics
+) -> MicroBatcher:
+    b = config.batching
+    return MicroBatcher(
+        model,
+        max_batch_size=b.max_batch_size,
+        max_delay=b.max_delay_ms / 1e3,
+        max_in_flight=b.max_in_flight,
+        max_queue_rows=b.max_queue_rows,
+        metrics=metrics,
+    )
+
+
+def _fallback_step(
+    config: FallbackStepConfig,
+    index: int,
+    decision: DecisionConfig | None,
+    metrics: Metrics,
+    file: str | None,
+) -> Step | MicroBatcher:
+    """One ``model.fallback`` entry: a lighter model's batcher, rules, or a default."""
+    key = f"model.fallback.{index}"
+    if config.rules is not None:
+        rules = import_object(config.rules, key=f"{key}.rules", file=file)
+        if not callable(rules):
+            raise ConfigError(
+                f"{config.rules!r} is a {type(rules).__name__}; rules are a function taking "
+                "the model's inputs (a dict of arrays) and returning its outputs",
+                key=f"{key}.rules",
+                file=file,
+            )
+        return Step.rules(config.name or "rules", rules)
+    if config.default is not None:
+        if decision is not None and decision.output not in config.default:
+            raise ConfigError(
+                f"the default gives outputs {sorted(config.default)}, but the decision reads "
+                f"{decision.output!r}; add it, e.g. {{{decision.output}: [1.0, 0.0]}}",
+                key=f"{key}.default",
+                file=file,
+            )
+        try:
+            return Step.default(config.name or "default", config.default)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=f"{key}.default", file=file) from None
+    model = build_model(
+        ModelConfig(
+            path=config.path,
+            factory=config.factory,
+            name=config.name,
+            version=config.version,
+            allow_pickle=config.allow_pickle,
+        ),
+        file=file,
+        key=key,
+    )
+    return _batcher(model, config, metrics)
 
 
 def _link_transactions(
@@ -165,8 +270,11 @@ def _link_transactions(
     source.commit_with(sink)
 
 
-def build_model(config: ModelConfig, *, file: str | None = None) -> Model:
-    """The model a ``model:`` section names (not loaded yet: the batcher loads it off the loop)."""
+def build_model(config: ModelConfig, *, file: str | None = None, key: str = "model") -> Model:
+    """The model a ``model:`` section names (not loaded yet: the batcher loads it off the loop).
+
+    ``key``: where the section is in the file (``model.fallback.1`` for a fallback model).
+    """
     options: dict[str, Any] = {
         "intra_op_threads": config.intra_op_threads,
         "inter_op_threads": config.inter_op_threads,
@@ -177,7 +285,7 @@ def build_model(config: ModelConfig, *, file: str | None = None) -> Model:
             where = f" in {file}" if file is not None else ""
             raise ModelLoadError(
                 f"model file {config.path!r} does not exist (relative paths start from the "
-                f"current directory, {Path.cwd()}); check model.path{where}"
+                f"current directory, {Path.cwd()}); check {key}.path{where}"
             )
         return load_model(
             config.path,
@@ -187,7 +295,7 @@ def build_model(config: ModelConfig, *, file: str | None = None) -> Model:
             **options,
         )
     assert config.factory is not None
-    factory = import_object(config.factory, key="model.factory", file=file)
+    factory = import_object(config.factory, key=f"{key}.factory", file=file)
     made = factory()
     if isinstance(made, str | os.PathLike):
         return load_model(
@@ -202,7 +310,7 @@ def build_model(config: ModelConfig, *, file: str | None = None) -> Model:
     raise ConfigError(
         f"factory {config.factory!r} returned {type(made).__name__}; it must return a model "
         f"file path or a model (load, warmup, predict)",
-        key="model.factory",
+        key=f"{key}.factory",
         file=file,
     )
 

@@ -28,11 +28,15 @@ from .exceptions import ConfigError
 
 __all__ = [
     "BatchingConfig",
+    "BreakerConfig",
     "DecisionConfig",
     "DecodeConfig",
+    "FallbackStepConfig",
     "ModelConfig",
     "PipelineConfig",
     "RuntimeConfig",
+    "SinkRetryConfig",
+    "SloConfig",
     "import_object",
     "interpolate",
     "load_config",
@@ -88,6 +92,8 @@ class RedisSourceConfig(_Strict, tag="redis", tag_field="type"):
     max_deliveries: int = 5
     value_field: str = "value"
     key_field: str | None = "key"
+    partitions: int | None = None
+    owned_partitions: list[int] | None = None
     username: str | None = None
     password: str | None = None
     ssl_ca_certs: str | None = None
@@ -103,6 +109,7 @@ class RedisSinkConfig(_Strict, tag="redis", tag_field="type"):
     field: str = "value"
     key_field: str | None = "key"
     id_field: str | None = "source_id"
+    partitions: int | None = None
     username: str | None = None
     password: str | None = None
     ssl_ca_certs: str | None = None
@@ -123,6 +130,8 @@ class NatsSourceConfig(_Strict, tag="nats", tag_field="type"):
     max_ack_pending: int | None = None
     fetch_timeout_s: float = 5.0
     create_stream: bool = True
+    partitions: int | None = None
+    owned_partitions: list[int] | None = None
     creds_file: str | None = None
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -137,6 +146,7 @@ class NatsSinkConfig(_Strict, tag="nats", tag_field="type"):
     msg_id_prefix: str | None = None
     max_pending: int = 1024
     publish_timeout_s: float = 5.0
+    partitions: int | None = None
     creds_file: str | None = None
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -173,6 +183,8 @@ class MqttSourceConfig(_Strict, tag="mqtt", tag_field="type"):
     shared_group: str | None = None
     qos: int = 1
     key_property: str = "rtinfer-key"
+    partitions: int | None = None
+    owned_partitions: list[int] | None = None
     username: str | None = None
     password: str | None = None
     ca_certs: str | None = None
@@ -195,6 +207,7 @@ class MqttSinkConfig(_Strict, tag="mqtt", tag_field="type"):
     key_property: str = "rtinfer-key"
     message_expiry_s: int | None = None
     require_subscribers: bool = False
+    partitions: int | None = None
     username: str | None = None
     password: str | None = None
     ca_certs: str | None = None
@@ -281,8 +294,72 @@ class BatchingConfig(_Strict):
             raise ValueError(f"max_delay_ms must be 0 or more, got {self.max_delay_ms}")
 
 
+class BreakerConfig(_Strict):
+    """A circuit breaker around the model call (see :class:`rtinfer.resilience.CircuitBreaker`).
+
+    Open, the model's fallback steps answer; without fallback steps the stream waits
+    (reading nothing new) until a probe gets through.
+    """
+
+    consecutive_failures: int = 5
+    failure_rate: float | None = None
+    window: int = 100
+    min_calls: int = 20
+    open_s: float = 5.0
+    probes: int = 1
+    slow_call_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1:
+            raise ValueError(
+                f"consecutive_failures must be at least 1, got {self.consecutive_failures}"
+            )
+        if self.failure_rate is not None and not 0 < self.failure_rate <= 1:
+            raise ValueError(f"failure_rate must be in (0, 1], got {self.failure_rate}")
+        if self.window < 1 or not 1 <= self.min_calls <= self.window:
+            raise ValueError(
+                f"need 1 <= min_calls <= window, got min_calls={self.min_calls}, "
+                f"window={self.window}"
+            )
+        if not self.open_s > 0:
+            raise ValueError(f"open_s must be more than 0, got {self.open_s}")
+        if self.probes < 1:
+            raise ValueError(f"probes must be at least 1, got {self.probes}")
+        if self.slow_call_ms is not None and not self.slow_call_ms > 0:
+            raise ValueError(f"slow_call_ms must be more than 0, got {self.slow_call_ms}")
+
+
+class FallbackStepConfig(_Strict):
+    """One step of the model's fallback chain: exactly one of another model (``path`` or
+    ``factory``, with its own ``batching``), ``rules`` (``module:function``, taking the
+    model's inputs and returning its outputs, vectorised) or ``default`` (the outputs of
+    one row, given to every row). ``name`` tags the results (``"step"``)."""
+
+    name: str | None = None
+    path: str | None = None
+    factory: str | None = None
+    version: str | None = None
+    allow_pickle: bool = False
+    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    rules: str | None = None
+    default: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("path", "factory", "rules", "default") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of path or factory (a lighter model), rules "
+                f"(module:function) or default (outputs), found {given or 'none'}"
+            )
+        if self.default is not None and not self.default:
+            raise ValueError("default needs at least one output, e.g. {probabilities: [1, 0]}")
+        if self.name == "primary":
+            raise ValueError("'primary' is the name of the pipeline's own model; choose another")
+
+
 class ModelConfig(_Strict):
-    """Which model, how to run it: ``path`` to a model file, or ``factory`` returning one."""
+    """Which model, how to run it: ``path`` to a model file, or ``factory`` returning one;
+    ``breaker`` and ``fallback``: what answers when it cannot."""
 
     path: str | None = None
     factory: str | None = None
@@ -294,6 +371,8 @@ class ModelConfig(_Strict):
     inter_op_threads: int = 1
     providers: list[str] | None = None
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    breaker: BreakerConfig | None = None
+    fallback: list[FallbackStepConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.factory is None):
@@ -310,18 +389,63 @@ class DecisionConfig(_Strict):
     include: list[str] = msgspec.field(default_factory=list)
 
 
+class SinkRetryConfig(_Strict):
+    """Failing sinks (see :class:`rtinfer.pipeline.SinkResilience`): transient errors are
+    retried with jittered backoff within a budget; a sink that keeps failing opens its
+    breaker and the pipeline stops reading until a probe succeeds."""
+
+    attempts: int = 3
+    backoff_ms: float = 10.0
+    max_backoff_ms: float = 1000.0
+    budget: float = 0.1
+    consecutive_failures: int = 5
+    open_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1 (1: no retry), got {self.attempts}")
+        if not 0 < self.backoff_ms <= self.max_backoff_ms:
+            raise ValueError(
+                f"need 0 < backoff_ms <= max_backoff_ms, got {self.backoff_ms} and "
+                f"{self.max_backoff_ms}"
+            )
+        if not 0 <= self.budget <= 1:
+            raise ValueError(f"budget must be between 0 and 1 (0.1: 10% extra), got {self.budget}")
+        if self.consecutive_failures < 1:
+            raise ValueError(
+                f"consecutive_failures must be at least 1, got {self.consecutive_failures}"
+            )
+        if not self.open_s > 0:
+            raise ValueError(f"open_s must be more than 0, got {self.open_s}")
+
+
 class RuntimeConfig(_Strict):
-    """How the pipeline runs: batch read size, batches in flight, flush interval."""
+    """How the pipeline runs: batch read size, batches in flight, flush interval, the
+    traffic class of its model calls, failing sinks."""
 
     read_size: int = 256
     max_in_flight: int = 4
     flush_interval_ms: float = 100.0
+    priority: Literal["critical", "best_effort"] = "critical"
+    sink_retry: SinkRetryConfig = msgspec.field(default_factory=SinkRetryConfig)
 
     def __post_init__(self) -> None:
         if self.read_size < 1:
             raise ValueError(f"read_size must be at least 1, got {self.read_size}")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
+
+
+class SloConfig(_Strict):
+    """The pipeline's deadline: ``deadline_ms`` after ingestion for events that bring none,
+    and what happens to an event whose deadline passed before the model ran it."""
+
+    deadline_ms: float | None = None
+    expired: Literal["dead_letter", "fallback", "late"] = "dead_letter"
+
+    def __post_init__(self) -> None:
+        if self.deadline_ms is not None and not self.deadline_ms > 0:
+            raise ValueError(f"deadline_ms must be more than 0, got {self.deadline_ms}")
 
 
 class PipelineConfig(_Strict):
@@ -336,6 +460,7 @@ class PipelineConfig(_Strict):
     decision: DecisionConfig | None = None
     dead_letters: SinkConfig | None = None
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    slo: SloConfig = msgspec.field(default_factory=SloConfig)
 
 
 # -- loading ------------------------------------------------------------------------------

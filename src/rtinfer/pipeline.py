@@ -18,7 +18,17 @@ source positions of everything written before the flush. So:
   (and flushed) before its position is acknowledged;
 - **state with offsets**: a stage with ``async def checkpoint(positions)`` is
   awaited after every flush and before the acknowledgement of ``positions``,
-  so state it commits there always covers what the source is told to forget.
+  so state it commits there always covers what the source is told to forget;
+- **deadlines**: with ``slo`` (seconds), every event read without a deadline gets
+  ``ingest_time + slo``; the model stage runs the earliest deadline first and
+  never runs an expired event (its ``expired`` policy says what happens then);
+- **failing sinks** (:class:`SinkResilience`): a sink's ``write``/``flush`` that
+  fails with a transient error is retried with jittered backoff, paid from a
+  retry budget (about 10% extra calls at most); one that keeps failing opens its
+  circuit breaker, and the pipeline stops reading until a probe succeeds. A
+  flush that failed is tried again only after everything written since the last
+  good flush is written again (a sink may have lost its buffer), so nothing is
+  acknowledged that was not flushed. Other errors fail the run, unacknowledged.
 
 :meth:`Pipeline.stop` stops intake; what was read is finished, flushed and
 acknowledged before :meth:`Pipeline.run` returns. The pipeline is ``DRAINING``
@@ -33,18 +43,20 @@ import base64
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from .exceptions import RtinferError
+from .exceptions import CircuitOpen, RtinferError
 from .observability.latency import LatencyHistogram
 from .observability.metrics import Metrics
+from .resilience.breaker import CircuitBreaker
+from .resilience.retry import Backoff, Retry, RetryBudget, is_transient
 from .stages import Stage, Undeliverable, compose
 from .types import Batch, DeadLetter, Event, Position, Sink, Source
 
-__all__ = ["Lifecycle", "Pipeline", "RunSummary", "dead_letter_record"]
+__all__ = ["Lifecycle", "Pipeline", "RunSummary", "SinkResilience", "dead_letter_record"]
 
 log = logging.getLogger("rtinfer.pipeline")
 
@@ -124,6 +136,140 @@ def dead_letter_record(dead: DeadLetter, pipeline: str) -> dict[str, Any]:
     }
 
 
+class SinkResilience:
+    """How the pipeline treats a failing sink (one retry budget and breaker per sink).
+
+    - ``attempts``: calls per ``write``/``flush`` (1: no retry), waiting
+      ``Backoff(backoff, max_delay=max_backoff)`` between them ("full jitter");
+    - ``budget``: retries per call allowed on average (0.1: 10% extra load at most,
+      plus one a second), so retries never amplify an outage;
+    - ``consecutive_failures`` and ``open_seconds``: the sink's circuit breaker
+      (``sink:<name>``, its state in ``rtinfer_breaker_state``). While it is open the
+      pipeline reads nothing and looks again every ``poll`` seconds; half-open, the
+      failed call itself is the probe;
+    - ``pause_on``: errors that pause the pipeline until the sink recovers (default:
+      transient ones, :func:`~rtinfer.resilience.is_transient`); any other error
+      fails the run, leaving unacknowledged what was not flushed;
+    - ``clock``: the breakers' and budgets' monotonic clock (tests drive it by hand).
+    """
+
+    __slots__ = ("attempts", "backoff", "budget", "clock", "consecutive_failures",
+                 "max_backoff", "open_seconds", "pause_on", "poll")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        attempts: int = 3,
+        backoff: float = 0.01,
+        max_backoff: float = 1.0,
+        budget: float = 0.1,
+        consecutive_failures: int = 5,
+        open_seconds: float = 5.0,
+        poll: float = 0.05,
+        pause_on: Callable[[BaseException], bool] = is_transient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1 (1: no retry), got {attempts}")
+        Backoff(backoff, max_delay=max_backoff)  # checks them
+        if poll <= 0:
+            raise ValueError(f"poll must be more than 0 seconds, got {poll}")
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.budget = budget
+        self.consecutive_failures = consecutive_failures
+        self.open_seconds = open_seconds
+        self.poll = poll
+        self.pause_on = pause_on
+        self.clock = clock
+
+
+class _GuardedSink:
+    """One sink behind its retry (with budget) and circuit breaker; see :class:`SinkResilience`.
+
+    ``dirty``: a flush failed, so the sink may have lost what it buffered: the next flush
+    first writes again everything written since the last good one.
+    """
+
+    __slots__ = ("breaker", "dirty", "label", "pipeline", "policy", "retry", "sink", "unflushed")
+
+    def __init__(self, sink: Sink, label: str, policy: SinkResilience, pipeline: Pipeline) -> None:
+        self.sink = sink
+        self.label = label
+        self.policy = policy
+        self.pipeline = pipeline
+        self.breaker = CircuitBreaker(
+            label,
+            consecutive_failures=policy.consecutive_failures,
+            open_seconds=policy.open_seconds,
+            clock=policy.clock,
+            metrics=pipeline.metrics,
+        )
+        self.retry = Retry(
+            label,
+            attempts=policy.attempts,
+            backoff=Backoff(policy.backoff, max_delay=policy.max_backoff),
+            budget=RetryBudget(policy.budget, clock=policy.clock),
+            retry_on=policy.pause_on,
+            metrics=pipeline.metrics,
+        )
+        self.dirty = False
+        #: Event lists written since the last good flush (what a dirty flush writes again).
+        self.unflushed: list[Sequence[Event]] = []
+
+    async def write(self, events: Sequence[Event]) -> None:
+        sink = self.sink
+
+        async def write() -> None:
+            await sink.write(events)
+
+        await self._run(write)
+        self.unflushed.append(events)
+
+    async def flush(self) -> None:
+        sink = self.sink
+
+        async def flush() -> None:
+            if self.dirty:
+                for events in self.unflushed:
+                    await sink.write(events)
+            try:
+                await sink.flush()
+            except BaseException:
+                self.dirty = True
+                raise
+            self.dirty = False
+
+        await self._run(flush)
+        self.unflushed = []
+
+    async def _run(self, call: Callable[[], Awaitable[None]]) -> None:
+        failures = 0
+        while True:
+            try:
+                with self.breaker.guard():
+                    await self.retry.run(call)
+            except CircuitOpen as exc:
+                self.pipeline._pause(self.label)
+                await asyncio.sleep(min(exc.retry_after, self.policy.poll))
+                continue
+            except Exception as exc:
+                if not self.policy.pause_on(exc):
+                    raise
+                log.warning(
+                    "sink %s failed (%s: %s); trying again, reading paused if it goes on",
+                    self.sink.name,
+                    type(exc).__name__,
+                    exc,
+                )
+                await asyncio.sleep(self.retry.backoff.delay(failures))
+                failures += 1
+                continue
+            self.pipeline._resume(self.label)
+            return
+
+
 class _LogDeadLetters:
     """Where dead letters go when no dead-letter sink is configured: the log."""
 
@@ -166,8 +312,12 @@ class Pipeline:
         max_in_flight: int = 4,
         flush_interval: float = 0.1,
         lag_interval: float = 1.0,
+        slo: float | None = None,
+        sink_resilience: SinkResilience | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        if slo is not None and not slo > 0:
+            raise ValueError(f"slo must be more than 0 seconds, got {slo}")
         if read_size < 1:
             raise ValueError(f"read_size must be at least 1, got {read_size}")
         if max_in_flight < 1:
@@ -181,7 +331,30 @@ class Pipeline:
         self.max_in_flight = max_in_flight
         self.flush_interval = flush_interval
         self.lag_interval = lag_interval
+        #: Seconds from ingestion to each event's deadline, for events read without one.
+        self.slo = slo
+        self.sink_resilience = sink_resilience or SinkResilience()
         self.metrics = metrics or Metrics()
+        # Reading stops while any sink named here is failing (its breaker open).
+        self._intake = asyncio.Event()
+        self._intake.set()
+        self._paused_by: set[str] = set()
+        labels = [f"sink:{s.name}" for s in self.sinks]
+        labels = [  # one breaker (and metric) per sink, even where two share a name
+            label if labels.count(label) == 1 else f"{label}#{i}" for i, label in enumerate(labels)
+        ]
+        policy = self.sink_resilience
+        self._guarded = [
+            _GuardedSink(s, label, policy, self)
+            for s, label in zip(self.sinks, labels, strict=True)
+        ]
+        self._guarded_dead = _GuardedSink(
+            self.dead_letters, f"dead_letters:{self.dead_letters.name}", policy, self
+        )
+        #: The circuit breaker of each sink (``sink:<name>``) and of the dead-letter sink.
+        self.breakers: dict[str, CircuitBreaker] = {
+            g.label: g.breaker for g in [*self._guarded, self._guarded_dead]
+        }
         #: Start the stages before the run and close them after it. A host that shares
         #: the stages with other callers (a server scoring requests with them) sets it
         #: to False and starts and closes them itself.
@@ -199,6 +372,24 @@ class Pipeline:
         self._m_out = self.metrics.events_out.labels(name)
         self._m_latency = self.metrics.latency(name)
         self._observers: list[Any] = []
+
+    @property
+    def paused(self) -> bool:
+        """Reading is paused because a sink is failing (its breaker is open)."""
+        return not self._intake.is_set()
+
+    def _pause(self, label: str) -> None:
+        if label not in self._paused_by:
+            log.warning("pipeline %r stops reading: %s keeps failing", self.name, label)
+            self._paused_by.add(label)
+            self._intake.clear()
+
+    def _resume(self, label: str) -> None:
+        if label in self._paused_by:
+            log.warning("pipeline %r reads again: %s recovered", self.name, label)
+            self._paused_by.discard(label)
+            if not self._paused_by:
+                self._intake.set()
 
     def observe(self, callback: Any) -> None:
         """Call ``callback(batch)`` after each batch is written (live views, demos, tests)."""
@@ -314,6 +505,7 @@ class Pipeline:
         slots: asyncio.Semaphore,
     ) -> None:
         seq = 0
+        slo = self.slo
         try:
             while not self._stop.is_set():
                 # Read only when a batch may start: when every slot is busy the source is
@@ -323,6 +515,8 @@ class Pipeline:
                     break
                 self._reading = True
                 try:
+                    if not self._intake.is_set():  # a sink is failing: read nothing
+                        await self._intake.wait()
                     events = await self.source.read(self.read_size)
                 except asyncio.CancelledError:
                     if self._stop.is_set():  # stop() interrupted the wait: nothing was read
@@ -332,6 +526,10 @@ class Pipeline:
                     self._reading = False
                 if not events:
                     break
+                if slo is not None:
+                    for event in events:
+                        if event.deadline is None:
+                            event.deadline = event.ingest_time + slo
                 self.events_in += len(events)
                 self._m_in.inc(len(events))
                 seq += 1
@@ -347,7 +545,7 @@ class Pipeline:
     async def _write(
         self, inflight: asyncio.Queue[asyncio.Task[Batch] | None], slots: asyncio.Semaphore
     ) -> None:
-        sinks = self.sinks
+        sinks = self._guarded
         pending: list[Position] = []
         last_flush = time.perf_counter()
         while True:
@@ -386,12 +584,12 @@ class Pipeline:
             events.append(letter.event)
             self.metrics.dead_letters.labels(self.name, letter.stage).inc()
         self.dead_count += len(dead)
-        await self.dead_letters.write(events)
+        await self._guarded_dead.write(events)
 
     async def _flush_and_ack(self, positions: list[Position]) -> None:
-        for sink in self.sinks:
+        for sink in self._guarded:
             await sink.flush()
-        await self.dead_letters.flush()
+        await self._guarded_dead.flush()
         # A stage that keeps durable state (rtinfer.features) commits it here, with the
         # positions it covers, so its state is never behind what the source forgets.
         for stage in self.stages:

@@ -124,7 +124,8 @@ class Batch:
     they are all acknowledged together once the batch's results are flushed.
     """
 
-    __slots__ = ("dead", "events", "inputs", "model_version", "outputs", "positions", "seq")
+    __slots__ = ("dead", "events", "inputs", "late", "model_version", "outputs", "positions",
+                 "seq", "steps")  # fmt: skip
 
     def __init__(self, events: list[Event], seq: int = 0) -> None:
         self.events = events
@@ -135,6 +136,13 @@ class Batch:
         self.outputs: Arrays | None = None
         #: The version of the model whose outputs these are (set by the model stage).
         self.model_version = ""
+        #: Which step of the model's fallback chain answered: ``None`` (no chain: the
+        #: model), one name for every row, or a name per row (set by the model stage).
+        self.steps: str | list[str] | None = None
+        #: Rows whose deadline passed before the model ran them and that were answered
+        #: anyway (by the fallback chain, or the model with ``expired: late``): a boolean
+        #: per row, or ``None`` when there are none. Results carry ``"late": true``.
+        self.late: npt.NDArray[np.bool_] | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -151,12 +159,18 @@ class Batch:
         gone = set(rows)
         keep = [i for i in range(len(events)) if i not in gone]
         self.events = [events[i] for i in keep]
-        if self.inputs is not None or self.outputs is not None:
+        if isinstance(self.steps, list):
+            steps = self.steps
+            self.steps = [steps[i] for i in keep]
+        if self.inputs is not None or self.outputs is not None or self.late is not None:
             index = np.asarray(keep, dtype=np.intp)
             if self.inputs is not None:
                 self.inputs = {k: v[index] for k, v in self.inputs.items()}
             if self.outputs is not None:
                 self.outputs = {k: v[index] for k, v in self.outputs.items()}
+            if self.late is not None:
+                late = self.late[index]
+                self.late = late if late.any() else None
 
     def drop_all(self, stage: str, reason: str) -> None:
         """Move every remaining event to the dead letters with one reason."""

@@ -15,7 +15,8 @@ The built-ins, in pipeline order:
   so one bad payload is dead-lettered alone;
 - :class:`Vectorize`: named fields of the decoded events to a model input array;
 - :class:`Predict`: the model, through its shared micro-batcher; rows with
-  NaN or infinity are dead-lettered unless allowed;
+  NaN or infinity are dead-lettered unless allowed; a fallback chain, a circuit
+  breaker and a policy for expired events say what answers when the model cannot;
 - :class:`Decide`: a score to a decision by thresholds, as the result record;
 - :class:`Outputs`: the model's outputs as the result record, when there is no decision.
 """

@@ -23,10 +23,12 @@ class Decide:
     ``{"review": 0.5, "block": 0.9}``; below every threshold the decision is
     ``default``. The score is column ``column`` of output ``output`` (a 1-D
     output is used as is). Each result is
-    ``{"id", "score", "decision", "model_version"}`` plus the ``include``d
+    ``{"id", "score", "decision", "model_version"}``, ``"step"`` (which step of the
+    model's fallback chain answered) when the model has a chain, plus the ``include``d
     fields of the event's data (attributes of a Struct, or keys of a dict,
     ``None`` where a dict lacks one). ``model_version`` is the version of the model
-    that scored the batch (set by the model stage) unless given here.
+    that scored the batch (set by the model stage) unless given here. An event answered
+    after its deadline passed (``batch.late``) gets ``"late": true``.
     """
 
     def __init__(
@@ -59,8 +61,11 @@ class Decide:
                     f"include names fields of the event, got {field!r}, which is not a name",
                     key="decision.include",
                 )
-        self._build_from_attrs = _result_builder(self.include, dicts=False)
-        self._build_from_dicts = _result_builder(self.include, dicts=True)
+        self._builders = {
+            (dicts, steps): _result_builder(self.include, dicts=dicts, steps=steps)
+            for dicts in (False, True)
+            for steps in (False, True)
+        }
 
     def __call__(self, batch: Batch) -> Batch:
         if not batch.events:
@@ -78,29 +83,57 @@ class Decide:
         labels = self._labels
         decisions = [labels[i] for i in index]
         events = batch.events
-        build = (
-            self._build_from_dicts if isinstance(events[0].data, dict) else self._build_from_attrs
-        )
-        build(events, scores.tolist(), decisions, self.model_version or batch.model_version)
+        steps = batch.steps
+        build = self._builders[isinstance(events[0].data, dict), steps is not None]
+        version = self.model_version or batch.model_version
+        if steps is None:
+            build(events, scores.tolist(), decisions, version)
+        else:
+            build(events, scores.tolist(), decisions, version, _per_row(steps, len(events)))
+        if batch.late is not None:
+            mark_late(batch)
         return batch
 
 
-def _result_builder(fields: Sequence[str], *, dicts: bool) -> Callable[..., None]:
+def _per_row(steps: str | list[str], n: int) -> Sequence[str]:
+    return [steps] * n if isinstance(steps, str) else steps
+
+
+def mark_late(batch: Batch) -> None:
+    """Add ``"late": true`` to the results of the rows ``batch.late`` flags."""
+    assert batch.late is not None
+    events = batch.events
+    for i in np.flatnonzero(batch.late).tolist():
+        events[i].result["late"] = True
+
+
+def _result_builder(fields: Sequence[str], *, dicts: bool, steps: bool) -> Callable[..., None]:
     """A function writing each event's result record, with the included fields spelt out.
 
     Generated once (as dataclasses and msgspec do): a dict display with literal keys
     costs half as much per event as building the record in a loop over the fields.
     ``fields`` are checked names; on dicts (decoded without a schema) a missing key
-    is ``None``.
+    is ``None``. With ``steps`` it takes one more argument, the fallback step of each
+    row, written as ``"step"``.
     """
     extra = "".join(
         f", {field!r}: data.get({field!r})" if dicts else f", {field!r}: data.{field}"
         for field in fields
     )
+    if steps:
+        head = (
+            "def build(events, scores, decisions, version, steps):\n"
+            "    for event, score, decision, step in zip(events, scores, decisions, steps,"
+            " strict=True):\n"
+        )
+        extra = ", 'step': step" + extra
+    else:
+        head = (
+            "def build(events, scores, decisions, version):\n"
+            "    for event, score, decision in zip(events, scores, decisions, strict=True):\n"
+        )
     source = (
-        "def build(events, scores, decisions, version):\n"
-        "    for event, score, decision in zip(events, scores, decisions, strict=True):\n"
-        "        data = event.data\n"
+        head + "        data = event.data\n"
         "        event.result = {'id': event.id, 'score': score, 'decision': decision,"
         f" 'model_version': version{extra}}}\n"
     )
@@ -110,7 +143,10 @@ def _result_builder(fields: Sequence[str], *, dicts: bool) -> Callable[..., None
 
 
 class Outputs:
-    """Make each event's result its rows of the model's outputs: ``{"id", OUTPUT: value, ...}``."""
+    """Make each event's result its rows of the model's outputs: ``{"id", OUTPUT: value, ...}``.
+
+    Like :class:`Decide`, it adds ``"step"`` with a fallback chain and ``"late": true``.
+    """
 
     def __init__(self, *, model_version: str | None = None) -> None:
         self.name = "outputs"
@@ -122,9 +158,14 @@ class Outputs:
         assert batch.outputs is not None
         columns = {k: v.tolist() for k, v in batch.outputs.items()}
         version = self.model_version or batch.model_version
+        steps = None if batch.steps is None else _per_row(batch.steps, len(batch))
         for i, event in enumerate(batch.events):
             result: dict[str, Any] = {"id": event.id, "model_version": version}
+            if steps is not None:
+                result["step"] = steps[i]
             for name, values in columns.items():
                 result[name] = values[i]
             event.result = result
+        if batch.late is not None:
+            mark_late(batch)
         return batch
