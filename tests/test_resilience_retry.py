@@ -188,3 +188,12 @@ async def test_during_an_outage_the_budget_stops_retries_amplifying_the_load() -
 def test_bad_settings_are_refused_with_the_value(make: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()  # type: ignore[operator]
+
+
+def test_lasting_os_errors_are_not_transient() -> None:
+    from rtinfer.resilience.retry import is_transient
+
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError())
+    for lasting in (FileNotFoundError(), PermissionError(), IsADirectoryError()):
+        assert not is_transient(lasting), lasting

@@ -80,7 +80,7 @@ def build_pipeline(
     batcher = _batcher(model, m, metrics)
     decode = _decode(config.decode, file)
     stages: list[Stage] = [decode]
-    stages += [_stage(s, i, file) for i, s in enumerate(config.stages)]
+    stages += [_stage(s, i, file, metrics) for i, s in enumerate(config.stages)]
     fallback = [
         _fallback_step(s, i, config.decision, metrics, file) for i, s in enumerate(m.fallback)
     ]
@@ -340,7 +340,7 @@ def _decode(config: DecodeConfig, file: str | None) -> Decode:
         ) from None
 
 
-def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
+def _stage(config: StageConfig, index: int, file: str | None, metrics: Metrics) -> Stage:
     if isinstance(config, VectorizeStageConfig):
         try:
             return Vectorize(config.fields, input=config.input, dtype=config.dtype)
@@ -352,8 +352,11 @@ def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
     key = f"stages.{index}.use"
     used = import_object(config.use, key=key, file=file)
     if inspect.isclass(used) or config.args:  # a class, or a factory given its arguments
+        args = dict(config.args)
+        if "metrics" not in args and _takes(used, "metrics"):
+            args["metrics"] = metrics  # its metrics (breakers, look-ups) join the pipeline's
         try:
-            stage = used(**config.args)
+            stage = used(**args)
         except TypeError as exc:
             raise ConfigError(
                 f"cannot build {config.use!r} with args {config.args}: {exc}", key=key, file=file
@@ -368,6 +371,15 @@ def _stage(config: StageConfig, index: int, file: str | None) -> Stage:
             file=file,
         )
     return stage  # type: ignore[no-any-return]
+
+
+def _takes(factory: Any, name: str) -> bool:
+    """Whether ``factory`` accepts a keyword argument ``name``."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
+    return name in parameters
 
 
 def _source(config: SourceConfig, broker: Broker) -> Source:

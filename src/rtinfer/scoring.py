@@ -67,12 +67,7 @@ class PipelineScorer:
         self.stream = stream
         self.batcher = predicts[0].batcher
         # The same stages, but the model stage fails fast when the batcher is full.
-        request_stages = [
-            Predict(s.batcher, allow_nan=s.allow_nan, column_names=s.column_names, wait=False)
-            if s is predicts[0]
-            else s
-            for s in pipeline.stages
-        ]
+        request_stages = [s.for_requests() if s is predicts[0] else s for s in pipeline.stages]
         self._handler = compose(request_stages, metrics=pipeline.metrics, pipeline=pipeline.name)
         # The stages serve requests for as long as the server runs, even after a stream
         # that ended: this scorer starts and closes them, not the pipeline's run.

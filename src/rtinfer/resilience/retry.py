@@ -38,12 +38,23 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 
+_LASTING = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """The default ``retry_on``: network and timeout errors, which a retry may outlive.
 
     ``Overloaded`` (and so an open breaker or a spent quota), bad inputs and passed
     deadlines are not retried: a retry would only add load or fail the same way.
     """
+    if isinstance(exc, _LASTING):  # a missing file or a refused permission stays so
+        return False
     if isinstance(exc, OSError | TimeoutError):
         return True
     # redis-py's and some brokers' connection errors do not derive from OSError.
