@@ -117,3 +117,84 @@ runtime: {{read_size: 16}}
             await parent.wait()
         await client.delete(source, out)
         await client.aclose()
+
+
+async def test_two_workers_on_partitioned_redis_streams_keep_each_key_on_one_worker(
+    tmp_path: Path, model_file: Path
+) -> None:
+    """``--workers 2`` with ``partitions: 4``: worker i reads partitions p % 2 == i, so every
+    key's results come from one worker, in input order, and nothing is lost."""
+    import zlib
+
+    redis = pytest.importorskip("redis.asyncio")
+    from rtinfer.sinks.redis import RedisStreamSink
+    from rtinfer.types import Event
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except OSError as exc:
+        service_missing(f"no Redis at {REDIS_URL}: {exc}")
+    name = uuid.uuid4().hex[:8]
+    source, out = f"test-wp-in-{name}", f"test-wp-out-{name}"
+    # Written before the workers start: their groups are created from the start ("0").
+    producer = RedisStreamSink(REDIS_URL, source, partitions=4)
+    await producer.start()
+    events = []
+    for i in range(400):
+        event = Event(payload(i), key=b"k%d" % (i % 13), ingest_time=0.0)
+        event.result = event.value
+        events.append(event)
+    await producer.write(events)
+    await producer.flush()
+    await producer.aclose()
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"""
+name: partitioned
+source: {{type: redis, url: "{REDIS_URL}", stream: {source}, group: g, block_ms: 50,
+          partitions: 4}}
+decode: {{fields: {{id: str, x: float, y: float}}}}
+stages: [{{type: vectorize, fields: [x, y]}}]
+model: {{path: "{model_file}"}}
+sinks: [{{type: redis, url: "{REDIS_URL}", stream: "{out}-${{RTINFER_WORKER:-none}}"}}]
+runtime: {{read_size: 16}}
+"""
+    )
+    log = tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "rtinfer", "run", str(path), "--workers", "2"]
+    with log.open("wb") as stderr:
+        parent = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    outs = [f"{out}-0", f"{out}-1"]
+    try:
+        for _ in range(600):
+            if sum([await client.xlen(o) for o in outs]) >= 400:
+                break
+            await asyncio.sleep(0.05)
+        parent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(parent.wait(), 30) == 0, log.read_text()
+        owner: dict[bytes, int] = {}
+        seen: list[str] = []
+        for worker, stream in enumerate(outs):
+            entries = await client.xrange(stream)
+            assert entries, f"worker {worker} wrote nothing"
+            order: dict[bytes, list[int]] = {}
+            for _, fields in entries:
+                key = fields[b"key"]
+                assert zlib.crc32(key) % 4 % 2 == worker  # its partitions only
+                assert owner.setdefault(key, worker) == worker  # a key on one worker
+                ident = msgspec.json.decode(fields[b"value"])["id"]
+                seen.append(ident)
+                order.setdefault(key, []).append(int(ident[1:]))
+            assert all(v == sorted(v) for v in order.values())  # per-key input order
+        assert sorted(seen) == sorted(f"e{i}" for i in range(400))  # nothing lost, no repeat
+        for p in range(4):
+            assert (await client.xpending(f"{source}.{p}", "g"))["pending"] == 0
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        await client.delete(*outs, *(f"{source}.{p}" for p in range(4)))
+        await client.aclose()

@@ -9,6 +9,11 @@ It reads the same pipeline file (and so the same environment variables) as the p
 ``publish`` writes each line to where the pipeline's source reads (keyed by card), with
 rtinfer's own sink for that broker; ``decisions`` reads what the pipeline's first sink
 wrote, with rtinfer's own source, and prints one JSON line per decision.
+
+Partitioned streams, subjects and topics (Redis, NATS, MQTT: ``partitions: P`` in the
+pipeline file, docs/scaling.md): ``publish`` writes each card to its partition
+(``crc32(card) % P``), taking ``P`` from the source's ``partitions`` (``--partitions P``
+overrides it); ``decisions`` reads every partition of a partitioned sink.
 """
 
 from __future__ import annotations
@@ -36,25 +41,29 @@ from rtinfer.config import (
 from rtinfer.types import Event, Sink, Source
 
 
-def sink_to_the_source(config: Any) -> Sink:
-    """A sink writing where the pipeline's source reads."""
+def sink_to_the_source(config: Any, partitions: int | None = None) -> Sink:
+    """A sink writing where the pipeline's source reads (its partitions, when it has some)."""
     if isinstance(config, KafkaSourceConfig):
         from rtinfer.sinks.kafka import KafkaSink
 
+        if partitions is not None:
+            raise SystemExit("--partitions is for Redis, NATS and MQTT: Kafka partitions by key")
         topic = config.topics if isinstance(config.topics, str) else config.topics[0]
         return KafkaSink(config.bootstrap_servers, topic)
+    if partitions is None:
+        partitions = getattr(config, "partitions", None)
     if isinstance(config, RedisSourceConfig):
         from rtinfer.sinks.redis import RedisStreamSink
 
-        return RedisStreamSink(config.url, config.stream)
+        return RedisStreamSink(config.url, config.stream, partitions=partitions)
     if isinstance(config, NatsSourceConfig):
         from rtinfer.sinks.nats import NatsSink
 
-        return NatsSink(config.url, config.subject)
+        return NatsSink(config.url, config.subject, partitions=partitions)
     if isinstance(config, MqttSourceConfig):
         from rtinfer.sinks.mqtt import MqttSink
 
-        return MqttSink(config.url, config.topic)
+        return MqttSink(config.url, config.topic, partitions=partitions)
     raise SystemExit(f"the pipeline's source is {type(config).__name__}: nothing to replay into")
 
 
@@ -63,20 +72,32 @@ def nats_stream(subject: str) -> str:
     return subject.upper().replace(".", "_").replace("-", "_")
 
 
-async def ensure_nats_streams(config: Any) -> None:
+async def ensure_nats_streams(config: Any, partitions: int | None = None) -> None:
     """JetStream keeps only what a stream captures: make sure every subject has one."""
     from rtinfer.sources.nats import NatsSource
 
-    places = [(config.source.stream, config.source.subject)]
+    places = [(config.source.stream, config.source.subject, partitions)]
     places += [
-        (s.stream or nats_stream(s.subject), s.subject)
+        (s.stream or nats_stream(s.subject), s.subject, s.partitions)
         for s in [*config.sinks, config.dead_letters]
         if isinstance(s, NatsSinkConfig)
     ]
-    for stream, subject in places:
-        probe = NatsSource(config.source.url, stream, subject, durable="replay-probe")
+    for stream, subject, parts in places:
+        # Partitioned: the stream stores <subject>.* (one probe consumer per partition).
+        owned = list(range(parts)) if parts is not None else None
+        probe = NatsSource(
+            config.source.url, stream, subject, durable="replay-probe", partitions=parts,
+            owned_partitions=owned,
+        )  # fmt: skip
         await probe.start()  # creates the stream when it is missing
         await probe.aclose()
+
+
+def every(config: Any) -> dict[str, Any]:
+    """Source options reading every partition of a partitioned sink (none when it is not)."""
+    if config.partitions is None:
+        return {}
+    return {"partitions": config.partitions, "owned_partitions": list(range(config.partitions))}
 
 
 def source_of_the_sink(config: Any) -> Source:
@@ -88,24 +109,30 @@ def source_of_the_sink(config: Any) -> Source:
     if isinstance(config, RedisSinkConfig):
         from rtinfer.sources.redis import RedisStreamSource
 
-        return RedisStreamSource(config.url, config.stream, group="replay-reader", block_ms=200)
+        return RedisStreamSource(
+            config.url, config.stream, group="replay-reader", block_ms=200, **every(config)
+        )
     if isinstance(config, NatsSinkConfig):
         from rtinfer.sources.nats import NatsSource
 
         stream = config.stream or nats_stream(config.subject)
-        return NatsSource(config.url, stream, config.subject, durable="replay-reader")
+        return NatsSource(
+            config.url, stream, config.subject, durable="replay-reader", **every(config)
+        )
     if isinstance(config, MqttSinkConfig):
         from rtinfer.sources.mqtt import MqttSource
 
-        return MqttSource(config.url, config.topic, client_id="replay-reader")
+        return MqttSource(config.url, config.topic, client_id="replay-reader", **every(config))
     raise SystemExit(f"the pipeline's sink is {type(config).__name__}: read it directly")
 
 
-async def publish(pipeline: Path, events: Path) -> None:
+async def publish(pipeline: Path, events: Path, partitions: int | None = None) -> None:
     config = load_config(pipeline)
+    if partitions is None:
+        partitions = getattr(config.source, "partitions", None)
     if isinstance(config.source, NatsSourceConfig):
-        await ensure_nats_streams(config)
-    sink = sink_to_the_source(config.source)
+        await ensure_nats_streams(config, partitions)
+    sink = sink_to_the_source(config.source, partitions)
     await sink.start()
     decoder = msgspec.json.Decoder()
     sent = 0
@@ -156,12 +183,18 @@ def main() -> None:
     p = commands.add_parser("publish", help="write a JSON Lines file where the source reads")
     p.add_argument("pipeline", type=Path)
     p.add_argument("events", type=Path)
+    p.add_argument(
+        "--partitions",
+        type=int,
+        help="Redis, NATS, MQTT: write card c to partition crc32(c) %% P (default: the "
+        "source's partitions, else none)",
+    )
     d = commands.add_parser("decisions", help="print what the pipeline's first sink wrote")
     d.add_argument("pipeline", type=Path)
     d.add_argument("--count", type=int, help="stop after this many (default: never)")
     args = parser.parse_args()
     if args.command == "publish":
-        asyncio.run(publish(args.pipeline, args.events))
+        asyncio.run(publish(args.pipeline, args.events, args.partitions))
     else:
         asyncio.run(decisions(args.pipeline, args.count))
 

@@ -62,7 +62,7 @@ def run_workers(
             command += ["--summary-json", str(summaries[i])]
             if metrics_port is not None:
                 command += ["--metrics-port", str(metrics_port + i)]
-            env = {**os.environ, "RTINFER_WORKER": str(i)}
+            env = {**os.environ, "RTINFER_WORKER": str(i), "RTINFER_WORKERS": str(workers)}
             # Our own interpreter and arguments, no shell: nothing untrusted is executed.
             worker = subprocess.Popen(  # noqa: S603
                 command, env=env, start_new_session=True, stdout=subprocess.DEVNULL

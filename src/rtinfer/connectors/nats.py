@@ -25,7 +25,14 @@ try:
 except ImportError as exc:  # the optional extra is not installed
     raise MissingDependency("the NATS connector", "nats") from exc
 
-__all__ = ["KEY_B64_HEADER", "KEY_HEADER", "close_quietly", "connect"]
+__all__ = [
+    "KEY_B64_HEADER",
+    "KEY_HEADER",
+    "close_quietly",
+    "connect",
+    "partition_subject",
+    "subject_covers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,28 @@ logger = logging.getLogger(__name__)
 KEY_HEADER = "rtinfer-key"
 #: Header holding an event's key as base64, for keys that are not header-safe UTF-8 text.
 KEY_B64_HEADER = "rtinfer-key-b64"
+
+
+def partition_subject(subject: str, partition: int | str) -> str:
+    """The subject of one partition of ``subject``: ``<subject>.<partition>``."""
+    return f"{subject}.{partition}"
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether every subject matching ``subject`` (wildcards allowed) matches ``pattern``.
+
+    NATS wildcards: ``*`` is one token, ``>`` one or more trailing tokens.
+    """
+    wanted = subject.split(".")
+    tokens = pattern.split(".")
+    for i, part in enumerate(tokens):
+        if part == ">":
+            return len(wanted) > i and ">" not in wanted[:i]
+        if i >= len(wanted) or wanted[i] == ">":
+            return False
+        if part not in ("*", wanted[i]):
+            return False
+    return len(tokens) == len(wanted)
 
 
 async def connect(

@@ -4,7 +4,9 @@
 ``flush``, returning once the broker acknowledged (PUBACK) every message
 and refused none. Each message carries the user property
 ``rtinfer-source-id`` (the event's id), so consumers can drop the duplicates
-that at-least-once delivery brings: MQTT itself never de-duplicates.
+that at-least-once delivery brings: MQTT itself never de-duplicates. With
+``partitions=P`` a result goes to the topic ``<topic>/<p>``, ``p = crc32(key) % P``
+(:mod:`rtinfer.connectors.partitions`).
 
 Importing this module needs ``aiomqtt`` (``pip install 'rtinfer[mqtt]'``).
 """
@@ -41,6 +43,7 @@ from ..connectors.mqtt import (
     parse_url,
     tls_context,
 )
+from ..connectors.partitions import check_partitions, partition_of
 
 __all__ = ["NO_MATCHING_SUBSCRIBERS", "SOURCE_ID_PROPERTY", "MqttSink"]
 
@@ -53,7 +56,7 @@ NO_MATCHING_SUBSCRIBERS = 0x10
 
 _encode = msgspec.json.Encoder().encode
 
-_Message = tuple[bytes, Any]  # payload, paho Properties
+_Message = tuple[str, bytes, Any]  # topic, payload, paho Properties
 
 
 def key_property(name: str, key: bytes) -> tuple[str, str]:
@@ -91,6 +94,10 @@ class MqttSink:
     QoS 1 (the default) is at least once up to the broker; QoS 0 is fire and
     forget (``flush`` returns once the bytes are written); QoS 2 adds a second
     round trip for nothing here: the pipeline redelivers anyway on a crash.
+
+    ``partitions=P`` publishes each result to ``<topic>/<p>`` with ``p =
+    zlib.crc32(key) % P`` (partition 0 for an event without a key), for a
+    partitioned :class:`~rtinfer.sources.mqtt.MqttSource`.
     """
 
     __slots__ = (
@@ -110,6 +117,7 @@ class MqttSink:
         "max_pending",
         "message_expiry_s",
         "name",
+        "partitions",
         "password",
         "publish_timeout_s",
         "qos",
@@ -131,6 +139,7 @@ class MqttSink:
         key_property: str = KEY_PROPERTY,
         message_expiry_s: int | None = None,
         require_subscribers: bool = False,
+        partitions: int | None = None,
         username: str | None = None,
         password: str | None = None,
         ca_certs: str | None = None,
@@ -156,6 +165,8 @@ class MqttSink:
         if not key_property:
             raise ValueError("key_property must be a non-empty user property name")
         parse_url(url)  # a wrong URL fails here, not at start
+        check_partitions(partitions)
+        self.partitions = partitions
         self.url = url
         self.topic = topic
         self.qos = qos
@@ -230,6 +241,7 @@ class MqttSink:
         append = self._buffer.append
         key_name = self.key_property
         expiry = self.message_expiry_s
+        topic, partitions = self.topic, self.partitions
         for event in events:
             result = event.result
             properties = new_properties(PacketTypes.PUBLISH)
@@ -245,7 +257,10 @@ class MqttSink:
                 properties.UserProperty = key_property(key_name, event.key)
             if expiry is not None:
                 properties.MessageExpiryInterval = expiry
-            append((payload, properties))
+            if partitions is None:
+                append((topic, payload, properties))
+            else:
+                append((f"{topic}/{partition_of(event.key, partitions)}", payload, properties))
 
     async def flush(self) -> None:
         """Publish the buffer; return once the broker acknowledged every message, else raise."""
@@ -278,7 +293,7 @@ class MqttSink:
             return
 
     async def _publish_all(self, link: MqttLink) -> None:
-        client, topic, qos, retain = link.client, self.topic, self.qos, self.retain
+        client, qos, retain = link.client, self.qos, self.retain
         timeout = self.publish_timeout_s
         buffer = self._buffer
         self._refused = []
@@ -291,7 +306,7 @@ class MqttSink:
                         client.publish(
                             topic, payload, qos, retain, properties=properties, timeout=timeout
                         )
-                        for payload, properties in buffer[begin : begin + step]
+                        for topic, payload, properties in buffer[begin : begin + step]
                     ),
                     return_exceptions=True,
                 )

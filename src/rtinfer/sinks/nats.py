@@ -5,7 +5,8 @@
 every message. Each message carries a ``Nats-Msg-Id`` derived from its
 event, so JetStream drops a result published again within the stream's
 duplicate window (a redelivered input, a retried flush): at-least-once in,
-once in the stream.
+once in the stream. With ``partitions=P`` a result goes to the subject
+``<subject>.<p>``, ``p = crc32(key) % P`` (:mod:`rtinfer.connectors.partitions`).
 
 Importing this module needs ``nats-py`` (``pip install 'rtinfer[nats]'``).
 """
@@ -30,7 +31,14 @@ try:
 except ImportError as exc:  # the optional extra is not installed
     raise MissingDependency("the NATS JetStream sink", "nats") from exc
 
-from ..connectors.nats import KEY_B64_HEADER, KEY_HEADER, connect
+from ..connectors.nats import (
+    KEY_B64_HEADER,
+    KEY_HEADER,
+    connect,
+    partition_subject,
+    subject_covers,
+)
+from ..connectors.partitions import check_partitions, partition_of
 
 __all__ = ["MSG_ID_HEADER", "NatsSink"]
 
@@ -41,7 +49,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 
 _encode = msgspec.json.Encoder().encode
 
-_Message = tuple[bytes, dict[str, str]]
+_Message = tuple[str, bytes, dict[str, str]]  # subject, payload, headers
 
 
 def key_headers(key: bytes) -> dict[str, str]:
@@ -82,6 +90,12 @@ class NatsSink:
     expected to store ``subject``: ``start`` checks it exists, and a publish
     that another stream (or none) would store is refused. The stream must
     exist; this sink never creates one.
+
+    ``partitions=P`` publishes each result to ``<subject>.<p>`` with ``p =
+    zlib.crc32(key) % P`` (partition 0 for an event without a key), for a
+    partitioned :class:`~rtinfer.sources.nats.NatsSource`. The stream must store
+    ``<subject>.*``: with ``stream`` given, ``start`` checks that it stores
+    every partition subject (:class:`ConfigError` if not).
     """
 
     __slots__ = (
@@ -94,6 +108,7 @@ class NatsSink:
         "max_pending",
         "msg_id_prefix",
         "name",
+        "partitions",
         "publish_timeout_s",
         "stream",
         "subject",
@@ -112,6 +127,7 @@ class NatsSink:
         msg_id_prefix: str | None = None,
         max_pending: int = 1024,
         publish_timeout_s: float = 5.0,
+        partitions: int | None = None,
         creds_file: str | None = None,
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
@@ -127,6 +143,8 @@ class NatsSink:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         if publish_timeout_s <= 0:
             raise ValueError(f"publish_timeout_s must be above 0, got {publish_timeout_s}")
+        check_partitions(partitions)
+        self.partitions = partitions
         self.url = url
         self.subject = subject
         self.stream = stream
@@ -173,12 +191,25 @@ class NatsSink:
                 await nc.close()
                 raise
             self.duplicate_window_s = info.config.duplicate_window
+            if self.partitions is not None:
+                patterns = list(info.config.subjects or ())
+                subjects = [partition_subject(self.subject, p) for p in range(self.partitions)]
+                missing = [s for s in subjects if not any(subject_covers(x, s) for x in patterns)]
+                if missing:
+                    await nc.close()
+                    wanted = partition_subject(self.subject, "*")
+                    raise ConfigError(
+                        f"NATS stream {self.stream!r} stores {patterns}, not the partition "
+                        f"subjects {missing}: with partitions it must store {wanted!r} (nats "
+                        f"stream edit {self.stream} --subjects '{wanted}')"
+                    )
         self._nc, self._js = nc, js
 
     async def write(self, events: Sequence[Event]) -> None:
         """Buffer each event's result with its headers; nothing is sent until ``flush``."""
         prefix = self.msg_id_prefix
         append = self._buffer.append
+        subject, partitions = self.subject, self.partitions
         for event in events:
             result = event.result
             payload = result if type(result) is bytes else _encode(result)
@@ -186,7 +217,10 @@ class NatsSink:
             ident = source_id(event)
             if ident is not None:
                 headers[MSG_ID_HEADER] = prefix + ident
-            append((payload, headers))
+            if partitions is None:
+                append((subject, payload, headers))
+            else:
+                append((f"{subject}.{partition_of(event.key, partitions)}", payload, headers))
 
     async def flush(self) -> None:
         """Publish the buffer and return once JetStream stored every message; raise if not."""
@@ -196,7 +230,7 @@ class NatsSink:
         if js is None:
             raise RuntimeError(f"{self.name}: call start() before flush()")
         buffer = self._buffer
-        subject, stream, timeout = self.subject, self.stream, self.publish_timeout_s
+        stream, timeout = self.stream, self.publish_timeout_s
         step = self.max_pending
         for begin in range(0, len(buffer), step):
             outcomes = await asyncio.gather(
@@ -204,7 +238,7 @@ class NatsSink:
                     js.publish(
                         subject, payload, timeout=timeout, stream=stream, headers=headers or None
                     )
-                    for payload, headers in buffer[begin : begin + step]
+                    for subject, payload, headers in buffer[begin : begin + step]
                 ),
                 return_exceptions=True,
             )

@@ -3,7 +3,9 @@
 Each result becomes one stream entry (``XADD``) with the fields ``value`` (the
 result: ``bytes`` as they are, anything else as JSON), ``key`` (the event's key,
 when it has one) and ``source_id`` (the event's id), so that consumers of the
-output can de-duplicate what a redelivery wrote twice.
+output can de-duplicate what a redelivery wrote twice. With ``partitions=P``
+the entry goes to the stream ``<stream>.<p>``, ``p = crc32(key) % P``
+(:mod:`rtinfer.connectors.partitions`), so each key stays in one stream.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..connectors.partitions import check_partitions, partition_of
 from ..connectors.redis import connect, require_redis, retrying
 from ..types import Event
 
@@ -42,6 +45,11 @@ class RedisStreamSink:
     ``field``, ``key_field`` and ``id_field`` name the entry's fields
     (``key_field``/``id_field`` ``None``: leave that field out). Connection
     options are those of :func:`rtinfer.connectors.redis.connect`.
+
+    ``partitions=P`` writes each result to the stream ``<stream>.<p>`` with
+    ``p = zlib.crc32(key) % P`` (partition 0 for an event without a key), so
+    that a partitioned :class:`~rtinfer.sources.redis.RedisStreamSource` reads
+    every key on one worker. ``None`` (the default): the one stream ``stream``.
     """
 
     __slots__ = (
@@ -53,6 +61,7 @@ class RedisStreamSink:
         "_key_field",
         "maxlen",
         "name",
+        "partitions",
         "reconnect_timeout_s",
         "stream",
         "url",
@@ -67,6 +76,7 @@ class RedisStreamSink:
         field: str = "value",
         key_field: str | None = "key",
         id_field: str | None = "source_id",
+        partitions: int | None = None,
         username: str | None = None,
         password: str | None = None,
         ssl_ca_certs: str | None = None,
@@ -77,7 +87,9 @@ class RedisStreamSink:
         require_redis("the Redis Streams sink")
         if maxlen is not None and maxlen < 1:
             raise ValueError(f"maxlen must be at least 1 (or None: no trimming), got {maxlen}")
+        check_partitions(partitions)
         self.url = url
+        self.partitions = partitions
         self.stream = stream
         self.maxlen = maxlen
         self.reconnect_timeout_s = reconnect_timeout_s
@@ -93,8 +105,8 @@ class RedisStreamSink:
             "ssl_keyfile": ssl_keyfile,
         }
         self._client: Redis | None = None
-        # field -> value; typed Any to match redis-py's (invariant) mapping of encodables
-        self._buffer: list[dict[Any, Any]] = []
+        # (stream, field -> value); Any matches redis-py's (invariant) mapping of encodables
+        self._buffer: list[tuple[str, dict[Any, Any]]] = []
 
     async def start(self) -> None:
         """Build the client (it connects on the first flush)."""
@@ -105,6 +117,7 @@ class RedisStreamSink:
         """Encode each event's result as an entry and buffer it until :meth:`flush`."""
         field, key_field, id_field = self._field, self._key_field, self._id_field
         buffer = self._buffer
+        stream, partitions = self.stream, self.partitions
         for event in events:
             result = event.result
             entry: dict[Any, Any] = {field: result if type(result) is bytes else _encode(result)}
@@ -112,7 +125,10 @@ class RedisStreamSink:
                 entry[key_field] = event.key
             if id_field is not None and event.id is not None:
                 entry[id_field] = event.id.encode()
-            buffer.append(entry)
+            if partitions is None:
+                buffer.append((stream, entry))
+            else:
+                buffer.append((f"{stream}.{partition_of(event.key, partitions)}", entry))
 
     async def flush(self) -> None:
         """Send the buffered entries in one pipeline; return once Redis acknowledged them."""
@@ -123,11 +139,11 @@ class RedisStreamSink:
             raise RuntimeError(f"{self.name}: call start() before flush()")
         buffer = self._buffer
         sending = len(buffer)
-        stream, maxlen = self.stream, self.maxlen
+        maxlen = self.maxlen
 
         async def send() -> None:
             async with client.pipeline(transaction=False) as pipe:
-                for entry in buffer[:sending]:
+                for stream, entry in buffer[:sending]:
                     pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)
                 await pipe.execute()
 

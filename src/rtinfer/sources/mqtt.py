@@ -7,8 +7,10 @@ what came from it. A message read but not acknowledged when the connection
 drops or the process dies is delivered again when the same ``client_id``
 connects again within ``session_expiry_s`` (the broker keeps the session).
 ``shared_group`` subscribes to ``$share/<group>/<topic>``: the workers of one
-group split the messages between them (no per-key order then). What MQTT can
-and cannot promise is in ``docs/mqtt.md``.
+group split the messages between them (no per-key order then). With
+``partitions=P`` it subscribes to the partition topics ``<topic>/<p>`` it owns
+instead (:mod:`rtinfer.connectors.partitions`), so each key is read by one
+worker. What MQTT can and cannot promise is in ``docs/mqtt.md``.
 
 Importing this module needs ``aiomqtt`` (``pip install 'rtinfer[mqtt]'``);
 without it the import raises :class:`~rtinfer.exceptions.MissingDependency`.
@@ -48,6 +50,8 @@ from ..connectors.mqtt import (
     parse_url,
     tls_context,
 )
+from ..connectors.partitions import check_partitions
+from ..connectors.partitions import owned_partitions as owned_partitions_of
 
 __all__ = ["TOPIC_HEADER", "MqttSource"]
 
@@ -90,6 +94,15 @@ class MqttSource:
 
     **Shared subscriptions.** With ``shared_group``, the source subscribes to
     ``$share/<group>/<topic>``: each message goes to one member of the group.
+
+    **Partitions.** With ``partitions=P`` the source subscribes (QoS ``qos``) to
+    the topics ``<topic>/<p>`` of the partitions it owns: ``owned_partitions``
+    if given, else every ``p`` with ``p % N == i`` for worker ``i``
+    (``RTINFER_WORKER``) of ``N`` (``RTINFER_WORKERS``). Ownership is static, so
+    no shared subscription (``shared_group`` is refused with it). An event's
+    position carries its partition (the last level of its topic). Producers
+    publish key ``k`` to ``<topic>/<crc32(k) % P>`` (:class:`~rtinfer.sinks.mqtt.MqttSink`
+    with the same ``partitions`` does).
 
     **Events.** ``value`` is the payload, ``key`` the user property
     ``key_property`` (UTF-8; ``<key_property>-b64``: base64) or ``None``;
@@ -139,12 +152,15 @@ class MqttSource:
         "key_property",
         "keyfile",
         "name",
+        "owned_partitions",
+        "partitions",
         "password",
         "qos",
         "receive_maximum",
         "session_expiry_s",
         "shared_group",
         "subscription",
+        "subscriptions",
         "topic",
         "url",
         "username",
@@ -159,6 +175,8 @@ class MqttSource:
         shared_group: str | None = None,
         qos: int = 1,
         key_property: str = KEY_PROPERTY,
+        partitions: int | None = None,
+        owned_partitions: Sequence[int] | None = None,
         username: str | None = None,
         password: str | None = None,
         ca_certs: str | None = None,
@@ -199,10 +217,37 @@ class MqttSource:
         if client_id is not None and not client_id:
             raise ValueError("client_id must be non-empty, or None to generate one")
         parse_url(url)  # a wrong URL fails here, not at start
+        check_partitions(partitions)
         self.url = url
         self.topic = topic
         self.shared_group = shared_group
         self.subscription = f"$share/{shared_group}/{topic}" if shared_group else topic
+        self.partitions = partitions
+        if partitions is None:
+            if owned_partitions is not None:
+                raise ConfigError(
+                    f"mqtt://{topic}: owned_partitions needs partitions (how many partition "
+                    "topics there are)"
+                )
+            self.owned_partitions: tuple[int, ...] = (0,)
+            #: The topic filters subscribed to: ``subscription``, or the owned partitions'.
+            self.subscriptions: tuple[str, ...] = (self.subscription,)
+        else:
+            if shared_group is not None:
+                raise ConfigError(
+                    f"mqtt://{topic}: partitions and shared_group exclude each other: each "
+                    "partition topic is read by the one worker that owns it; leave out "
+                    "shared_group"
+                )
+            if topic.endswith("#"):
+                raise ConfigError(
+                    f"MQTT topic filter {topic!r} ends with '#': partition topics "
+                    "'<topic>/<p>' need a topic without it (use '+' levels)"
+                )
+            self.owned_partitions = owned_partitions_of(
+                partitions, owned_partitions, what=f"the MQTT source mqtt://{topic}"
+            )
+            self.subscriptions = tuple(f"{topic}/{p}" for p in self.owned_partitions)
         self.qos = qos
         self.key_property = key_property
         self.client_id = client_id if client_id is not None else f"rtinfer-{uuid.uuid4().hex}"
@@ -275,19 +320,25 @@ class MqttSource:
         options = SubscribeOptions(
             qos=self.qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
         )
+        subscriptions = self.subscriptions
         try:
-            granted = await link.client.subscribe(
-                self.subscription, options=options, timeout=self.connect_timeout_s
-            )
+            if len(subscriptions) == 1:
+                granted = await link.client.subscribe(
+                    subscriptions[0], options=options, timeout=self.connect_timeout_s
+                )
+            else:  # one SUBSCRIBE for every partition topic
+                granted = await link.client.subscribe(
+                    [(s, options) for s in subscriptions], timeout=self.connect_timeout_s
+                )
         except aiomqtt.MqttError as exc:
             raise RtinferError(
-                f"{self.name}: subscribing to {self.subscription!r} at {self.url} failed ({exc})"
+                f"{self.name}: subscribing to {list(subscriptions)} at {self.url} failed ({exc})"
             ) from exc
-        for code in granted:
+        for subscription, code in zip(subscriptions, granted, strict=False):
             if isinstance(code, ReasonCode) and code.is_failure:
                 raise ConfigError(
                     f"the MQTT broker at {self.url} refused the subscription to "
-                    f"{self.subscription!r} ({code}); check the topic filter, the ACLs "
+                    f"{subscription!r} ({code}); check the topic filter, the ACLs "
                     "and, for shared_group, that the broker supports shared subscriptions"
                 )
 
@@ -336,13 +387,17 @@ class MqttSource:
                 except (binascii.Error, ValueError):
                     key = None
         headers[TOPIC_HEADER] = topic.encode()
+        partition = 0
+        if self.partitions is not None:
+            last = topic.rpartition("/")[2]
+            partition = int(last) if last.isdigit() else 0
         payload = message.payload
         event = Event(
             payload if type(payload) is bytes else bytes(payload),
             key=key,
             headers=headers,
             ingest_time=now,
-            position=Position(self.name, 0, message.mid),
+            position=Position(self.name, partition, message.mid),
         )
         self._buffer.append((event, link if message.qos == 1 else None))
         self._arrived.set()

@@ -7,7 +7,9 @@ not acknowledged within ``ack_wait_s`` (the worker died, or is too slow) is
 delivered again, to whichever worker of the durable pulls next, up to
 ``max_deliver`` times in all. Several processes started with the same
 ``durable`` share the stream's messages (no per-key order then: see
-``docs/nats.md``).
+``docs/nats.md``). With ``partitions=P``, the source reads the partition
+subjects ``<subject>.<p>`` it owns, one durable ``<durable>-<p>`` each
+(:mod:`rtinfer.connectors.partitions`), so each key is read by one worker.
 
 Importing this module needs ``nats-py`` (``pip install 'rtinfer[nats]'``);
 without it the import raises :class:`~rtinfer.exceptions.MissingDependency`.
@@ -36,7 +38,16 @@ try:
 except ImportError as exc:  # the optional extra is not installed
     raise MissingDependency("the NATS JetStream source", "nats") from exc
 
-from ..connectors.nats import KEY_B64_HEADER, KEY_HEADER, close_quietly, connect
+from ..connectors.nats import (
+    KEY_B64_HEADER,
+    KEY_HEADER,
+    close_quietly,
+    connect,
+    partition_subject,
+    subject_covers,
+)
+from ..connectors.partitions import check_partitions
+from ..connectors.partitions import owned_partitions as owned_partitions_of
 
 __all__ = ["DEAD_REASON_HEADER", "NatsSource"]
 
@@ -88,9 +99,23 @@ class NatsSource:
     eventually: a lost ack means one redelivery, never a loss).
 
     **Closing.** ``aclose`` naks what was read but never acknowledged (a failed
-    run's batches), so the stream delivers it again at once rather than after
-    ``ack_wait_s``, then closes the connection. A worker that dies without
-    closing leaves its events to be delivered again after ``ack_wait_s``.
+    run's batches), so the stream delivers it again after ``fetch_timeout_s``
+    (when the pull requests this connection left open on the server have
+    expired) rather than after ``ack_wait_s``, then closes the connection. A
+    worker that dies without closing leaves its events to be delivered again
+    after ``ack_wait_s``.
+
+    **Partitions.** With ``partitions=P`` the source reads the subjects
+    ``<subject>.<p>`` of the partitions it owns: ``owned_partitions`` if given,
+    else every ``p`` with ``p % N == i`` for worker ``i`` (``RTINFER_WORKER``)
+    of ``N`` (``RTINFER_WORKERS``). Each has a durable pull consumer of its own,
+    ``<durable>-<p>`` filtering ``<subject>.<p>`` (one consumer with several
+    filter subjects needs nats-server 2.10), pulled concurrently. The stream
+    must store ``<subject>.*`` (it is created so; an existing stream that does
+    not store every partition subject is a :class:`ConfigError`). Positions
+    carry the partition: ``Position("nats://<stream>", p, <stream sequence>)``.
+    Producers publish key ``k`` to ``<subject>.<crc32(k) % P>``
+    (:class:`~rtinfer.sinks.nats.NatsSink` with the same ``partitions`` does).
     """
 
     __slots__ = (
@@ -100,19 +125,23 @@ class NatsSource:
         "_max_deliver",
         "_nc",
         "_ready",
-        "_sub",
+        "_subs",
         "_unacked",
         "ack_wait_s",
         "connect_timeout_s",
         "create_stream",
         "creds_file",
         "durable",
+        "durables",
         "fetch_timeout_s",
         "max_ack_pending",
         "max_deliver",
         "name",
+        "owned_partitions",
+        "partitions",
         "stream",
         "subject",
+        "subjects",
         "tls_ca_file",
         "tls_cert_file",
         "tls_key_file",
@@ -131,6 +160,8 @@ class NatsSource:
         max_ack_pending: int | None = None,
         fetch_timeout_s: float = 5.0,
         create_stream: bool = True,
+        partitions: int | None = None,
+        owned_partitions: Sequence[int] | None = None,
         creds_file: str | None = None,
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
@@ -155,10 +186,34 @@ class NatsSource:
                     f"NATS {label} name {value!r} is invalid: it must be non-empty, without "
                     "spaces, '.', '*' or '>'"
                 )
+        check_partitions(partitions)
         self.url = url
         self.stream = stream
         self.subject = subject
         self.durable = durable
+        self.partitions = partitions
+        if partitions is None:
+            if owned_partitions is not None:
+                raise ConfigError(
+                    f"nats://{stream}: owned_partitions needs partitions (how many partition "
+                    "subjects there are)"
+                )
+            self.owned_partitions: tuple[int, ...] = (0,)
+            #: The filter subject of each partition read (``{0: subject}`` when not partitioned).
+            self.subjects = {0: subject}
+            #: The durable consumer of each partition read (``{0: durable}`` when not partitioned).
+            self.durables = {0: durable}
+        else:
+            if subject.endswith(">"):
+                raise ConfigError(
+                    f"NATS subject {subject!r} ends with '>': partition subjects "
+                    f"'<subject>.<p>' need a subject without it (use '*' tokens)"
+                )
+            self.owned_partitions = owned_partitions_of(
+                partitions, owned_partitions, what=f"the NATS source nats://{stream}"
+            )
+            self.subjects = {p: partition_subject(subject, p) for p in self.owned_partitions}
+            self.durables = {p: f"{durable}-{p}" for p in self.owned_partitions}
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
         self.max_ack_pending = max_ack_pending
@@ -172,16 +227,16 @@ class NatsSource:
         self.name = f"nats://{stream}"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._subs: dict[int, JetStreamContext.PullSubscription] = {}
         self._max_deliver = max_deliver
-        self._fetching: asyncio.Task[list[Msg]] | None = None
+        self._fetching: dict[int, asyncio.Task[list[Msg]]] = {}
         self._ready: list[Event] = []
         self._unacked: dict[int, tuple[Msg, bool]] = {}
         self._closed = False
 
     async def start(self) -> None:
         """Connect, make sure the stream (if ``create_stream``) and the durable consumer exist."""
-        if self._sub is not None:
+        if self._subs:
             return
         self._closed = False
         nc = await connect(
@@ -196,37 +251,54 @@ class NatsSource:
         try:
             js = nc.jetstream()
             await self._ensure_stream(js)
-            config = ConsumerConfig(
-                name=self.durable,
-                durable_name=self.durable,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait_s,
-                max_deliver=self.max_deliver,
-                max_ack_pending=self.max_ack_pending,
-                filter_subject=self.subject,
-            )
-            # Creates the consumer, or updates it to these settings (nats-server >= 2.9).
-            info = await js.add_consumer(self.stream, config)
-            self._max_deliver = info.config.max_deliver or self.max_deliver
-            self._sub = await js.pull_subscribe_bind(self.durable, stream=self.stream)
+            subs: dict[int, JetStreamContext.PullSubscription] = {}
+            for p, durable in self.durables.items():
+                config = ConsumerConfig(
+                    name=durable,
+                    durable_name=durable,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=self.ack_wait_s,
+                    max_deliver=self.max_deliver,
+                    max_ack_pending=self.max_ack_pending,
+                    filter_subject=self.subjects[p],
+                )
+                # Creates the consumer, or updates it to these settings (nats-server >= 2.9).
+                info = await js.add_consumer(self.stream, config)
+                self._max_deliver = info.config.max_deliver or self.max_deliver
+                subs[p] = await js.pull_subscribe_bind(durable, stream=self.stream)
         except BaseException:
             await close_quietly(nc)
             raise
+        self._subs = subs
         self._nc, self._js = nc, js
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
+        stored = self.subject if self.partitions is None else partition_subject(self.subject, "*")
         try:
-            await js.stream_info(self.stream)
+            info = await js.stream_info(self.stream)
         except NotFoundError:
             if not self.create_stream:
                 raise ConfigError(
                     f"NATS stream {self.stream!r} does not exist at {self.url}; create it "
-                    f"(nats stream add {self.stream} --subjects '{self.subject}') or set "
+                    f"(nats stream add {self.stream} --subjects '{stored}') or set "
                     "create_stream=True"
                 ) from None
-            await js.add_stream(StreamConfig(name=self.stream, subjects=[self.subject]))
-            logger.info("%s: created stream for subject %r", self.name, self.subject)
+            await js.add_stream(StreamConfig(name=self.stream, subjects=[stored]))
+            logger.info("%s: created stream for subject %r", self.name, stored)
+            return
+        if self.partitions is None:
+            return
+        patterns = list(info.config.subjects or ())
+        missing = [
+            s for s in self.subjects.values() if not any(subject_covers(x, s) for x in patterns)
+        ]
+        if missing:
+            raise ConfigError(
+                f"NATS stream {self.stream!r} stores {patterns}, not the partition subjects "
+                f"{missing}: with partitions it must store {stored!r} (nats stream edit "
+                f"{self.stream} --subjects '{stored}')"
+            )
 
     async def read(self, max_events: int) -> list[Event]:
         """Wait for at least one event and return up to ``max_events``; ``[]`` once closed."""
@@ -235,29 +307,37 @@ class NatsSource:
         while not self._ready:
             if self._closed:
                 return []
-            sub = self._sub
-            if sub is None:
+            if not self._subs:
                 raise RuntimeError(f"{self.name}: call start() before read()")
-            task = self._fetching
-            if task is None:
-                task = self._fetching = asyncio.create_task(self._fetch(sub, max_events))
-            try:
-                # Shielded: cancelling this read leaves the pull running, for the next read.
-                messages = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # Only aclose cancels the pull: if this read itself is not being
-                # cancelled, the source was closed while it waited.
-                current = asyncio.current_task()
-                if task.cancelled() and current is not None and not current.cancelling():
-                    return []
-                raise
-            finally:
-                if task.done() and self._fetching is task:
-                    self._fetching = None
-            self._ready = self._to_events(messages)
+            fetching = self._fetching
+            for p, sub in self._subs.items():  # one pull per partition, each its own task
+                if p not in fetching:
+                    fetching[p] = asyncio.create_task(self._fetch(sub, max_events))
+            # asyncio.wait never cancels the pulls: cancelling this read leaves them
+            # running, for the next read. Only aclose cancels them.
+            await asyncio.wait(fetching.values(), return_when=asyncio.FIRST_COMPLETED)
+            if self._is_closed():  # aclose cancelled the pulls
+                return []
+            failed: BaseException | None = None
+            for p, task in list(fetching.items()):
+                if not task.done():
+                    continue
+                del fetching[p]
+                if task.cancelled():
+                    continue
+                error = task.exception()
+                if error is not None:
+                    failed = failed or error
+                    continue
+                self._ready += self._to_events(task.result(), p)
+            if failed is not None and not self._ready:
+                raise failed
         events = self._ready[:max_events]
         del self._ready[:max_events]
         return events
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
         """Pull until at least one message arrives (an empty pull just times out)."""
@@ -267,7 +347,7 @@ class NatsSource:
             except TimeoutError:  # nats.errors.TimeoutError and FetchTimeoutError subclass it
                 continue
 
-    def _to_events(self, messages: list[Msg]) -> list[Event]:
+    def _to_events(self, messages: list[Msg], partition: int) -> list[Event]:
         events: list[Event] = []
         source = self.name
         last = self._max_deliver
@@ -304,7 +384,7 @@ class NatsSource:
                     key=key,
                     headers=headers or None,
                     ingest_time=meta.timestamp.timestamp(),
-                    position=Position(source, 0, sequence),
+                    position=Position(source, partition, sequence),
                 )
             )
             unacked[sequence] = (msg, dead)
@@ -349,21 +429,24 @@ class NatsSource:
         js = self._js
         if js is None:
             return None
-        info = await js.consumer_info(self.stream, self.durable)
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        total = 0
+        for durable in self.durables.values():
+            info = await js.consumer_info(self.stream, durable)
+            total += int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return total
 
     async def aclose(self) -> None:
         """Stop pulling, nak what was read and never acknowledged, close the connection."""
         self._closed = True
-        task, self._fetching = self._fetching, None
+        tasks, self._fetching = list(self._fetching.values()), {}
         fetched: list[Msg] = []
-        if task is not None:
+        for task in tasks:
             task.cancel()
-            (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(outcome, list):  # pulled for a read that was cancelled
-                fetched = outcome
+                fetched += outcome
         nc, self._nc, self._js = self._nc, None, None
-        sub, self._sub = self._sub, None
+        subs, self._subs = list(self._subs.values()), {}
         unacked, self._unacked = self._unacked, {}
         self._ready = []
         if nc is None:
@@ -372,9 +455,12 @@ class NatsSource:
             if nc.is_connected:
                 never_acked = [msg for msg, dead in unacked.values() if not dead]
                 # A last delivery is not delivered again, nak'ed or not: leave it be.
+                # Delayed by fetch_timeout_s: a pull request of this connection may still be
+                # open on the server (one per partition, each lasting fetch_timeout_s at
+                # most), and would take a message nak'ed now to an inbox about to close.
                 for msg in never_acked + fetched:
-                    await msg.nak()
-                if sub is not None:
+                    await msg.nak(delay=self.fetch_timeout_s)
+                for sub in subs:
                     await sub.unsubscribe()
                 await nc.flush()
         except Exception:  # what was not nak'ed is delivered again after ack_wait_s
@@ -383,4 +469,5 @@ class NatsSource:
             await nc.close()
 
     def __repr__(self) -> str:
-        return f"<NatsSource {self.name} subject={self.subject!r} durable={self.durable!r}>"
+        parts = "" if self.partitions is None else f" partitions={list(self.owned_partitions)}"
+        return f"<NatsSource {self.name} subject={self.subject!r}{parts} durable={self.durable!r}>"

@@ -12,7 +12,10 @@
   ``XAUTOCLAIM`` once idle for ``claim_idle_ms``, and delivered again;
 - an entry delivered more than ``max_deliveries`` times is not processed again:
   it is returned with the header :data:`DEAD_REASON_HEADER`, and the pipeline
-  dead-letters (and so acknowledges) events carrying that header.
+  dead-letters (and so acknowledges) events carrying that header;
+- with ``partitions=P`` it reads the partition streams ``<stream>.<p>`` this
+  worker owns (:mod:`rtinfer.connectors.partitions`), one consumer group on each,
+  all in one ``XREADGROUP``, so every key is read by one worker only.
 
 The client comes from :func:`rtinfer.connectors.redis.connect`, which the Redis
 sink (:mod:`rtinfer.sinks.redis`) uses too. ``redis`` is imported when a source
@@ -30,7 +33,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..connectors.partitions import check_partitions
+from ..connectors.partitions import owned_partitions as owned_partitions_of
 from ..connectors.redis import connect, require_redis, retrying
+from ..exceptions import ConfigError
 from ..types import DEAD_REASON_HEADER, Event, Position
 
 if TYPE_CHECKING:
@@ -61,14 +67,18 @@ def _text(value: bytes | str) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else value
 
 
-def _stream_entries(reply: Any) -> list[Any]:
-    """The entries of an XREADGROUP reply on one stream: RESP2 ``[[name, entries]]``
+def _stream_replies(reply: Any) -> list[tuple[str, list[Any]]]:
+    """The ``(stream, entries)`` of an XREADGROUP reply: RESP2 ``[[name, entries], ...]``
     or RESP3 ``{name: entries}``; ``None`` (a timeout) has none."""
     if not reply:
         return []
-    if isinstance(reply, dict):
-        return [entry for entries in reply.values() for entry in entries]
-    return [entry for _, entries in reply for entry in entries]
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return [(_text(name), list(entries or ())) for name, entries in pairs]
+
+
+def _share(max_events: int, streams: int) -> int:
+    """``COUNT`` per stream of a read over ``streams`` streams returning about ``max_events``."""
+    return max(1, -(-max_events // streams))
 
 
 class RedisStreamSource:
@@ -79,7 +89,8 @@ class RedisStreamSource:
     ``value_field`` (default ``value``), ``key`` its ``key_field`` (default ``key``)
     if present, ``headers`` its other fields, ``ingest_time`` the time in its id
     (when Redis appended it, in seconds), and ``position``
-    ``Position("redis://<stream>", 0, "<entry id>")``.
+    ``Position("redis://<stream>", <partition>, "<entry id>")`` (partition 0 when
+    not partitioned).
 
     - :meth:`start` creates the group if needed (``XGROUP CREATE ... MKSTREAM``,
       from ``start_id``: ``"0"`` the whole stream, ``"$"`` only new entries).
@@ -90,7 +101,17 @@ class RedisStreamSource:
       any consumer, and delivers them. Set ``claim_idle_ms`` above the longest time
       an entry may take from read to acknowledgement, or entries being processed
       are delivered twice. A cancelled read leaves the source usable.
-    - :meth:`ack` acknowledges (``XACK``) in one command.
+    - :meth:`ack` acknowledges (``XACK``) in one round trip.
+
+    **Partitions.** With ``partitions=P`` the source reads the streams
+    ``<stream>.<p>`` of the partitions it owns: ``owned_partitions`` if given,
+    else every ``p`` with ``p % N == i`` for worker ``i`` (``RTINFER_WORKER``) of
+    ``N`` (``RTINFER_WORKERS``), as ``rtinfer run --workers N`` sets them. The
+    group is created on each; one ``XREADGROUP`` reads them all; a position's
+    partition names the stream its ``XACK`` goes to. Producers write key ``k`` to
+    partition ``zlib.crc32(k) % P`` (:class:`~rtinfer.sinks.redis.RedisStreamSink`
+    with the same ``partitions`` does). A worker owning no partition is a
+    :class:`~rtinfer.exceptions.ConfigError`.
 
     **Dead-letter contract.** An entry delivered more than ``max_deliveries``
     times (its delivery count in ``XPENDING``: every read, re-read and claim counts)
@@ -106,14 +127,17 @@ class RedisStreamSource:
 
     __slots__ = (
         "_backlog",
-        "_backlog_cursor",
         "_claim_cursor",
+        "_claim_index",
         "_claim_interval",
         "_client",
         "_closed",
         "_connect_options",
         "_key_field",
         "_next_claim",
+        "_partition_of",
+        "_ready",
+        "_stream_of",
         "_unacked",
         "_value_field",
         "block_ms",
@@ -122,9 +146,12 @@ class RedisStreamSource:
         "group",
         "max_deliveries",
         "name",
+        "owned_partitions",
+        "partitions",
         "reconnect_timeout_s",
         "start_id",
         "stream",
+        "streams",
         "url",
     )
 
@@ -141,6 +168,8 @@ class RedisStreamSource:
         max_deliveries: int = 5,
         value_field: str = "value",
         key_field: str | None = "key",
+        partitions: int | None = None,
+        owned_partitions: Sequence[int] | None = None,
         username: str | None = None,
         password: str | None = None,
         ssl_ca_certs: str | None = None,
@@ -156,6 +185,7 @@ class RedisStreamSource:
         ):
             if value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}")
+        check_partitions(partitions)
         self.url = url
         self.stream = stream
         self.group = group
@@ -166,6 +196,23 @@ class RedisStreamSource:
         self.max_deliveries = max_deliveries
         self.reconnect_timeout_s = reconnect_timeout_s
         self.name = f"redis://{stream}"
+        self.partitions = partitions
+        if partitions is None:
+            if owned_partitions is not None:
+                raise ConfigError(
+                    f"{self.name}: owned_partitions needs partitions (how many partition "
+                    "streams there are)"
+                )
+            self.owned_partitions: tuple[int, ...] = (0,)
+            self._stream_of = {0: stream}
+        else:
+            self.owned_partitions = owned_partitions_of(
+                partitions, owned_partitions, what=f"the Redis source {self.name}"
+            )
+            self._stream_of = {p: f"{stream}.{p}" for p in self.owned_partitions}
+        #: The streams read: ``stream``, or the owned partition streams ``<stream>.<p>``.
+        self.streams = tuple(self._stream_of.values())
+        self._partition_of = {s: p for p, s in self._stream_of.items()}
         self._value_field = value_field.encode()
         self._key_field = key_field.encode() if key_field is not None else None
         self._connect_options: dict[str, str | None] = {
@@ -177,37 +224,46 @@ class RedisStreamSource:
         }
         self._client: Redis | None = None
         self._closed = False
-        self._backlog = True  # re-read this consumer's pending entries before new ones
-        self._backlog_cursor = "0"
+        # Streams whose pending entries of this consumer are still to be re-read, before
+        # new ones, with the id to read on from.
+        self._backlog: dict[str, str] = dict.fromkeys(self.streams, "0")
         self._claim_cursor = "0-0"
+        self._claim_index = 0  # the stream the claim pass is on
         self._claim_interval = claim_idle_ms / 2000  # seconds
         self._next_claim = 0.0
-        # Entries handed to the pipeline and not acknowledged yet: a re-read or a
-        # claim finding them again must not deliver them twice.
-        self._unacked: set[str] = set()
+        # Entries handed to the pipeline and not acknowledged yet, as (stream, id): a
+        # re-read or a claim finding them again must not deliver them twice.
+        self._unacked: set[tuple[str, str]] = set()
+        # Read beyond what a read asked for (one XREADGROUP over several streams).
+        self._ready: list[Event] = []
+
+    def _reread_backlog(self) -> None:
+        self._backlog = dict.fromkeys(self.streams, "0")
 
     async def start(self) -> None:
-        """Connect and create the consumer group if it does not exist (again after a close)."""
+        """Connect; create the consumer group on each stream that lacks it (again after a close)."""
         if self._client is not None:
             return
         from redis.exceptions import ResponseError
 
         client = connect(self.url, **self._connect_options)
         try:
-            await client.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                await client.aclose()
-                raise
+            for stream in self.streams:
+                try:
+                    await client.xgroup_create(stream, self.group, id=self.start_id, mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
         except BaseException:
             await client.aclose()
             raise
         self._client = client
         self._closed = False
         self._unacked.clear()  # nothing of this source is in a pipeline yet
-        self._backlog = True
-        self._backlog_cursor = "0"
+        self._ready = []
+        self._reread_backlog()
         self._claim_cursor = "0-0"
+        self._claim_index = 0
         self._next_claim = time.monotonic()  # claim what dead consumers left, once started
 
     async def read(self, max_events: int) -> list[Event]:
@@ -222,13 +278,16 @@ class RedisStreamSource:
             return []
         if client is None:
             raise RuntimeError(f"{self.name}: call start() before read()")
-
-        return await retrying(
-            self.name,
-            lambda: self._read(client, max_events),
-            give_up_after=self.reconnect_timeout_s,
-            closed=self._is_closed,
-        )
+        if not self._ready:
+            self._ready = await retrying(
+                self.name,
+                lambda: self._read(client, max_events),
+                give_up_after=self.reconnect_timeout_s,
+                closed=self._is_closed,
+            )
+        events = self._ready[:max_events]
+        del self._ready[:max_events]
+        return events
 
     async def _read(self, client: Redis, max_events: int) -> list[Event]:
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -238,8 +297,7 @@ class RedisStreamSource:
             if task is not None and task.cancelling():
                 # redis-py can swallow a cancellation that lands while it tears a
                 # connection down; never start another blocking read after one.
-                self._backlog = True
-                self._backlog_cursor = "0"
+                self._reread_backlog()
                 raise asyncio.CancelledError
             try:
                 if self._backlog:
@@ -251,8 +309,7 @@ class RedisStreamSource:
             except BaseException as exc:
                 # Cancelled (or failed) while a command was out: Redis may have put entries
                 # in this consumer's pending list whose reply never arrived. Re-read them.
-                self._backlog = True
-                self._backlog_cursor = "0"
+                self._reread_backlog()
                 if isinstance(exc, RedisConnectionError) and self._is_closed():
                     return []  # closed while waiting
                 raise
@@ -263,46 +320,63 @@ class RedisStreamSource:
     async def _read_new(self, client: Redis, max_events: int) -> list[Event]:
         until_claim = int((self._next_claim - time.monotonic()) * 1000)
         block = max(1, min(self.block_ms, until_claim))
+        streams = self.streams
         reply = await _execute(client)(
-            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_events,
-            "BLOCK", block, "STREAMS", self.stream, ">",
+            "XREADGROUP", "GROUP", self.group, self.consumer,
+            "COUNT", _share(max_events, len(streams)), "BLOCK", block,
+            "STREAMS", *streams, *(">" for _ in streams),
         )  # fmt: skip
         events: list[Event] = []
-        for raw_id, fields in _stream_entries(reply):
-            entry_id = _text(raw_id)
-            events.append(self._event(entry_id, fields, 1))
-            self._unacked.add(entry_id)
+        for stream, entries in _stream_replies(reply):
+            for raw_id, fields in entries:
+                entry_id = _text(raw_id)
+                events.append(self._event(stream, entry_id, fields, 1))
+                self._unacked.add((stream, entry_id))
         return events
 
     async def _read_backlog(self, client: Redis, max_events: int) -> list[Event]:
         """The next of this consumer's own pending entries (``XREADGROUP`` from an id)."""
+        backlog = self._backlog
+        streams = list(backlog)
         reply = await _execute(client)(
-            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_events,
-            "STREAMS", self.stream, self._backlog_cursor,
+            "XREADGROUP", "GROUP", self.group, self.consumer,
+            "COUNT", _share(max_events, len(streams)),
+            "STREAMS", *streams, *(backlog[s] for s in streams),
         )  # fmt: skip
-        entries = _stream_entries(reply)
-        if not entries:
-            self._backlog = False
-            self._backlog_cursor = "0"
-            return []
-        self._backlog_cursor = _text(entries[-1][0])
-        return await self._redeliver(client, entries, deleted=[])
+        found: list[tuple[str, Any]] = []
+        replied = dict(_stream_replies(reply))
+        for stream in streams:
+            entries = replied.get(stream)
+            if not entries:  # no pending entry left on this stream
+                del backlog[stream]
+                continue
+            backlog[stream] = _text(entries[-1][0])
+            found += [(stream, entry) for entry in entries]
+        return await self._redeliver(client, found, deleted=[])
 
     async def _claim(self, client: Redis, max_events: int) -> list[Event]:
-        """Claim entries idle for ``claim_idle_ms``, ``max_events`` at most, and deliver them."""
+        """Claim entries idle for ``claim_idle_ms``, ``max_events`` at most, and deliver them.
+
+        One stream at a time: a pass goes over every stream's pending entries in turn.
+        """
+        stream = self.streams[self._claim_index]
         reply = await _execute(client)(
-            "XAUTOCLAIM", self.stream, self.group, self.consumer, self.claim_idle_ms,
+            "XAUTOCLAIM", stream, self.group, self.consumer, self.claim_idle_ms,
             self._claim_cursor, "COUNT", max_events,
         )  # fmt: skip
         cursor = _text(reply[0])
-        if cursor == "0-0":  # a full pass over the pending entries: the next one later
-            self._next_claim = time.monotonic() + self._claim_interval
+        if cursor == "0-0":  # this stream is done: the next one, or the next pass later
+            self._claim_index = (self._claim_index + 1) % len(self.streams)
+            if self._claim_index == 0:
+                self._next_claim = time.monotonic() + self._claim_interval
         self._claim_cursor = cursor
-        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
-        return await self._redeliver(client, reply[1], deleted=deleted)
+        deleted = [(stream, _text(i)) for i in reply[2]] if len(reply) > 2 else []
+        return await self._redeliver(
+            client, [(stream, entry) for entry in reply[1]], deleted=deleted
+        )
 
     async def _redeliver(
-        self, client: Redis, entries: Sequence[Any], *, deleted: list[str]
+        self, client: Redis, entries: Sequence[tuple[str, Any]], *, deleted: list[tuple[str, str]]
     ) -> list[Event]:
         """Events for entries read again (own pending or claimed), with their delivery counts.
 
@@ -310,46 +384,48 @@ class RedisStreamSource:
         (no fields) are acknowledged and logged; entries now pending under another
         consumer (claimed meanwhile) or no longer pending are left to their owner.
         """
-        fresh: list[tuple[str, Any]] = []
-        for raw_id, fields in entries:
+        fresh: list[tuple[str, str, Any]] = []
+        for stream, (raw_id, fields) in entries:
             entry_id = _text(raw_id)
             if not fields:  # an entry that no longer exists: its id, then nil
-                deleted.append(entry_id)
-            elif entry_id not in self._unacked:
-                fresh.append((entry_id, fields))
+                deleted.append((stream, entry_id))
+            elif (stream, entry_id) not in self._unacked:
+                fresh.append((stream, entry_id, fields))
         if deleted:
             await self._drop_deleted(client, deleted)
         if not fresh:
             return []
         async with client.pipeline(transaction=False) as pipe:
-            for entry_id, _ in fresh:
-                pipe.execute_command("XPENDING", self.stream, self.group, entry_id, entry_id, 1)
+            for stream, entry_id, _ in fresh:
+                pipe.execute_command("XPENDING", stream, self.group, entry_id, entry_id, 1)
             pending = await pipe.execute()
         mine = self.consumer.encode()
         events: list[Event] = []
-        for (entry_id, fields), detail in zip(fresh, pending, strict=True):
+        for (stream, entry_id, fields), detail in zip(fresh, pending, strict=True):
             if not detail:
                 continue
             _, owner, _, deliveries = detail[0]
             if (owner if isinstance(owner, bytes) else owner.encode()) != mine:
                 continue
-            events.append(self._event(entry_id, fields, int(deliveries)))
-            self._unacked.add(entry_id)
+            events.append(self._event(stream, entry_id, fields, int(deliveries)))
+            self._unacked.add((stream, entry_id))
         return events
 
-    async def _drop_deleted(self, client: Redis, ids: list[str]) -> None:
-        await client.xack(self.stream, self.group, *ids)
-        logger.warning(
-            "%s: %d pending entries of group %r were deleted or trimmed from the stream "
-            "before they were acknowledged; their payload is gone, so they were acknowledged "
-            "without processing: %s",
-            self.name,
-            len(ids),
-            self.group,
-            ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""),
-        )
+    async def _drop_deleted(self, client: Redis, entries: list[tuple[str, str]]) -> None:
+        for stream, ids in _by_stream(entries).items():
+            await client.xack(stream, self.group, *ids)
+            logger.warning(
+                "%s: %d pending entries of group %r were deleted or trimmed from stream %r "
+                "before they were acknowledged; their payload is gone, so they were "
+                "acknowledged without processing: %s",
+                self.name,
+                len(ids),
+                self.group,
+                stream,
+                ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""),
+            )
 
-    def _event(self, entry_id: str, fields: Any, deliveries: int) -> Event:
+    def _event(self, stream: str, entry_id: str, fields: Any, deliveries: int) -> Event:
         if isinstance(fields, dict):
             pairs = dict(fields)
         else:
@@ -374,43 +450,67 @@ class RedisStreamSource:
             key=key,
             headers=headers or None,
             ingest_time=int(entry_id.partition("-")[0]) / 1000,
-            position=Position(self.name, 0, entry_id),
+            position=Position(self.name, self._partition_of[stream], entry_id),
         )
 
     async def ack(self, positions: Sequence[Position]) -> None:
-        """Acknowledge the entries at ``positions`` with one ``XACK``."""
+        """Acknowledge the entries at ``positions``: one ``XACK`` per stream, one round trip.
+
+        A position's partition names its stream (``<stream>.<partition>`` when
+        partitioned); a partition this source does not read is refused.
+        """
         client = self._client
         if client is None or not positions:
             return
-        ids: list[str] = []
+        entries: list[tuple[str, str]] = []
         for position in positions:
             offset = position.offset
             if not isinstance(offset, str):
                 raise TypeError(f"{self.name}: cannot ack {position!r}, its offset is not an id")
-            ids.append(offset)
-        await retrying(
-            self.name,
-            lambda: client.xack(self.stream, self.group, *ids),
-            give_up_after=self.reconnect_timeout_s,
-        )
-        self._unacked.difference_update(ids)
+            stream = self._stream_of.get(position.partition)
+            if stream is None:
+                raise ValueError(
+                    f"{self.name}: cannot ack {position!r}: this source does not read partition "
+                    f"{position.partition} (it reads {list(self.owned_partitions)})"
+                )
+            entries.append((stream, offset))
+        by_stream = _by_stream(entries)
+
+        async def send() -> None:
+            if len(by_stream) == 1:
+                ((stream, ids),) = by_stream.items()
+                await client.xack(stream, self.group, *ids)
+                return
+            async with client.pipeline(transaction=False) as pipe:
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, self.group, *ids)
+                await pipe.execute()
+
+        await retrying(self.name, send, give_up_after=self.reconnect_timeout_s)
+        self._unacked.difference_update(entries)
 
     async def lag(self) -> int | None:
-        """Entries of the stream the group has not finished: never delivered, or pending.
+        """Entries of the streams the group has not finished: never delivered, or pending.
 
-        From ``XINFO GROUPS`` (its ``lag`` needs Redis 7; ``None`` where it is unknown).
+        From ``XINFO GROUPS`` of each stream read (its ``lag`` needs Redis 7;
+        ``None`` where it is unknown).
         """
         client = self._client
         if client is None:
             return None
-        for info in await client.xinfo_groups(self.stream):
-            name = info.get("name")
-            if name in (self.group, self.group.encode()):
-                lag, pending = info.get("lag"), info.get("pending")
-                if lag is None or pending is None:
-                    return None
-                return int(lag) + int(pending)
-        return None
+        total = 0
+        for stream in self.streams:
+            for info in await client.xinfo_groups(stream):
+                name = info.get("name")
+                if name in (self.group, self.group.encode()):
+                    lag, pending = info.get("lag"), info.get("pending")
+                    if lag is None or pending is None:
+                        return None
+                    total += int(lag) + int(pending)
+                    break
+            else:
+                return None
+        return total
 
     @property
     def closed(self) -> bool:
@@ -423,9 +523,21 @@ class RedisStreamSource:
     async def aclose(self) -> None:
         """Close the connection; what was not acknowledged stays pending for this consumer."""
         self._closed = True
+        self._ready = []
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
 
     def __repr__(self) -> str:
-        return f"<RedisStreamSource {self.name} group={self.group!r} consumer={self.consumer!r}>"
+        streams = "" if self.partitions is None else f" partitions={list(self.owned_partitions)}"
+        return (
+            f"<RedisStreamSource {self.name}{streams} group={self.group!r} "
+            f"consumer={self.consumer!r}>"
+        )
+
+
+def _by_stream(entries: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for stream, entry_id in entries:
+        grouped.setdefault(stream, []).append(entry_id)
+    return grouped
