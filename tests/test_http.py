@@ -332,7 +332,8 @@ async def test_bad_infer_requests_get_400(
     ("b", "message"),
     [
         pytest.param([2**63], "must fit INT64", id="int64-overflow"),
-        pytest.param([2**70], "must be numbers", id="huge-integer"),
+        pytest.param([2**70], "must fit INT64", id="huge-integer"),
+        pytest.param([True], "true/false", id="boolean"),
         pytest.param([1.5], "must be whole numbers", id="fraction"),
     ],
 )
@@ -725,10 +726,10 @@ async def test_review_findings_are_400s_and_the_server_stays_healthy(
 async def test_booleans_are_not_numbers_and_unknown_outputs_are_refused_before_the_model(
     client: httpx.AsyncClient, models: ModelServer
 ) -> None:
-    bools = infer_body([[True, False]])
-    response = await client.post("/v2/models/linear/infer", json=bools)
-    assert response.status_code == 400
-    assert "true/false" in response.json()["error"]
+    for rows in ([[True, False]], [[0.5, True]], [[0.5, 0.1], [True, 0.2]]):
+        response = await client.post("/v2/models/linear/infer", json=infer_body(rows))
+        assert response.status_code == 400, rows
+        assert "true/false" in response.json()["error"]
     served = models.get("linear")
     before = served.batcher.rows
     asked = infer_body([[0.5, 0.0]], outputs=[{"name": "nope"}])

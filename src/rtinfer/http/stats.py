@@ -26,7 +26,7 @@ __all__ = ["HttpMetrics", "summarize"]
 class HttpMetrics:
     """Counts and times the answers of one HTTP app."""
 
-    __slots__ = ("requests", "seconds")
+    __slots__ = ("_counters", "_timers", "requests", "seconds")
 
     def __init__(self, metrics: Metrics) -> None:
         self.requests = Counter(
@@ -42,10 +42,20 @@ class HttpMetrics:
             buckets=LATENCY_BUCKETS,
             registry=metrics.registry,
         )
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.seconds.labels(route).observe(seconds)
+        # The labelled children, looked up once per route and status (a labels() call
+        # takes a lock and builds a tuple each time).
+        counter = self._counters.get((route, status))
+        if counter is None:
+            counter = self._counters[route, status] = self.requests.labels(route, str(status))
+        timer = self._timers.get(route)
+        if timer is None:
+            timer = self._timers[route] = self.seconds.labels(route)
+        counter.inc()
+        timer.observe(seconds)
 
     def snapshot(self) -> dict[str, Any]:
         """Counts by status and the latency buckets of every route together (JSON-able)."""
