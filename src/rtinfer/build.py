@@ -340,7 +340,9 @@ def _decode(config: DecodeConfig, file: str | None) -> Decode:
         ) from None
 
 
-def _stage(config: StageConfig, index: int, file: str | None, metrics: Metrics) -> Stage:
+def _stage(
+    config: StageConfig, index: int, file: str | None, metrics: Metrics | None = None
+) -> Stage:
     if isinstance(config, VectorizeStageConfig):
         try:
             return Vectorize(config.fields, input=config.input, dtype=config.dtype)
@@ -353,7 +355,7 @@ def _stage(config: StageConfig, index: int, file: str | None, metrics: Metrics) 
     used = import_object(config.use, key=key, file=file)
     if inspect.isclass(used) or config.args:  # a class, or a factory given its arguments
         args = dict(config.args)
-        if "metrics" not in args and _takes(used, "metrics"):
+        if metrics is not None and "metrics" not in args and _takes(used, "metrics"):
             args["metrics"] = metrics  # its metrics (breakers, look-ups) join the pipeline's
         try:
             stage = used(**args)
