@@ -461,7 +461,15 @@ def tree_peak_rss_mib(pid: int) -> float:
 class Server:
     """A server process, started pinned, ready once ``/v2/health/ready`` answers 200."""
 
-    def __init__(self, kind: str, model: Path, tmp: Path, cpus: str, workers: int = 1) -> None:
+    def __init__(
+        self,
+        kind: str,
+        model: Path,
+        tmp: Path,
+        cpus: str,
+        workers: int = 1,
+        extra: list[str] | tuple[str, ...] = (),
+    ) -> None:
         self.kind, self.port = kind, free_port()
         self.log = tmp / f"{kind}-{workers}-{self.port}.log"
         env = dict(os.environ)
@@ -473,7 +481,7 @@ class Server:
             # a model repository when --max-delay-ms is given (its config.yaml), else the file
             target = tmp / "repo" if (tmp / "repo").is_dir() else model
             command = [sys.executable, "-m", "rtinfer", "serve", str(target)]
-            command += ["--port", str(self.port), "--workers", str(workers)]
+            command += ["--port", str(self.port), "--workers", str(workers), *extra]
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603
                 pin(cpus, command),
