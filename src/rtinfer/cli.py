@@ -11,6 +11,8 @@
     rtinfer serve TARGET [--host H] [--port P] [--grpc-port P] [--api-key KEY | --insecure]
                   [--workers N]
                   [--max-body-bytes SIZE] [--timeout-ms MS] [--summary-json PATH]
+                  [--management-key KEY] [--watch [--watch-interval-s S]]
+    rtinfer models list|load|unload|promote|canary|shadow [NAME [VERSION]] --url URL --key KEY
 
 Exit status: 0 on success (a run stopped by one SIGINT/SIGTERM included), 2
 for a configuration or usage error, 1 for any other failure, 130 after a
@@ -107,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     from .serve import add_serve_arguments
 
     add_serve_arguments(serve)
+
+    models = commands.add_parser(
+        "models", help="list, load, unload, promote, canary or shadow a served model's versions"
+    )
+    from .http.manage import add_models_arguments
+
+    add_models_arguments(models)
     return parser
 
 
@@ -146,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .serve import serve_command
 
             return serve_command(args)
+        elif args.command == "models":
+            from .http.manage import models_command
+
+            return models_command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -79,6 +79,7 @@ _ENV_GRPC = "RTINFER_SERVE_GRPC"  # host:port of the gRPC front, when there is o
 _ENV_STREAM = "RTINFER_SERVE_STREAM"  # "1": a pipeline TARGET also runs its stream
 _ENV_API_KEY = "RTINFER_API_KEY"
 _ENV_POLICY = "RTINFER_SERVE_POLICY"  # JSON: the protections' server-wide settings
+_ENV_WATCH = "RTINFER_SERVE_WATCH"  # seconds between polls of a repository TARGET
 
 log = logging.getLogger("rtinfer.serve")
 
@@ -88,7 +89,8 @@ _MODEL_FILES = ("model.onnx", "model.txt")
 _CONFIG_KEYS = {"max_batch_size", "max_delay_ms", "max_in_flight", "max_queue_rows"}
 _ONNX_KEYS = {"intra_op_threads"}
 _POLICY_KEYS = {"priority", "max_concurrency", "breaker", "cache", "deterministic", "fallback"}
-_ALL_KEYS = _CONFIG_KEYS | _ONNX_KEYS | _POLICY_KEYS
+_REPOSITORY_KEYS = {"auto_promote"}  # checked by rtinfer.repository
+_ALL_KEYS = _CONFIG_KEYS | _ONNX_KEYS | _POLICY_KEYS | _REPOSITORY_KEYS
 _FALLBACK_KEYS = {"model", "rules", "default"}
 _BREAKER_KEYS = {"consecutive_failures", "open_seconds"}
 
@@ -209,7 +211,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         if key not in _ALL_KEYS:
             known = ", ".join(sorted(_ALL_KEYS))
             raise ConfigError(f"unknown setting; use one of {known}", file=str(path), key=key)
-        if key in _POLICY_KEYS:
+        if key in _POLICY_KEYS or key in _REPOSITORY_KEYS:
             continue  # checked by _policy
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(
@@ -410,7 +412,20 @@ def app_from_env() -> InferenceApp:
         default_timeout_s=float(timeout) if timeout else None,
         on_started=started,
         on_shutdown=write_snapshot,
+        **_management_from_env(server, target),
     )
+
+
+def _management_from_env(server: ModelServer, target: str) -> dict[str, Any]:
+    """The app's model manager (a repository TARGET, watched with ``--watch``) and key."""
+    from .repository import ModelManager, ModelRepository
+
+    watch = os.environ.get(_ENV_WATCH)
+    manager = None
+    if Path(target).is_dir():
+        repository = ModelRepository(target, allow_pickle=os.environ.get(_ENV_PICKLE) == "1")
+        manager = ModelManager(server, repository, watch_s=float(watch) if watch else None)
+    return {"manager": manager, "management_key": os.environ.get(_MANAGEMENT_KEY) or None}
 
 
 Handler = Callable[[int, FrameType | None], Any]
@@ -496,6 +511,8 @@ def run_server(
     cache_ttl_s: float = 60.0,
     cache_redis: str | None = None,
     drain_s: float = DEFAULT_DRAIN_S,
+    management_key: str | None = None,
+    watch_s: float | None = None,
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -512,6 +529,7 @@ def run_server(
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     api_key = api_key or os.environ.get(_ENV_API_KEY) or None
+    management_key = _check_management(target, workers, api_key, management_key, watch_s)
     if not _is_loopback(host) and api_key is None and not insecure:
         raise ConfigError(
             f"binding {host} exposes the models beyond this machine; set an API key "
@@ -541,6 +559,9 @@ def run_server(
         )
         if api_key is not None:
             os.environ[_ENV_API_KEY] = api_key
+        os.environ[_ENV_WATCH] = "" if watch_s is None else str(watch_s)
+        if management_key is not None:
+            os.environ[_MANAGEMENT_KEY] = management_key
         # uvicorn raises the signal that stopped it again once it has finished, under the
         # handler found before it started: by default that kills this process before the
         # summary is written. A handler that only notes it lets the run end normally.
@@ -560,6 +581,38 @@ def run_server(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+_MANAGEMENT_KEY = "RTINFER_MANAGEMENT_KEY"
+
+
+def _check_management(
+    target: str | os.PathLike[str],
+    workers: int,
+    api_key: str | None,
+    management_key: str | None,
+    watch_s: float | None,
+) -> str | None:
+    """The management key (argument or ``RTINFER_MANAGEMENT_KEY``), checked with ``--watch``."""
+    management_key = management_key or os.environ.get(_MANAGEMENT_KEY) or None
+    if watch_s is not None and not (Path(target).is_dir() and watch_s > 0):
+        raise ConfigError(
+            f"--watch follows a model repository folder; {str(target)!r} is not one (or the "
+            f"interval {watch_s} is not above 0)"
+        )
+    if management_key is None:
+        return None
+    if not management_key.strip():
+        raise ConfigError("the management key is empty; pass a non-empty key or none")
+    if management_key == api_key:
+        raise ConfigError("the management key must differ from the API key (--api-key)")
+    if workers > 1:
+        raise ConfigError(
+            f"the management routes act on the one worker process that answers, not on all "
+            f"{workers}: with --workers use --watch (every worker follows the repository), "
+            "or serve with one worker"
+        )
+    return management_key
 
 
 def _stopped(sig: int, frame: FrameType | None) -> None:
@@ -585,6 +638,9 @@ def _run_uvicorn(
         access_log=False,
         log_level=log_level,
         server_header=False,
+        # No X-Forwarded-* rewriting: nothing here reads the client address from it, and
+        # the middleware costs about a fifth of uvicorn's time per request (measured).
+        proxy_headers=False,
         ws_max_size=max_body_bytes,  # WebSocket frames are bounded like bodies
         # After a drain, or on SIGINT: what is still running gets this long.
         timeout_graceful_shutdown=drain_s,
@@ -662,6 +718,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "many seconds before stopping; default 10",
     )
     parser.add_argument("--workers", type=int, default=1, help="server processes; default 1")
+    parser.add_argument(
+        "--management-key",
+        help=f"turn on the model-management routes (/v2/repository/...), which then need "
+        f"'Authorization: Bearer KEY' (or set {_MANAGEMENT_KEY}); off by default",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="with a repository TARGET: load new version folders, promote the highest once "
+        "warm (auto_promote in config.yaml), unload removed ones",
+    )
+    parser.add_argument(
+        "--watch-interval-s",
+        type=float,
+        default=2.0,
+        help="seconds between two looks at the repository with --watch; default 2",
+    )
     parser.add_argument("--summary-json", type=Path, help="write the run's summary here")
     parser.add_argument(
         "--allow-pickle", action="store_true", help="load a local .pkl/.joblib model file"
@@ -724,6 +797,8 @@ def serve_command(args: argparse.Namespace) -> int:
         cache_ttl_s=args.cache_ttl_s,
         cache_redis=args.cache_redis,
         drain_s=args.drain_s,
+        management_key=args.management_key,
+        watch_s=args.watch_interval_s if args.watch else None,
     )
     print(json.dumps(summary, indent=2))
     return 0

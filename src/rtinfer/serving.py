@@ -54,6 +54,7 @@ from .resilience import (
 from .types import Arrays, Model, TensorSpec
 
 if TYPE_CHECKING:
+    from .repository import Canary, Shadow
     from .scoring import PipelineScorer
 
 __all__ = [
@@ -388,6 +389,11 @@ class ModelServer:
         self.draining = False
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
+        #: The version answering requests that name none, by model (rtinfer.repository
+        #: promotes by swapping it); canary routing and shadow copies, by model.
+        self._default: dict[str, ServedModel] = {}
+        self.canaries: dict[str, Canary] = {}
+        self.shadows: dict[str, Shadow] = {}
 
     def add(
         self,
@@ -409,6 +415,7 @@ class ModelServer:
         if policy is None or policy.priority is None:
             served.priority = self.default_priority
         self._models.setdefault(served.name, []).append(served)
+        self._default[served.name] = served
         return served
 
     def add_pipeline(self, scorer: PipelineScorer, *, policy: ModelPolicy | None = None) -> None:
@@ -472,7 +479,7 @@ class ModelServer:
                         f"model {served.name!r} names itself as its fallback model; name a "
                         "lighter model served beside it"
                     )
-                steps.append(Step.model(light.batcher, name=f"model:{light.name}"))
+                steps.append(self._fallback_step(light.name))
             if policy.rules is not None:
                 steps.append(Step.rules("rules", policy.rules))
             if policy.default is not None:
@@ -531,12 +538,98 @@ class ModelServer:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"unknown model {name!r}; served here: {known}")
         if not version:
-            return versions[-1]
+            return self._default.get(name) or versions[-1]
         for served in versions:
             if served.version == version:
                 return served
         have = ", ".join(s.version for s in versions)
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {have}")
+
+    # -- versions while serving (rtinfer.repository.ModelManager drives these) ----------
+
+    def route(
+        self, name: str, version: str | None = None, *, key: str | bytes | None = None
+    ) -> ServedModel:
+        """The version that answers a request: the one it names, else the default, or,
+        while the model has a canary, the candidate for its share (by routing ``key``)."""
+        served = self.get(name, version)
+        if version or not self.canaries:
+            return served
+        canary = self.canaries.get(name)
+        return served if canary is None else canary.pick(served, key)
+
+    async def install(
+        self,
+        model: Model,
+        *,
+        name: str | None = None,
+        batcher: MicroBatcher | None = None,
+        policy: ModelPolicy | None = None,
+    ) -> ServedModel:
+        """Serve one more version on a started server: loaded and warmed up first (on its
+        model thread), then reachable. It answers the requests naming its version; those
+        naming none only if it is the model's first version (else see :meth:`promote`)."""
+        if not self.started:
+            return self.add(model, name=name, batcher=batcher, policy=policy)
+        served = ServedModel(
+            name or model.name,
+            model,
+            batcher or MicroBatcher(model, metrics=self.metrics, **self.batching),
+            policy,
+        )
+        if policy is None or policy.priority is None:
+            served.priority = self.default_priority
+        await served.batcher.start()
+        try:
+            if any(s.version == served.version for s in self._models.get(served.name, ())):
+                raise ValueError(f"model {served.name!r} already serves version {served.version!r}")
+            self._protect(served, several=True)
+        except BaseException:
+            await served.batcher.aclose()
+            raise
+        self._models.setdefault(served.name, []).append(served)
+        self._default.setdefault(served.name, served)
+        return served
+
+    def promote(self, name: str, version: str) -> ServedModel:
+        """Make ``version`` answer the requests naming none, at once (one reference swap
+        on the event loop: requests already resolved finish on the previous default).
+        Returns the previous default."""
+        served = self.get(name, version)
+        previous = self.get(name)
+        self._default[name] = served
+        return previous
+
+    def withdraw(self, name: str, version: str) -> ServedModel:
+        """Stop serving a version: later lookups do not find it; the caller closes its
+        batcher. If it was the default, the last added version left becomes the default."""
+        served = self.get(name, version)
+        versions = self._models[name]
+        versions.remove(served)
+        if not versions:
+            del self._models[name]
+            self._default.pop(name, None)
+        elif self._default.get(name) is served:
+            self._default[name] = versions[-1]
+        return served
+
+    def _fallback_step(self, name: str) -> Step:
+        """A fallback model step following promotions: the model's default at each call."""
+        get = self.get
+
+        async def run(inputs: Arrays, deadline: float | None) -> Arrays:
+            return await get(name).batcher.submit(inputs, deadline=deadline, wait=False)
+
+        return Step(f"model:{name}", run)
+
+    def _mirror(
+        self, served: ServedModel, inputs: Arrays, outputs: Arrays, step: str | None
+    ) -> None:
+        """Offer the default's answer to the model's shadow (never awaited, never raises)."""
+        shadow = self.shadows.get(served.name)
+        default = self._default.get(served.name)
+        if shadow is not None and step in (None, "model") and default is served:
+            shadow.offer(inputs, outputs, served)
 
     def _admit(
         self, served: ServedModel, priority: Priority | None, client: str | None
@@ -593,6 +686,8 @@ class ModelServer:
             self._finish(permit, exc)
             raise
         self._finish(permit, None)
+        if self.shadows:
+            self._mirror(served, inputs, outputs, step)
         return Inference(served, outputs, step)
 
     async def score(

@@ -18,10 +18,12 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..repository import ModelManager
 from ..resilience import Priority, parse_priority
 from ..serving import Inference, ModelServer, ServedModel
 from .auth import BearerAuth
 from .errors import HttpError, from_exception
+from .manage import MANAGEMENT_ROUTES, Management, match_management
 from .oip import HEADER_LENGTH, OFFLOAD_BYTES, decode_infer, encode, encode_infer, to_array
 from .openapi import openapi_spec
 from .stats import HttpMetrics
@@ -36,6 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 TIMEOUT_HEADER = b"x-request-timeout-ms"
+ROUTING_HEADER = b"x-routing-key"  # a canary's sticky key
 PRIORITY_HEADER = b"x-priority"
 JSON = b"application/json"
 
@@ -59,6 +62,7 @@ ROUTES: tuple[tuple[str, str, bool], ...] = (
 )
 _PROTECTED = {template: protected for _, template, protected in ROUTES}
 _METHOD = {template: method for method, template, _ in ROUTES}
+_METHOD.update({template: method for method, template in MANAGEMENT_ROUTES})
 
 
 class Response:
@@ -107,6 +111,8 @@ def _match(parts: list[str]) -> tuple[str, dict[str, str]] | None:
             return "/openapi.json", {}
         case ["docs"]:
             return "/docs", {}
+        case ["v2", "repository", *rest]:
+            return match_management(rest)
     return None
 
 
@@ -136,6 +142,8 @@ class InferenceApp:
         server_name: str = "rtinfer",
         on_started: Callable[[InferenceApp], Awaitable[Stopper | None]] | None = None,
         on_shutdown: Callable[[InferenceApp], None] | None = None,
+        manager: ModelManager | None = None,
+        management_key: str | None = None,
     ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
@@ -152,7 +160,12 @@ class InferenceApp:
             name: getattr(scorer.pipeline.stages[0], "schema", None)
             for name, scorer in server.pipelines.items()
         }
-        self._openapi = encode(openapi_spec(auth=self.auth.enabled, pipelines=pipelines))
+        self.manager, self.management = _management(server, manager, management_key, api_key)
+        self._openapi = encode(
+            openapi_spec(
+                auth=self.auth.enabled, pipelines=pipelines, management=self.management is not None
+            )
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -170,6 +183,8 @@ class InferenceApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.server.start()
+                    if self.manager is not None:
+                        await self.manager.start()
                     if self.on_started is not None:
                         self._stop_companions = await self.on_started(self)
                 except Exception as exc:
@@ -181,6 +196,8 @@ class InferenceApp:
                 try:
                     if self._stop_companions is not None:
                         await self._stop_companions()
+                    if self.manager is not None:
+                        await self.manager.aclose()
                 finally:
                     await self.server.aclose()
                     if self.on_shutdown is not None:
@@ -228,6 +245,8 @@ class InferenceApp:
         if found is None:
             raise HttpError(404, f"no route {scope['path']!r}; GET /openapi.json lists them")
         route, params = found
+        if route.startswith("/v2/repository/"):
+            return await self._manage(scope, receive, headers, route, params)
         method = scope["method"]
         allowed = _METHOD[route]
         if method != allowed and not (method == "HEAD" and allowed == "GET"):
@@ -281,6 +300,7 @@ class InferenceApp:
             )
         if route.endswith("/infer"):
             body = await self._read_body(headers, receive)
+            served = self._route(served, version, headers)
             length = headers.get(HEADER_LENGTH.encode())
             header = None if length is None else length.decode("latin-1")
             if len(body) > OFFLOAD_BYTES:  # decoding it would hold the event loop up
@@ -303,10 +323,52 @@ class InferenceApp:
             )
         if route.endswith("/score"):
             body = await self._read_body(headers, receive)
+            served = self._route(served, version, headers, body)
             inputs = _decode_score(body, served)
             outputs, step = await self._infer(served, inputs, headers, scope)
             return Response(encode(_encode_score(served, outputs, step)))
         return Response(encode(served.metadata()))
+
+    async def _manage(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        route: str,
+        params: dict[str, str],
+    ) -> Response:
+        """A model-management route: 404 while management is off, else its own key."""
+        management = self.management
+        if management is None:
+            raise HttpError(
+                404,
+                f"no route {scope['path']!r}: model management is off; start the server with "
+                "--management-key (or RTINFER_MANAGEMENT_KEY) to turn it on",
+            )
+        if scope["method"] != _METHOD[route]:
+            message = f"{route} takes {_METHOD[route]}, not {scope['method']}"
+            raise HttpError(405, message, headers={"allow": _METHOD[route]})
+        management.authorize(headers.get(b"authorization"))
+        body = await self._read_body(headers, receive)
+        status, answer = await management.handle(route, params, body)
+        return Response(encode(answer), status)
+
+    def _route(
+        self,
+        served: ServedModel,
+        version: str | None,
+        headers: dict[bytes, bytes],
+        body: bytes | None = None,
+    ) -> ServedModel:
+        """Once the body is in, the version that answers a request naming none: the
+        default now (it may have been promoted meanwhile), or a canary's candidate by the
+        request's routing key (``X-Routing-Key``, or a plain-JSON body's ``key``)."""
+        if version:
+            return served
+        key: bytes | str | None = headers.get(ROUTING_HEADER)
+        if key is None and body is not None and served.name in self.server.canaries:
+            key = _body_key(body)
+        return self.server.route(served.name, key=key)
 
     def _server_metadata(self) -> dict[str, Any]:
         from .. import __version__
@@ -404,6 +466,33 @@ _DOCS_PAGE = b"""<!doctype html>
 <script>SwaggerUIBundle({url: "openapi.json", dom_id: "#ui"});</script>
 </body></html>
 """
+
+
+def _management(
+    server: ModelServer,
+    manager: ModelManager | None,
+    key: str | None,
+    api_key: str | None,
+) -> tuple[ModelManager | None, Management | None]:
+    """The app's model manager, and its management routes when it has a key."""
+    if key is None:
+        return manager, None
+    if key == api_key:
+        raise ValueError("the management key must differ from the inference API key")
+    manager = manager or ModelManager(server)
+    return manager, Management(manager, key)
+
+
+class _Keyed(msgspec.Struct):
+    key: str | None = None
+
+
+def _body_key(body: bytes) -> str | None:
+    """A plain-JSON body's ``key`` field (a canary's routing key), if it has one."""
+    try:
+        return msgspec.json.decode(body, type=_Keyed).key
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None  # not an object with a string key: the decode says what is wrong
 
 
 def _client(scope: Scope) -> str:

@@ -282,12 +282,95 @@ def _model_paths(suffix: str, op: dict[str, Any], method: str) -> dict[str, Any]
     }
 
 
-def openapi_spec(*, auth: bool, pipelines: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _management_paths() -> dict[str, Any]:
+    """The model-management routes (documented only when the server has them on)."""
+    secured: dict[str, Any] = {"security": [{"management": []}]}
+    entry = {
+        "type": "object",
+        "required": ["name", "version", "state", "reason"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "state": {"type": "string", "enum": ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
+            "reason": {"type": "string"},
+            "default": {"type": "boolean"},
+            "canary_percent": {"type": "number"},
+            "shadow": {"type": "object", "additionalProperties": True},
+        },
+    }
+    model = {
+        "type": "object",
+        "required": ["name", "versions"],
+        "properties": {"name": {"type": "string"}, "versions": {"type": "array", "items": entry}},
+    }
+    text = {
+        401: "Missing or wrong management key (the inference API key does not open it).",
+        404: "Unknown model or version.",
+        409: "Not in the current state (unloading the default without force, promoting a "
+        "version that is not loaded, ...).",
+        422: "The repository's files could not be loaded.",
+    }
+    fields: dict[str, dict[str, Any]] = {
+        "load": {"version": {"type": "string"}, "promote": {"type": "boolean"}},
+        "unload": {"version": {"type": "string"}, "force": {"type": "boolean"}},
+        "promote": {"version": {"type": "string"}, "keep_previous": {"type": "boolean"}},
+        "canary": {
+            "version": {"type": ["string", "null"]},
+            "percent": {"type": "number", "minimum": 0, "exclusiveMaximum": 100},
+        },
+        "shadow": {"version": {"type": ["string", "null"]}, "tolerance": {"type": "number"}},
+    }
+    summaries = {
+        "load": "Load and warm up a version beside those served.",
+        "unload": "Take a version out of routing; it drains, then closes.",
+        "promote": "Make a loaded version the default, at once.",
+        "canary": "Send a share of the requests naming no version to a loaded version.",
+        "shadow": "Give a loaded version a copy of the default's requests; compare answers.",
+    }
+
+    def op(summary: str, body: dict[str, Any], ok: dict[str, Any], *codes: int) -> dict[str, Any]:
+        errors = {str(c): _json(_ERROR, text[c]) for c in codes}
+        named = 404 in codes  # the per-model routes
+        return {
+            "post": {
+                "summary": summary,
+                **secured,
+                **({"parameters": [_NAME]} if named else {}),
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": body}},
+                },
+                "responses": {"200": ok, **errors, **_errors(400)},
+            }
+        }
+
+    paths = {
+        "/v2/repository/index": op(
+            "Every version: served, loading, unloading, or only in the repository.",
+            {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+            _json({"type": "array", "items": entry}, "The versions."),
+            401,
+        )
+    }
+    for action, properties in fields.items():
+        body = {"type": "object", "properties": properties, "additionalProperties": False}
+        if action == "promote":
+            body["required"] = ["version"]
+        paths[f"/v2/repository/models/{{name}}/{action}"] = op(
+            summaries[action], body, _json(model, "The model's versions now."), 401, 404, 409, 422
+        )
+    return paths
+
+
+def openapi_spec(
+    *, auth: bool, pipelines: Mapping[str, Any] | None = None, management: bool = False
+) -> dict[str, Any]:
     """The OpenAPI document; ``auth`` adds the bearer scheme to the routes that need it.
 
     ``pipelines`` maps each served pipeline's name to its events' schema (a
     ``msgspec.Struct`` type, or ``None`` for any JSON object): each gets its
     ``/pipelines/<name>/score`` route, its request body described by that schema.
+    ``management``: the model-management routes are on (they need their own key).
     """
     secured: dict[str, Any] = {"security": [{"bearer": []}]} if auth else {}
     infer_body = {
@@ -445,4 +528,12 @@ def openapi_spec(*, auth: bool, pipelines: Mapping[str, Any] | None = None) -> d
     }
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    if management:
+        paths.update(_management_paths())
+        schemes = document["components"].setdefault("securitySchemes", {})
+        schemes["management"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The management key (rtinfer serve --management-key), not the API key.",
+        }
     return document

@@ -195,6 +195,42 @@ class Metrics:
             ["chain", "step"],
             registry=r,
         )
+        # -- model updates (rtinfer.repository) --
+        self.canary_requests = Counter(
+            "rtinfer_canary_requests",
+            "Requests naming no version routed while a model has a canary, by the version "
+            "that got them (the candidate's, or 'default').",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_compared = Counter(
+            "rtinfer_shadow_compared",
+            "Requests whose answer a shadow candidate also computed, and that were compared.",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.shadow_mismatch = Counter(
+            "rtinfer_shadow_mismatch",
+            "Compared requests whose shadow answer differed from the default's by more than "
+            "the tolerance.",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "rtinfer_shadow_max_abs_difference",
+            "Largest absolute difference between a shadow's answer and the default's, per "
+            "compared request (answers that cannot be compared are only mismatches).",
+            ["model", "candidate"],
+            buckets=(0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0),
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "rtinfer_shadow_skipped",
+            "Requests a shadow did not compare, by reason (busy: too many copies running; "
+            "overloaded, deadline, failed: the candidate's).",
+            ["model", "candidate", "reason"],
+            registry=r,
+        )
         self._latency = _LatencyCollector()
         r.register(self._latency)
 
