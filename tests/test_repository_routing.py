@@ -295,3 +295,66 @@ def test_canary_buckets_are_the_same_in_every_process(seed: str) -> None:
     canary = Canary(ModelServer().add(linear_model("2")), 10, Metrics())
     assert out.strip() == str([canary.bucket(f"card-{i}") for i in range(50)])
     assert canary.bucket("card-1") == canary.bucket(b"card-1")
+
+
+async def test_canary_reaches_websocket_frames_and_grpc_calls(tmp_path: Path) -> None:
+    import json
+
+    import grpc
+    from websockets.asyncio.client import connect
+
+    from rtinfer.grpc import inference_pb2 as pb
+    from rtinfer.grpc import inference_pb2_grpc
+    from rtinfer.grpc.service import create_grpc_server
+
+    server = build_server(make_repo(tmp_path / "repo", "1", "2"))
+    app = InferenceApp(server, management_key=MKEY)
+    with serving(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=SAFETY) as c:
+            r = await c.post(
+                "/v2/repository/models/linear/promote",
+                json={"version": "1", "keep_previous": True},
+                headers=MANAGE,
+            )
+            assert r.status_code == 200, r.text
+            r = await c.post(
+                "/v2/repository/models/linear/canary",
+                json={"version": "2", "percent": 50},
+                headers=MANAGE,
+            )
+            assert r.status_code == 200, r.text
+        canary = server.canaries["linear"]
+        keys = [f"w{i}" for i in range(40)]
+        want = {k: "2" if canary.bucket(k) < canary.threshold else "1" for k in keys}
+        assert set(want.values()) == {"1", "2"}
+        ws_url = url.replace("http://", "ws://") + "/v2/models/linear/infer/stream"
+        for key in keys[:12]:
+            async with connect(ws_url, additional_headers={"X-Routing-Key": key}) as ws:
+                body = {"id": "a", **infer_body([[0.25, 0]])}
+                await ws.send(json.dumps(body))
+                answer = json.loads(await asyncio.wait_for(ws.recv(), SAFETY))
+                assert answer["model_version"] == want[key], (key, answer)
+    # gRPC, on a server of this loop's own (the one above runs in the HTTP server's thread).
+    local = build_server(make_repo(tmp_path / "repo2", "1", "2"))
+    await local.start()
+    manager = ModelManager(local)
+    grpc_server = create_grpc_server(local)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        local.promote("linear", "1")
+        manager.canary("linear", "2", 50)
+        local_canary = local.canaries["linear"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for key in keys[:12]:
+                request = pb.ModelInferRequest(model_name="linear")
+                item = request.inputs.add(name="features", datatype="FP32", shape=[1, 2])
+                item.contents.fp32_contents.extend([0.25, 0.0])
+                reply = await stub.ModelInfer(request, metadata=(("x-routing-key", key),))
+                wanted = "2" if local_canary.bucket(key) < local_canary.threshold else "1"
+                assert reply.model_version == wanted, key
+    finally:
+        await grpc_server.stop(None)
+        await manager.aclose()
+        await local.aclose()

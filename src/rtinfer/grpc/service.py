@@ -102,14 +102,21 @@ class InferenceServicer:
                 f"API key {what}; send the metadata 'authorization: Bearer <key>'",
             )
 
-    async def _model(self, context: Context, name: str, version: str) -> ServedModel:
+    async def _model(
+        self, context: Context, name: str, version: str, *, route: bool = False
+    ) -> ServedModel:
         try:
+            if route:  # an inference: the default version, or a canary's share
+                key = dict(context.invocation_metadata() or ()).get("x-routing-key")
+                return self.server.route(name, version or None, key=key)
             return self.server.get(name, version or None)
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
-    async def _ready_model(self, context: Context, name: str, version: str) -> ServedModel:
-        served = await self._model(context, name, version)
+    async def _ready_model(
+        self, context: Context, name: str, version: str, *, route: bool = False
+    ) -> ServedModel:
+        served = await self._model(context, name, version, route=route)
         if not served.ready:  # an unloaded model knows neither its version nor its tensors
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"model {served.name!r} is not loaded yet; retry"
@@ -164,7 +171,9 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         """Check and decode the inputs, run them in a batch, answer as the request was sent."""
         await self._authorize(context)
-        served = await self._ready_model(context, request.model_name, request.model_version)
+        served = await self._ready_model(
+            context, request.model_name, request.model_version, route=True
+        )
         outputs_known = {spec.name for spec in served.model.outputs}
         requested = [output.name for output in request.outputs]
         unknown = [name for name in requested if name not in outputs_known]

@@ -134,7 +134,12 @@ async def serve_websocket(
         return
     peer = scope.get("client")
     client = (str(peer[0]) if peer else "unknown") if app.server.quota is not None else None
-    await _Stream(app, served, timeout, priority, client, send, max_in_flight).run(receive)
+    stream = _Stream(app, served, timeout, priority, client, send, max_in_flight)
+    # The version is picked per request, as on the other routes: a promotion or a canary
+    # reaches a connection opened before it.
+    stream.version = version
+    stream.key = headers.get(b"x-routing-key")
+    await stream.run(receive)
 
 
 class _Stream:
@@ -144,12 +149,14 @@ class _Stream:
         "app",
         "client",
         "in_flight",
+        "key",
         "lock",
         "priority",
         "send",
         "served",
         "tasks",
         "timeout",
+        "version",
     )
 
     def __init__(
@@ -171,6 +178,8 @@ class _Stream:
         self.lock = asyncio.Lock()  # one frame at a time on the socket
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.version: str | None = served.version  # the one asked for (None: the default)
+        self.key: bytes | None = None  # the connection's routing key, for a canary
 
     async def run(self, receive: Receive) -> None:
         try:
@@ -215,13 +224,14 @@ class _Stream:
         status = 200
         try:
             request_id = _request_id(raw)
+            served = self.app.server.route(served.name, self.version, key=self.key)
             if len(raw) > OFFLOAD_BYTES:  # decoding it would hold the event loop up
                 request, inputs = await asyncio.to_thread(decode_infer, raw, None, served)
             else:
                 request, inputs = decode_infer(raw, None, served)
             if _wants_binary(request):
                 raise HttpError(400, "binary outputs are not supported over WebSocket; use JSON")
-            outputs, step = await self._infer(inputs)
+            outputs, step = await self._infer(served, inputs)
             payload, _ = encode_infer(request, served, outputs, step)
         except Exception as exc:
             error = from_exception(exc, model=served.name)
@@ -230,8 +240,10 @@ class _Stream:
         self.app.stats.observe(STREAM_ROUTE, status, time.perf_counter() - started)
         return payload
 
-    async def _infer(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-        served, server = self.served, self.app.server
+    async def _infer(
+        self, served: ServedModel, inputs: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        server = self.app.server
         if self.timeout is None:
             answer = await server.infer(
                 served.name,
