@@ -119,12 +119,19 @@ async def test_best_effort_is_shed_first_then_critical_gets_503_with_retry_after
             await wait_until(lambda: limiter.in_flight == 5, "the critical request admitted")
             full = await c.post("/models/linear/score", json=[0.5, 1])
             assert full.status_code == 503, full.text  # critical too, at the limit now
+            # Refused before the body is read: even a malformed one is a 503, not a 400.
+            junk = await c.post("/v2/models/linear/infer", content=b"{not json")
+            assert junk.status_code == 503, junk.text
             bad = await c.post("/v2/models/linear/infer", json=body, headers={"X-Priority": "vip"})
             assert bad.status_code == 400
             assert "X-Priority" in bad.json()["error"]
             faulty.gate.set()
             for answer in await asyncio.gather(*held, critical):
                 assert answer.status_code == 200
+            # An admitted request with a bad body lets go of its place: the limiter is empty.
+            bad_body = await c.post("/v2/models/linear/infer", content=b"{not json")
+            assert bad_body.status_code == 400
+            assert limiter.in_flight == 0
             text = (await c.get("/metrics")).text
     shed_metric = 'rtinfer_limiter_rejected_total{limiter="linear",priority="best_effort"'
     assert metric(text, shed_metric) == 1

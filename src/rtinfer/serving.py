@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .scoring import PipelineScorer
 
 __all__ = [
+    "Admission",
     "Inference",
     "ModelNotFound",
     "ModelPolicy",
@@ -654,6 +655,23 @@ class ModelServer:
         if self._idle is not None and self._in_flight == 0:
             self._idle.set()
 
+    def admit(
+        self, served: ServedModel, priority: Priority | None = None, client: str | None = None
+    ) -> Admission:
+        """Admit a request to ``served`` before its body is read and decoded.
+
+        A refusal (draining, quota, limiter) is raised at once and so costs the least it
+        can; an admitted request is counted in flight until it is passed to :meth:`infer`
+        (``admission=``), which releases it, or to :meth:`release` if it never gets there.
+        """
+        return Admission(self._admit(served, priority, client))
+
+    def release(self, admission: Admission, error: BaseException | None) -> None:
+        """Let go of an admission that never reached :meth:`infer` (a bad body, say)."""
+        if not admission.done:
+            admission.done = True
+            self._finish(admission.permit, error)
+
     async def infer(
         self,
         name: str,
@@ -663,6 +681,7 @@ class ModelServer:
         deadline: float | None = None,
         priority: Priority | None = None,
         client: str | None = None,
+        admission: Admission | None = None,
     ) -> Inference:
         """Run ``inputs`` through the model's protected path; fail fast when it is full.
 
@@ -671,15 +690,25 @@ class ModelServer:
         who asks, for the per-client quota (``None``: not counted). Refusals are at once:
         :class:`Closed` while draining, :class:`QuotaExceeded` (429),
         :class:`Overloaded` (503) from the limiter, a full queue or an open breaker.
+        ``admission``: the request was admitted already (:meth:`admit`); it is released here.
         """
-        served = self.get(name, version)
-        rows = next((len(a) for a in inputs.values()), 0)
-        if rows > served.batcher.max_queue_rows:  # could never fit: not a matter of retrying
-            raise ModelInputError(
-                f"the request has {rows} rows; model {served.name!r} takes at most "
-                f"{served.batcher.max_queue_rows} per request (its max_queue_rows); split it"
-            )
-        permit = self._admit(served, priority, client)
+        try:
+            served = self.get(name, version)
+            rows = next((len(a) for a in inputs.values()), 0)
+            if rows > served.batcher.max_queue_rows:  # could never fit: no use retrying
+                raise ModelInputError(
+                    f"the request has {rows} rows; model {served.name!r} takes at most "
+                    f"{served.batcher.max_queue_rows} per request (its max_queue_rows); split it"
+                )
+        except BaseException as exc:
+            if admission is not None:
+                self.release(admission, exc)
+            raise
+        if admission is None:
+            permit = self._admit(served, priority, client)
+        else:
+            admission.done = True
+            permit = admission.permit
         try:
             outputs, step = await served.call(inputs, deadline)
         except BaseException as exc:
@@ -709,6 +738,16 @@ class ModelServer:
             raise
         self._finish(permit, None)
         return results
+
+
+class Admission:
+    """A request admitted before its body was read (:meth:`ModelServer.admit`)."""
+
+    __slots__ = ("done", "permit")
+
+    def __init__(self, permit: Permit | None) -> None:
+        self.permit = permit
+        self.done = False  # released, or handed to infer (which releases it)
 
 
 def deadline_from_timeout(timeout_s: float | None) -> float | None:

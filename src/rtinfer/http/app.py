@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..repository import ModelManager
 from ..resilience import Priority, parse_priority
-from ..serving import Inference, ModelServer, ServedModel
+from ..serving import Admission, Inference, ModelServer, ServedModel
 from .auth import BearerAuth
 from .errors import HttpError, from_exception
 from .manage import MANAGEMENT_ROUTES, Management, match_management
@@ -299,15 +299,24 @@ class InferenceApp:
                 200 if ready else 503,
             )
         if route.endswith("/infer"):
-            body = await self._read_body(headers, receive)
+            # Admitted (or refused: 503/429) before the body is read and decoded, so a
+            # refusal under overload costs as little as it can.
             served = self._route(served, version, headers)
-            length = headers.get(HEADER_LENGTH.encode())
-            header = None if length is None else length.decode("latin-1")
-            if len(body) > OFFLOAD_BYTES:  # decoding it would hold the event loop up
-                request, inputs = await asyncio.to_thread(decode_infer, body, header, served)
-            else:
-                request, inputs = decode_infer(body, header, served)
-            outputs, step = await self._infer(served, inputs, headers, scope)
+            priority = self.request_priority(headers)
+            client = _client(scope) if self.server.quota is not None else None
+            admission = self.server.admit(served, priority, client)
+            try:
+                body = await self._read_body(headers, receive)
+                length = headers.get(HEADER_LENGTH.encode())
+                header = None if length is None else length.decode("latin-1")
+                if len(body) > OFFLOAD_BYTES:  # decoding it would hold the event loop up
+                    request, inputs = await asyncio.to_thread(decode_infer, body, header, served)
+                else:
+                    request, inputs = decode_infer(body, header, served)
+            except BaseException as exc:
+                self.server.release(admission, exc)
+                raise
+            outputs, step = await self._infer(served, inputs, headers, scope, admission)
             if sum(a.nbytes for a in outputs.values()) > OFFLOAD_BYTES // 8:
                 payload, header_length = await asyncio.to_thread(
                     encode_infer, request, served, outputs, step
@@ -405,27 +414,43 @@ class InferenceApp:
         inputs: dict[str, Any],
         headers: dict[bytes, bytes],
         scope: Scope,
+        admission: Admission | None = None,
     ) -> tuple[dict[str, Any], str | None]:
         """The outputs, and the fallback step that produced them (``None``: no chain)."""
-        timeout = self.request_timeout(headers)
-        priority = self.request_priority(headers)
+        try:
+            timeout = self.request_timeout(headers)
+            priority = self.request_priority(headers)
+        except BaseException as exc:
+            if admission is not None:
+                self.server.release(admission, exc)
+            raise
         client = _client(scope) if self.server.quota is not None else None
         answer: Inference
         if timeout is None:
             answer = await self.server.infer(
-                served.name, inputs, version=served.version, priority=priority, client=client
-            )
-            return answer.outputs, answer.step
-        deadline = time.time() + timeout
-        async with asyncio.timeout(timeout):
-            answer = await self.server.infer(
                 served.name,
                 inputs,
                 version=served.version,
-                deadline=deadline,
                 priority=priority,
                 client=client,
+                admission=admission,
             )
+            return answer.outputs, answer.step
+        deadline = time.time() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await self.server.infer(
+                    served.name,
+                    inputs,
+                    version=served.version,
+                    deadline=deadline,
+                    priority=priority,
+                    client=client,
+                    admission=admission,
+                )
+        finally:
+            if admission is not None and not admission.done:  # cancelled before infer ran
+                self.server.release(admission, None)
         return answer.outputs, answer.step
 
     def request_priority(self, headers: dict[bytes, bytes]) -> Priority | None:
