@@ -16,7 +16,11 @@ Measured, alternating the two (A B A B), medians over ``--repeats`` with the spr
 2. **open loop**: a separate process (on the other core) adds payments at a fixed rate;
    latency is from the entry's id (Redis' clock, when it was added) to the decision's
    write, so queueing is not hidden;
-3. **workers**: ``rtinfer run --workers 2`` beside one worker, draining.
+3. **workers**: ``rtinfer run --workers 2`` beside one worker, draining, with the CPU
+   time the workers used per event (from ``/proc``, start-up excluded): on two cores
+   shared with Redis the throughput ratio is bounded by the machine, while the CPU per
+   event says what a second worker costs (equal CPU per event means two workers on cores
+   of their own do twice the work).
 
 Needs a Redis at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``). Run it on an
 otherwise idle machine.
@@ -157,23 +161,43 @@ def run_rtinfer(
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=ROOT)  # noqa: S603
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and every process below it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return total
+
+
 async def drain_rtinfer(
     client: Any, source: str, out: str, model_path: Path, total: int, workers: int, tmp: Path
-) -> float:
-    """Seconds for rtinfer to write ``total`` decisions (from its first to its last)."""
+) -> tuple[float, float]:
+    """Seconds for rtinfer to write ``total`` decisions (from its first to its last), and
+    the CPU seconds its processes used meanwhile (start-up excluded)."""
     process = run_rtinfer(source, out, model_path, workers, tmp)
     first = None
+    cpu_first = 0.0
     while True:
         n = await client.xlen(out)
         if n and first is None:
             first = time.perf_counter()
+            cpu_first = tree_cpu_seconds(process.pid)
         if n >= total:
             break
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - (first or time.perf_counter())
+    cpu = tree_cpu_seconds(process.pid) - cpu_first
     process.terminate()
     process.wait(timeout=30)
-    return elapsed
+    return elapsed, cpu
 
 
 async def open_loop(
@@ -227,6 +251,7 @@ async def main() -> None:
     hand_eps: list[float] = []
     ours_eps: list[float] = []
     two_eps: list[float] = []
+    cpu_per_event: dict[str, list[float]] = {"ours": [], "two": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for repeat in range(args.repeats):
@@ -241,10 +266,11 @@ async def main() -> None:
                         hand_eps.append(args.events / elapsed)
                     else:
                         workers = 1 if side == "ours" else 2
-                        elapsed = await drain_rtinfer(
+                        elapsed, cpu = await drain_rtinfer(
                             client, source, out, model_path, args.events, workers, tmp
                         )
                         (ours_eps if side == "ours" else two_eps).append(args.events / elapsed)
+                        cpu_per_event[side].append(1e6 * cpu / args.events)
                 finally:
                     await client.delete(source, out, f"{out}-dead")
             for rate in rates:
@@ -260,6 +286,12 @@ async def main() -> None:
     print(f"{'rtinfer / hand-written':40} {spread(ratio, '{:.2f}'):>30}")
     print(f"{'rtinfer, 2 workers, events/s':40} {spread(two_eps):>30}")
     print(f"{'2 workers / 1 worker':40} {spread(scale, '{:.2f}'):>30}")
+    # What a second worker costs per event: with a core of its own (and Redis on another),
+    # 2 workers / 1 worker approaches 2 x (1 worker's CPU per event / 2 workers').
+    efficiency = [o / t for o, t in zip(cpu_per_event["ours"], cpu_per_event["two"], strict=True)]
+    print(f"{'rtinfer CPU µs/event, 1 worker':40} {spread(cpu_per_event['ours'], '{:.1f}'):>30}")
+    print(f"{'rtinfer CPU µs/event, 2 workers':40} {spread(cpu_per_event['two'], '{:.1f}'):>30}")
+    print(f"{'CPU per event, 1 worker / 2 workers':40} {spread(efficiency, '{:.2f}'):>30}")
     for (side, rate), runs in sorted(latency.items()):
         who = "hand-written" if side == "hand" else "rtinfer"
         for i, q in enumerate(("p50", "p99")):
