@@ -251,3 +251,22 @@ def test_calls_follow_deadline_order(size: int, kinds: list[str], seed: int) -> 
             assert i not in ran
         else:
             assert isinstance(outcome, dict)
+
+
+async def test_answered_requests_with_deadlines_are_not_kept() -> None:
+    # Every served request has a deadline; without max_delay nothing may hold on to them
+    # once answered (they carry their inputs and outputs: a leak grows without bound).
+    import gc
+
+    from rtinfer.batching import _Request
+
+    recorder = IdModel()
+    batcher = await started(recorder, max_batch_size=4, max_delay=0.0)
+    try:
+        deadline = time.time() + HOUR
+        await asyncio.gather(*(batcher.submit(rows([i]), deadline=deadline) for i in range(200)))
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, _Request)]
+        assert alive == [], f"{len(alive)} answered requests are still referenced"
+    finally:
+        await batcher.aclose()

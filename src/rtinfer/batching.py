@@ -315,7 +315,8 @@ class MicroBatcher:
             self._undated.append(request)
         else:
             heapq.heappush(self._dated, (deadline, next(self._arrival), request))
-            self._arrivals.append(request)
+            if self.max_delay > 0:  # only the max_delay timer reads it (and prunes it)
+                self._arrivals.append(request)
             if deadline < self._expiry_at:
                 self._arm_expiry(deadline)
         self._queued_rows += rows
