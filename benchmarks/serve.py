@@ -37,6 +37,12 @@ the servers in each repeat (A B A B), medians over ``--repeats`` with the spread
    parsing) at 1 and 64 connections: what HTTP alone costs on this machine, and proof
    that the load generator can drive more than the servers take (its CPU use is shown).
 
+``--http-server`` picks what serves rtinfer's HTTP: ``uvicorn`` (the default, as
+``rtinfer serve`` has it), ``rtinfer`` (``rtinfer serve --http-server rtinfer``, the lean
+server of ``rtinfer.http.server``), or ``both``: then rtinfer runs under each (sides
+"rtinfer" and "rtinfer-own", alternated with the others) and the HTTP floor is measured
+under each server too ("bare" and "bare-own").
+
 The targets: rtinfer / FastAPI requests/s at 64 connections at least 3; rtinfer's p99
 at 1,000 requests/s at most 5 ms. Peak RSS of each server (its process tree) is
 reported too. Needs ``fastapi`` (the dev extra). Run it on an otherwise idle machine.
@@ -160,6 +166,18 @@ async def app(scope, receive, send):
         more = (await receive()).get("more_body", False)
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
+'''
+
+
+BARE_OWN = '''
+"""The HTTP floor under rtinfer's own server: the same bare app (written by serve.py)."""
+
+import sys
+
+from bare_app import app
+from rtinfer.http.server import run
+
+run(lambda: app, port=int(sys.argv[1]))
 '''
 
 
@@ -473,7 +491,10 @@ class Server:
         self.kind, self.port = kind, free_port()
         self.log = tmp / f"{kind}-{workers}-{self.port}.log"
         env = dict(os.environ)
-        if kind in ("fastapi", "bare"):
+        if kind == "bare-own":
+            command = [sys.executable, str(tmp / "bare_own.py"), str(self.port)]
+            env["PYTHONPATH"] = os.pathsep.join([str(tmp), env.get("PYTHONPATH", "")])
+        elif kind in ("fastapi", "bare"):
             env["BENCH_MODEL"] = str(model)
             command = [sys.executable, "-m", "uvicorn", f"{kind}_app:app", "--app-dir", str(tmp)]
             command += ["--port", str(self.port), "--no-access-log", "--log-level", "warning"]
@@ -559,7 +580,11 @@ def session(
     answers: dict[str, Any],
 ) -> tuple[list[Any], float]:
     """Start one server, check its answer, run ``phases`` against it, stop it."""
-    server = Server(kind, model, tmp, args.server_cpus, workers)
+    own = kind == "rtinfer-own" or (kind == "rtinfer" and args.http_server == "rtinfer")
+    extra = ["--http-server", "rtinfer"] if own else []
+    server = Server(
+        "rtinfer" if kind == "rtinfer-own" else kind, model, tmp, args.server_cpus, workers, extra
+    )
     try:
         server.wait_ready()
         answers[kind] = server.answer(request_bodies(1)[0])
@@ -615,6 +640,12 @@ def main() -> None:
         help="serve rtinfer from a model repository with this batcher max_delay_ms "
         "(default: rtinfer's own default, serving the .onnx file)",
     )
+    parser.add_argument(
+        "--http-server",
+        choices=("uvicorn", "rtinfer", "both"),
+        default="uvicorn",
+        help="what serves rtinfer's HTTP (rtinfer serve --http-server); both: each, alternated",
+    )
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # the load generator's mode
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -659,6 +690,7 @@ def main() -> None:
             (tmp / "repo" / "fraud" / "config.yaml").write_text(config)
         (tmp / "fastapi_app.py").write_text(FASTAPI_APP)
         (tmp / "bare_app.py").write_text(BARE_APP)
+        (tmp / "bare_own.py").write_text(BARE_OWN)
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
             alone = subprocess.run(  # noqa: S603
@@ -670,10 +702,13 @@ def main() -> None:
             )
             model_us.append(json.loads(alone.stdout)["us"])
             order = [("fastapi", 1), ("rtinfer", 1), ("rtinfer", 2), ("bare", 1)]
+            if args.http_server == "both":
+                order[2:2] = [("rtinfer-own", 1)]
+                order.append(("bare-own", 1))
             if repeat % 2:
                 order.reverse()
             for kind, workers in order:
-                if kind == "bare":  # the floor: HTTP alone, and what the client can drive
+                if kind.startswith("bare"):  # the floor: HTTP alone, what the client can drive
                     phases = [c for c in closed if c["connections"] in (low, top)]
                 elif workers == 1:
                     phases = [*closed, opened]
@@ -698,7 +733,14 @@ def main() -> None:
         "rtinfer": "rtinfer",
         "rtinfer-2": "rtinfer, 2 workers",
         "bare": "bare ASGI",
+        "rtinfer-own": "rtinfer, own HTTP server",
+        "bare-own": "bare ASGI, rtinfer server",
     }
+    if args.http_server == "rtinfer":
+        names["rtinfer"] = "rtinfer (own HTTP server)"
+        names["rtinfer-2"] = "rtinfer (own HTTP server), 2 workers"
+    both = args.http_server == "both"
+    sides = ("fastapi", "rtinfer", "rtinfer-own") if both else ("fastapi", "rtinfer")
     env = environment(args)
     print(json.dumps(env))
     if "fastapi" in answers and "rtinfer" in answers:
@@ -707,16 +749,17 @@ def main() -> None:
         )
     width = 46
     print(f"{'model alone (ONNX Runtime, 1 row), µs':{width}} {spread(model_us, '{:.1f}'):>28}")
-    print("HTTP floor: bare uvicorn ASGI app, constant answer, no model")
-    for c in (low, top):
-        for key, fmt, unit in (("rps", "{:,.0f}", "requests/s"), ("p50", "{:.2f}", "p50 ms")):
-            got = spread(pick("bare", "closed", key, c), fmt)
-            print(f"{f'  bare ASGI, {c} conn, {unit}':{width}} {got:>28}")
-    busy = spread(pick("bare", "closed", "client_cpu", top), "{:.2f}")
-    print(f"{f'  client CPU busy vs bare ASGI, {top} conn':{width}} {busy:>28}")
+    print("HTTP floor: a bare ASGI app, constant answer, no model (uvicorn; rtinfer's server)")
+    for floor in ("bare", "bare-own") if both else ("bare",):
+        for c in (low, top):
+            for key, fmt, unit in (("rps", "{:,.0f}", "requests/s"), ("p50", "{:.2f}", "p50 ms")):
+                got = spread(pick(floor, "closed", key, c), fmt)
+                print(f"{f'  {names[floor]}, {c} conn, {unit}':{width}} {got:>28}")
+        busy = spread(pick(floor, "closed", "client_cpu", top), "{:.2f}")
+        print(f"{f'  client CPU busy vs {names[floor]}, {top} conn':{width}} {busy:>28}")
     print("closed loop")
     for c in connections:
-        for side in ("fastapi", "rtinfer"):
+        for side in sides:
             label = f"  {names[side]}, {c} conn"
             print(f"{label + ', requests/s':{width}} {spread(pick(side, 'closed', 'rps', c)):>28}")
             for q in ("p50", "p99"):
@@ -725,19 +768,27 @@ def main() -> None:
     ours = pick("rtinfer", "closed", "rps", top)
     theirs = pick("fastapi", "closed", "rps", top)
     ratio = [o / t for o, t in zip(ours, theirs, strict=True)]
-    for side in ("fastapi", "rtinfer"):
+    for side in sides:
         busy = spread(pick(side, "closed", "client_cpu", top), "{:.2f}")
         print(f"{f'  client CPU busy vs {names[side]}, {top} conn':{width}} {busy:>28}")
     label = f"rtinfer / FastAPI requests/s, {top} conn"
     print(f"{label:{width}} {spread(ratio, '{:.2f}'):>28}   target >= 3")
+    if both:
+        own = pick("rtinfer-own", "closed", "rps", top)
+        label = f"rtinfer, own server / FastAPI, {top} conn"
+        got = spread([o / t for o, t in zip(own, theirs, strict=True)], "{:.2f}")
+        print(f"{label:{width}} {got:>28}   target >= 3")
+        label = f"own server / uvicorn, rtinfer, {top} conn"
+        got = spread([o / u for o, u in zip(own, ours, strict=True)], "{:.2f}")
+        print(f"{label:{width}} {got:>28}")
     print(
         f"open loop at {args.rate:,.0f} requests/s, "
         f"{args.open_seconds:g} s after {args.open_warmup:g} s"
     )
-    for side in ("fastapi", "rtinfer"):
+    for side in sides:
         for q, name in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"), ("max", "max")):
             got = spread(pick(side, "open", q), "{:.2f}")
-            target = "   target <= 5" if side == "rtinfer" and q == "p99" else ""
+            target = "   target <= 5" if side.startswith("rtinfer") and q == "p99" else ""
             print(f"{f'  {names[side]}, {name} ms':{width}} {got:>28}{target}")
         print(
             f"{f'  {names[side]}, requests (errors)':{width}} "
@@ -748,7 +799,7 @@ def main() -> None:
             f"{spread(pick(side, 'open', 'lag_p99'), '{:.2f}'):>28}"
         )
     print(f"overhead: p50 at {low} conn minus the model alone")
-    for side in ("fastapi", "rtinfer"):
+    for side in sides:
         over = [
             p * 1e3 - m for p, m in zip(pick(side, "closed", "p50", low), model_us, strict=True)
         ]
@@ -759,7 +810,7 @@ def main() -> None:
         f"{'2 workers / 1 worker':{width}} "
         f"{spread([t / o for t, o in zip(two, ours, strict=True)], '{:.2f}'):>28}"
     )
-    for side in ("fastapi", "rtinfer", "rtinfer-2"):
+    for side in (*sides, "rtinfer-2"):
         peaks = [r["rss_mib"] for r in runs if r["side"] == side]
         print(f"{f'peak RSS, {names[side]}, MiB':{width}} {spread(peaks):>28}")
     errors = sum(p["errors"] for r in runs for p in r["phases"])

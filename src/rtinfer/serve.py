@@ -513,6 +513,7 @@ def run_server(
     drain_s: float = DEFAULT_DRAIN_S,
     management_key: str | None = None,
     watch_s: float | None = None,
+    http_server: str = "uvicorn",
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -520,12 +521,17 @@ def run_server(
     ``RTINFER_API_KEY``) unless ``insecure``. ``timeout_s`` is the SLO: the deadline of
     a request that sends none (``--slo-ms``). SIGTERM drains for up to ``drain_s``
     seconds first (see the module). The protections' settings are
-    :func:`build_server`'s.
+    :func:`build_server`'s. ``http_server``: ``"uvicorn"``, or ``"rtinfer"`` for
+    :mod:`rtinfer.http.server` (see :func:`_run_rtinfer`).
     """
     try:
         import uvicorn
     except ImportError as exc:
         raise MissingDependency("rtinfer serve", "serve") from exc
+    if http_server not in _HTTP_SERVERS:
+        raise ConfigError(
+            f"--http-server must be one of {', '.join(_HTTP_SERVERS)}; got {http_server!r}"
+        )
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     api_key = api_key or os.environ.get(_ENV_API_KEY) or None
@@ -568,7 +574,10 @@ def run_server(
         main = threading.current_thread() is threading.main_thread()
         before = signal.signal(signal.SIGTERM, _stopped) if main else None
         try:
-            _run_uvicorn(uvicorn, host, port, workers, log_level, max_body_bytes, drain_s)
+            if http_server == "rtinfer":
+                _run_rtinfer(host, port, workers, log_level, max_body_bytes, drain_s)
+            else:
+                _run_uvicorn(uvicorn, host, port, workers, log_level, max_body_bytes, drain_s)
         finally:
             if main:
                 signal.signal(signal.SIGTERM, before)
@@ -647,6 +656,36 @@ def _run_uvicorn(
     )
 
 
+#: ``--http-server``: what runs the InferenceApp (the default first).
+_HTTP_SERVERS = ("uvicorn", "rtinfer")
+
+
+def _run_rtinfer(
+    host: str, port: int, workers: int, log_level: str, max_body_bytes: int, drain_s: float
+) -> None:
+    """``--http-server rtinfer``: :mod:`rtinfer.http.server` runs ``app_from_env()``.
+
+    One worker runs in this process; with N, each worker process builds the app and
+    binds the port with SO_REUSEPORT, and SIGTERM here reaches every worker. SIGTERM
+    drains like under uvicorn (``drain_on_sigterm`` wraps the server's own handler,
+    installed before the lifespan startup); then the server stops accepting, closes
+    idle connections and gives what still runs ``drain_s`` more.
+    """
+    try:
+        from .http.server import run as run_http
+    except ImportError as exc:  # httptools and websockets come with uvicorn[standard]
+        raise MissingDependency("rtinfer serve --http-server rtinfer", "serve") from exc
+    run_http(
+        app_from_env,
+        host=host,
+        port=port,
+        workers=workers,
+        max_body_bytes=max_body_bytes,
+        grace_s=drain_s,
+        log_level=log_level,
+    )
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``rtinfer serve`` options, for the CLI's sub-parser."""
     parser.add_argument(
@@ -718,6 +757,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "many seconds before stopping; default 10",
     )
     parser.add_argument("--workers", type=int, default=1, help="server processes; default 1")
+    parser.add_argument(
+        "--http-server",
+        choices=_HTTP_SERVERS,
+        default=_HTTP_SERVERS[0],
+        help="what serves HTTP: uvicorn (default) or rtinfer's own lean server "
+        "(rtinfer.http.server)",
+    )
     parser.add_argument(
         "--management-key",
         help=f"turn on the model-management routes (/v2/repository/...), which then need "
@@ -799,6 +845,7 @@ def serve_command(args: argparse.Namespace) -> int:
         drain_s=args.drain_s,
         management_key=args.management_key,
         watch_s=args.watch_interval_s if args.watch else None,
+        http_server=args.http_server,
     )
     print(json.dumps(summary, indent=2))
     return 0
