@@ -15,10 +15,20 @@ from typing import Any
 import msgspec
 import pytest
 
-from features_helpers import BASE, DEFINITION, payments, write_jsonl
+from features_helpers import BASE, DEFINITION, H5M, S5M, ReferenceEngine, payments, write_jsonl
 from rtinfer.exceptions import ConfigError
-from rtinfer.features import Feature, FeatureSet, FeatureStage, Window, backfill, load_definition
+from rtinfer.features import (
+    Engine,
+    Feature,
+    FeatureSet,
+    FeatureStage,
+    Partition,
+    Window,
+    backfill,
+    load_definition,
+)
 from rtinfer.features.backfill import backfill_rows, read_events
+from rtinfer.features.rows import RowReader
 from rtinfer.pipeline import Pipeline
 from rtinfer.sinks.memory import ListSink
 from rtinfer.stages import Decode
@@ -161,6 +171,71 @@ async def test_backfill_formats_agree(tmp_path: Path) -> None:
     assert len(first) > 700
     for rows in outputs.values():
         assert rows == first
+
+
+# -- the generated loop against the plain one ---------------------------------------------
+
+EVERY_KIND = [
+    *DEFINITION["features"],
+    {"name": "ewm_5m", "agg": "ewm", "field": "amount", "alpha": 0.3, "current": False,
+     "window": {"sliding": "5m"}},
+    {"name": "ewm_1d", "agg": "ewm", "field": "amount", "alpha": 0.2, "window": {"sliding": "1d"}},
+    {"name": "ewm_s90", "agg": "ewm", "field": "amount", "alpha": 0.7,
+     "window": {"session": "90s"}},
+    {"name": "approx_5m", "agg": "approx_distinct", "field": "merchant", "window": S5M},
+    {"name": "mean_t2m", "agg": "mean", "field": "amount", "current": False, "default": -1,
+     "window": {"tumbling": "2m"}},
+    {"name": "std_s90", "agg": "std", "field": "amount", "current": False,
+     "window": {"session": "90s"}},
+    {"name": "n_h5m_before", "agg": "count", "current": False, "window": H5M},
+    {"name": "last_1h", "agg": "last", "field": "ts", "current": False,
+     "window": {"sliding": "1h"}},
+]  # fmt: skip
+
+
+def same_floats(a: list[float], b: list[float]) -> bool:
+    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("late", ["dead_letter", "update"])
+@pytest.mark.parametrize("size", [1, 7, 256])
+def test_the_generated_loop_equals_the_plain_one(late: str, size: int) -> None:
+    definition = load_definition({**DEFINITION, "late": late, "features": EVERY_KIND})
+    engine, reference = Engine(definition), ReferenceEngine(definition)
+    reader = RowReader(engine)
+    rows = [reader.row(r) for r in payments(2000, keys=25, seed=7)]
+    ours, theirs = Partition(), Partition()
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        out, late_rows = engine.apply(ours, chunk)
+        expected, expected_late = reference.apply(theirs, chunk)
+        assert late_rows == expected_late
+        for got, want in zip(out, expected, strict=True):
+            assert (got is None) == (want is None)
+            assert got is None or same_floats(got, want), (got, want)
+        assert ours.touched == theirs.touched
+        assert list(ours.keys.items()) == list(theirs.keys.items())  # state and its order
+        assert ours.max_time == theirs.max_time
+        engine.evict(ours)
+        engine.evict(theirs)
+        ours.touched.clear()
+        theirs.touched.clear()
+    assert "def apply(" in engine.source()
+
+
+def test_columns_read_like_rows() -> None:
+    definition = load_definition({**DEFINITION, "features": EVERY_KIND})
+    reader = RowReader(Engine(definition))
+    records = payments(300, seed=4)
+    keys, times, columns, bad = reader.columns(records)
+    assert not bad
+    assert list(zip(keys, times, *columns, strict=True)) == [reader.row(r) for r in records]
+    records[5] = {**records[5], "amount": "lots"}  # a bad event: read again row by row
+    keys, times, columns, bad = reader.columns(records)
+    assert list(bad) == [5]
+    assert "'amount' must be a number" in bad[5]
+    assert keys[5] is None
+    assert keys[6] == records[6]["card"]
 
 
 # -- against an independent reference -----------------------------------------------------

@@ -6,7 +6,7 @@ path, :func:`offline_features` (:func:`rtinfer.features.backfill_rows` over the
 declaration, plus the per-payment columns). Two stages serve them:
 
 - :class:`CardFeatures`, the demo's stage: a hand-vectorised implementation of the
-  same definitions, 3 to 4 times cheaper per payment than the general engine on
+  same definitions, about 3 times cheaper per payment than the general engine on
   this stream; tests check it against :func:`offline_features` on the demo's
   stream (the same float32 values);
 - :class:`EngineCardFeatures`: the declaration through

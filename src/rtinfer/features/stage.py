@@ -28,6 +28,7 @@ put it before any stage that awaits (enrichment, the model).
 from __future__ import annotations
 
 import asyncio
+import operator
 import re
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,8 @@ __all__ = ["FeatureStage", "offset_order"]
 
 PartitionId = tuple[str, int]
 _NO_PARTITION: PartitionId = ("", 0)
+_PID = operator.attrgetter("source", "partition")
+_INT = frozenset((int,))
 _STREAM_ID = re.compile(r"^(\d+)-(\d+)$")
 _MAX_PENDING = 100_000  # frames waiting for an acknowledgement: a pipeline that never checkpoints
 
@@ -141,43 +144,53 @@ class FeatureStage:
         events = batch.events
         n = len(events)
         reader = self.reader
-        pids = [
-            (p.source, p.partition) if (p := e.position) is not None else _NO_PARTITION
-            for e in events
-        ]
-        groups: dict[PartitionId, list[int]] = {}
-        for i, pid in enumerate(pids):
-            groups.setdefault(pid, []).append(i)
-        for pid in {(p.source, p.partition) for p in batch.positions}:
+        at = [e.position for e in events]
+        if None in at:
+            pids = [(p.source, p.partition) if p is not None else _NO_PARTITION for p in at]
+        else:
+            pids = list(map(_PID, at))
+        positions = batch.positions
+        if n and pids.count(pids[0]) == n:  # the common case: one partition
+            groups: dict[PartitionId, list[int]] = {pids[0]: list(range(n))}
+        else:
+            groups = {}
+            for i, pid in enumerate(pids):
+                groups.setdefault(pid, []).append(i)
+        for pid in set(map(_PID, positions)):
             groups.setdefault(pid, [])
-        rows: list[Any] = [None] * n
-        values: list[Any] = [None] * n
-        drop: dict[int, str] = {}  # row -> reason (dead letter)
-        gone: set[int] = set()  # rows leaving without a dead letter
-        event_key = reader.needs_event_key
-        event_time = reader.needs_event_time
         processing = self.definition.time == "processing"
-        for i, event in enumerate(events):
-            key = event.key if event_key else None
-            time = (event.ingest_time if processing else event.event_time) if event_time else None
-            try:
-                rows[i] = reader.row(event.data, key, time)
-            except ValueError as exc:
-                drop[i] = str(exc)
+        keys = [e.key for e in events] if reader.needs_event_key else None
+        times = None
+        if reader.needs_event_time:
+            times = (
+                [e.ingest_time for e in events] if processing else [e.event_time for e in events]
+            )
+        key_of, time_of, columns, drop = reader.columns([e.data for e in events], keys, times)
+        values: list[Any] = [None] * n
+        gone: set[int] = set()  # rows leaving without a dead letter
         for pid, members in groups.items():
             part = self._partition(pid, events, members)
-            live = [i for i in members if i not in drop]
+            live = [i for i in members if i not in drop] if drop else members
             restored = self._restored.get(pid)
             if restored is not None:
                 live = self._skip_applied(pid, restored, events, live, gone)
-            out, late = self.engine.apply(part, [rows[i] for i in live])
-            for i, v in zip(live, out, strict=True):
-                values[i] = v
+            if len(live) == n:  # every event: the columns as they are
+                out, late = self.engine.apply_columns(part, key_of, time_of, columns)
+                values = out
+            else:
+                out, late = self.engine.apply_columns(
+                    part,
+                    [key_of[i] for i in live],
+                    [time_of[i] for i in live],
+                    [[column[i] for i in live] for column in columns],
+                )
+                for i, v in zip(live, out, strict=True):
+                    values[i] = v
             if late:
-                self._late(part, [live[j] for j in late], rows, events, drop, gone)
+                self._late(part, [live[j] for j in late], key_of, time_of, events, drop, gone)
             self.evicted += self.engine.evict(part)
-            self._record(pid, part, batch.positions)
-        self._finish(batch, values, rows, drop, gone)
+            self._record(pid, part, positions, len(groups) == 1)
+        self._finish(batch, values, key_of, time_of, drop, gone)
         return batch
 
     def _partition(self, pid: PartitionId, events: list[Event], members: list[int]) -> Partition:
@@ -236,7 +249,8 @@ class FeatureStage:
         self,
         part: Partition,
         late: list[int],
-        rows: list[Any],
+        key_of: list[Any],
+        time_of: list[Any],
         events: list[Event],
         drop: dict[int, str],
         gone: set[int],
@@ -249,7 +263,7 @@ class FeatureStage:
         lateness = self.definition.allowed_lateness
         for i in late:
             reason = (
-                f"late: event time {rows[i][1]} is before the watermark {watermark:g} minus "
+                f"late: event time {time_of[i]} is before the watermark {watermark:g} minus "
                 f"the allowed lateness of {lateness:g} s"
             )
             if policy == "dead_letter":
@@ -257,22 +271,31 @@ class FeatureStage:
             else:
                 gone.add(i)
                 event = events[i]
-                key = rows[i][0]
+                key = key_of[i]
                 event.result = {
                     "id": event.id,
                     "key": key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-                    "time": rows[i][1],
+                    "time": time_of[i],
                     "watermark": watermark,
                     "reason": reason,
                     "value": event.value.decode("utf-8", "replace"),
                 }
                 self._side.append(event)
 
-    def _record(self, pid: PartitionId, part: Partition, positions: Sequence[Position]) -> None:
-        """Note the batch's highest offset; with a store, encode the batch's frame."""
-        offsets = [p.offset for p in positions if (p.source, p.partition) == pid]
+    def _record(
+        self, pid: PartitionId, part: Partition, positions: Sequence[Position], alone: bool
+    ) -> None:
+        """Note the batch's highest offset; with a store, encode the batch's frame.
+        ``alone``: ``pid`` is the batch's only partition (every position is its)."""
+        if alone:
+            offsets = [p.offset for p in positions]
+        else:
+            offsets = [p.offset for p in positions if (p.source, p.partition) == pid]
         if offsets:
-            part.applied = max(offsets, key=offset_order)
+            if _INT.issuperset(map(type, offsets)):
+                part.applied = max(offsets)  # offset_order of an integer is itself
+            else:
+                part.applied = max(offsets, key=offset_order)
         if self.store is not None and (offsets or part.touched or part.evicted):
             keys = part.keys
             frame = Frame(
@@ -299,7 +322,8 @@ class FeatureStage:
         self,
         batch: Batch,
         values: list[Any],
-        rows: list[Any],
+        key_of: list[Any],
+        time_of: list[Any],
         drop: dict[int, str],
         gone: set[int],
     ) -> None:
@@ -315,7 +339,8 @@ class FeatureStage:
                 batch.outputs = {k: v[index] for k, v in batch.outputs.items()}
             events = batch.events = [events[i] for i in keep]
             values = [values[i] for i in keep]
-            rows = [rows[i] for i in keep]
+            key_of = [key_of[i] for i in keep]
+            time_of = [time_of[i] for i in keep]
         width = self.engine.width
         array = np.array(values, dtype=np.float64).reshape(len(values), width)
         if self._inputs:
@@ -327,12 +352,11 @@ class FeatureStage:
             batch.inputs = inputs
         if self._results:
             names = self.definition.names
-            for event, row, v in zip(events, rows, values, strict=True):
-                key = row[0]
+            for event, key, time, v in zip(events, key_of, time_of, values, strict=True):
                 record = {
                     "id": event.id,
                     "key": key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-                    "time": row[1],
+                    "time": time,
                 }
                 record.update(zip(names, v, strict=True))
                 event.result = record
@@ -344,9 +368,18 @@ class FeatureStage:
         before), with those offsets; flush the side output. The pipeline awaits this
         after its sinks flushed and before it acknowledges ``positions``."""
         acked = self._acked
-        for position in positions:
-            pid = (position.source, position.partition)
-            order = offset_order(position.offset)
+        pids = list(map(_PID, positions))
+        if pids and pids.count(pids[0]) == len(pids):  # the common case: one partition
+            offsets: dict[PartitionId, list[Any]] = {pids[0]: [p.offset for p in positions]}
+        else:
+            offsets = {}
+            for pid, position in zip(pids, positions, strict=True):
+                offsets.setdefault(pid, []).append(position.offset)
+        for pid, of_pid in offsets.items():
+            if _INT.issuperset(map(type, of_pid)):
+                order = max(of_pid)  # offset_order of an integer is itself
+            else:
+                order = max(map(offset_order, of_pid))
             if pid not in acked or order > acked[pid]:
                 acked[pid] = order
         await self._flush_side()
