@@ -31,6 +31,25 @@ from rtinfer.sinks.nats import NatsSink
 from rtinfer.sources.nats import NatsSource
 from rtinfer.types import Event
 
+
+async def settles_to_zero(read: Any, what: str) -> None:
+    """JetStream applies acks asynchronously: wait (within SAFETY) until ``read()`` is 0."""
+    seen = None
+
+    async def poll() -> None:
+        nonlocal seen
+        while True:
+            seen = await read()
+            if seen == 0:
+                return
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(poll(), SAFETY)
+    except TimeoutError:
+        raise AssertionError(f"{what} stayed {seen}, expected 0") from None
+
+
 NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 P = 4
 
@@ -186,10 +205,13 @@ async def test_two_workers_split_the_partitions_and_ack_the_right_messages(
         await one.ack([e.position for e in first if e.position is not None])
         await two.ack([e.position for e in second if e.position is not None])
         for p in range(P):
-            info = await context.consumer_info(stream, f"scoring-{p}")
-            assert info.num_ack_pending == 0
-            assert info.num_pending == 0
-        assert await one.lag() == 0
+
+            async def pending(p: int = p) -> int:
+                info = await context.consumer_info(stream, f"scoring-{p}")
+                return (info.num_ack_pending or 0) + (info.num_pending or 0)
+
+            await settles_to_zero(pending, f"partition {p}'s pending count")
+        await settles_to_zero(one.lag, "the lag")
     finally:
         await one.aclose()
         await two.aclose()
@@ -206,7 +228,7 @@ async def test_two_workers_split_the_partitions_and_ack_the_right_messages(
         assert new.value == b"v0"
         assert new.position is not None
         assert new.position.partition == p0
-        assert await other.lag() == 0
+        await settles_to_zero(other.lag, "the other worker's lag")
     finally:
         await one.aclose()
         await two.aclose()
@@ -233,7 +255,7 @@ async def test_workers_take_their_partitions_from_the_environment(
             mine = await drain(src, lag)
             got += mine
             await src.ack([e.position for e in mine if e.position is not None])
-            assert await src.lag() == 0
+            await settles_to_zero(src.lag, "the lag")
         finally:
             await src.aclose()
     assert sorted(int(e.value[1:]) for e in got) == list(range(60))
@@ -261,7 +283,7 @@ async def test_unacknowledged_messages_of_every_partition_come_back_after_close(
             e.position for e in read if e.position
         )
         await again.ack([e.position for e in back if e.position is not None])
-        assert await again.lag() == 0
+        await settles_to_zero(again.lag, "the lag")
     finally:
         await again.aclose()
 

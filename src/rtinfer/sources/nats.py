@@ -455,11 +455,13 @@ class NatsSource:
             if nc.is_connected:
                 never_acked = [msg for msg, dead in unacked.values() if not dead]
                 # A last delivery is not delivered again, nak'ed or not: leave it be.
-                # Delayed by fetch_timeout_s: a pull request of this connection may still be
-                # open on the server (one per partition, each lasting fetch_timeout_s at
-                # most), and would take a message nak'ed now to an inbox about to close.
+                # Delayed past fetch_timeout_s (twice it, for the server's and this process's
+                # scheduling): a pull request of this connection may still be open on the
+                # server (one per partition, each lasting fetch_timeout_s at most), and
+                # would take a message nak'ed now to an inbox about to close, where it would
+                # wait for ack_wait_s.
                 for msg in never_acked + fetched:
-                    await msg.nak(delay=self.fetch_timeout_s)
+                    await msg.nak(delay=2 * self.fetch_timeout_s)
                 for sub in subs:
                     await sub.unsubscribe()
                 await nc.flush()
