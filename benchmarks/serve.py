@@ -494,7 +494,7 @@ class Server:
         if kind == "bare-own":
             command = [sys.executable, str(tmp / "bare_own.py"), str(self.port)]
             env["PYTHONPATH"] = os.pathsep.join([str(tmp), env.get("PYTHONPATH", "")])
-        elif kind in ("fastapi", "bare"):
+        elif kind in ("fastapi", "bare", "fastapi_def"):
             env["BENCH_MODEL"] = str(model)
             command = [sys.executable, "-m", "uvicorn", f"{kind}_app:app", "--app-dir", str(tmp)]
             command += ["--port", str(self.port), "--no-access-log", "--log-level", "warning"]
@@ -646,6 +646,12 @@ def main() -> None:
         default="uvicorn",
         help="what serves rtinfer's HTTP (rtinfer serve --http-server); both: each, alternated",
     )
+    parser.add_argument(
+        "--fastapi-def",
+        action="store_true",
+        help="also measure FastAPI with a plain `def` route (its thread pool), at the top "
+        "connection count",
+    )
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # the load generator's mode
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -689,6 +695,11 @@ def main() -> None:
             config = f"max_delay_ms: {args.max_delay_ms}\n"
             (tmp / "repo" / "fraud" / "config.yaml").write_text(config)
         (tmp / "fastapi_app.py").write_text(FASTAPI_APP)
+        # FastAPI's documented way for a blocking call: a plain `def` route, which FastAPI
+        # runs in its thread pool (the `async def` baseline calls the model on the loop).
+        sync_app = FASTAPI_APP.replace("async def infer(", "def infer(")
+        assert sync_app != FASTAPI_APP
+        (tmp / "fastapi_def_app.py").write_text(sync_app)
         (tmp / "bare_app.py").write_text(BARE_APP)
         (tmp / "bare_own.py").write_text(BARE_OWN)
         for repeat in range(args.repeats):
@@ -702,6 +713,8 @@ def main() -> None:
             )
             model_us.append(json.loads(alone.stdout)["us"])
             order = [("fastapi", 1), ("rtinfer", 1), ("rtinfer", 2), ("bare", 1)]
+            if args.fastapi_def:
+                order.insert(1, ("fastapi_def", 1))
             if args.http_server == "both":
                 order[2:2] = [("rtinfer-own", 1)]
                 order.append(("bare-own", 1))
@@ -710,6 +723,8 @@ def main() -> None:
             for kind, workers in order:
                 if kind.startswith("bare"):  # the floor: HTTP alone, what the client can drive
                     phases = [c for c in closed if c["connections"] in (low, top)]
+                elif kind == "fastapi_def":
+                    phases = [c for c in closed if c["connections"] == top]
                 elif workers == 1:
                     phases = [*closed, opened]
                 else:
@@ -730,6 +745,7 @@ def main() -> None:
 
     names = {
         "fastapi": "FastAPI",
+        "fastapi_def": "FastAPI, def route (thread pool)",
         "rtinfer": "rtinfer",
         "rtinfer-2": "rtinfer, 2 workers",
         "bare": "bare ASGI",
@@ -773,6 +789,13 @@ def main() -> None:
         print(f"{f'  client CPU busy vs {names[side]}, {top} conn':{width}} {busy:>28}")
     label = f"rtinfer / FastAPI requests/s, {top} conn"
     print(f"{label:{width}} {spread(ratio, '{:.2f}'):>28}   target >= 3")
+    if args.fastapi_def:
+        threaded = pick("fastapi_def", "closed", "rps", top)
+        label = f"  {names['fastapi_def']}, {top} conn, requests/s"
+        print(f"{label:{width}} {spread(threaded):>28}")
+        label = f"rtinfer / FastAPI def route, {top} conn"
+        got = spread([o / t for o, t in zip(ours, threaded, strict=True)], "{:.2f}")
+        print(f"{label:{width}} {got:>28}")
     if both:
         own = pick("rtinfer-own", "closed", "rps", top)
         label = f"rtinfer, own server / FastAPI, {top} conn"
