@@ -28,6 +28,7 @@ pytest.importorskip("nats")
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
+from nats.js.api import StorageType
 from nats.js.errors import NotFoundError
 
 from rtinfer.batching import MicroBatcher
@@ -59,7 +60,9 @@ class Nats:
     async def stream(self) -> tuple[str, str]:
         """A fresh stream, created, with its subject."""
         stream, subject = self.names()
-        await self.js.add_stream(name=stream, subjects=[subject])
+        # In memory: the tests' streams need no disk, whose latency under a busy suite
+        # only adds to every JetStream call.
+        await self.js.add_stream(name=stream, subjects=[subject], storage=StorageType.MEMORY)
         return stream, subject
 
     async def publish(
