@@ -27,8 +27,7 @@ pytest.importorskip("nats")
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
-from nats.js.api import StorageType
+from nats.js.api import ConsumerInfo, StorageType
 from nats.js.errors import NotFoundError
 
 from rtinfer.batching import MicroBatcher
