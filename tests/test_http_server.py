@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +28,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from conftest import SAFETY
-from faults_helpers import free_port
 from rtinfer.http import InferenceApp
 from rtinfer.http.server import HttpServer, LifespanFailed, Receive, Scope, Send
 from rtinfer.models import load_model
 from rtinfer.serving import ModelServer
 from test_serve_drain import body as drain_body
-from test_serve_drain import in_flight, write_pipeline
+from test_serve_drain import start_serve, wait_ready
 
 LIMIT = 1024  # max_body_bytes of the protocol tests' server
 
@@ -607,88 +604,10 @@ async def test_stop_closes_websockets_with_1001(inference: Running) -> None:
 # --------------------------------------------------------------------------- rtinfer serve
 
 
-async def start_serve(tmp_path: Path, *extra: str) -> tuple[asyncio.subprocess.Process, int, Path]:
-    pipeline = write_pipeline(tmp_path)
-    port = free_port()
-    env = {
-        **os.environ,
-        "RTINFER_API_KEY": "",
-        "RTINFER_TEST_GATE": str(tmp_path / "gate"),
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable, "-m", "rtinfer", "serve", str(pipeline), "--port", str(port),
-        "--http-server", "rtinfer", "--drain-s", "60",
-        "--summary-json", str(tmp_path / "summary.json"), *extra,
-    ]  # fmt: skip
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            *command, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
-        )
-    return process, port, log
-
-
-async def wait_ready(client: httpx.AsyncClient, process: Any, log: Path) -> None:
-    for _ in range(int(SAFETY * 6 / 0.05)):
-        try:
-            if (await client.get("/v2/health/ready")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert process.returncode is None, read(log)
-        await asyncio.sleep(0.05)
-    pytest.fail(f"the server never became ready: {read(log)}")
-
-
-def read(log: Path) -> str:
-    return log.read_text()
-
-
-@pytest.mark.timeout(120)
-async def test_rtinfer_serve_with_its_own_server_drains_on_sigterm(tmp_path: Path) -> None:
-    process, port, log = await start_serve(tmp_path)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
-            await wait_ready(c, process, log)
-            held = [
-                asyncio.ensure_future(c.post("/v2/models/gated/infer", json=drain_body(0.25)))
-                for _ in range(4)
-            ]
-            for _ in range(int(SAFETY / 0.02)):
-                if in_flight((await c.get("/metrics")).text) == 4:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                pytest.fail("the requests never got in flight")
-            process.send_signal(signal.SIGTERM)
-            for _ in range(int(SAFETY / 0.02)):
-                ready = await c.get("/v2/health/ready")
-                if ready.status_code == 503:
-                    break
-                await asyncio.sleep(0.02)
-            assert ready.json() == {"ready": False}
-            refused = await c.post("/v2/models/gated/infer", json=drain_body(0.5))
-            assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
-            assert process.returncode is None  # still draining: the held requests wait
-            (tmp_path / "gate").touch()
-            answers = await asyncio.gather(*held)
-            assert [a.status_code for a in answers] == [200] * 4  # zero failed in flight
-            assert all(a.json()["outputs"][0]["data"] == [0.75, 0.25] for a in answers)
-        assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0, log.read_text()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["errors_by_status"].get("500") is None
-    assert summary["errors_by_status"]["503"] >= 2  # the readiness answer and the refusal
-
-
 @pytest.mark.timeout(120)
 async def test_rtinfer_serve_workers_share_the_port(tmp_path: Path) -> None:
     (tmp_path / "gate").touch()  # nothing held
-    process, port, log = await start_serve(tmp_path, "--workers", "2")
+    process, port, log = await start_serve(tmp_path, "--workers", "2", http_server="rtinfer")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
             await wait_ready(c, process, log)

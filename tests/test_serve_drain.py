@@ -14,8 +14,10 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -92,39 +94,72 @@ def in_flight(metrics: str) -> float:
     return 0.0
 
 
-@pytest.mark.timeout(120)
-async def test_sigterm_drains_in_flight_requests_while_readiness_is_false(tmp_path: Path) -> None:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now (held open together while chosen)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def start_serve(
+    tmp_path: Path, *extra: str, http_server: str = "uvicorn", port: int | None = None
+) -> tuple[asyncio.subprocess.Process, int, Path]:
+    """``rtinfer serve`` on the gated pipeline in a subprocess: the process, its port, log."""
     pipeline = write_pipeline(tmp_path)
-    gate = tmp_path / "gate"
-    summary = tmp_path / "summary.json"
-    port, grpc_port = free_port(), free_port()
+    port = port or free_port()
     env = {
         **os.environ,
         "RTINFER_API_KEY": "",
-        "RTINFER_TEST_GATE": str(gate),
+        "RTINFER_TEST_GATE": str(tmp_path / "gate"),
         "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
     }
     command = [
         sys.executable, "-m", "rtinfer", "serve", str(pipeline), "--port", str(port),
-        "--grpc-port", str(grpc_port), "--drain-s", "60", "--summary-json", str(summary),
+        "--http-server", http_server, "--drain-s", "60",
+        "--summary-json", str(tmp_path / "summary.json"), *extra,
     ]  # fmt: skip
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             *command, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
         )
+    return process, port, log
+
+
+async def wait_ready(client: httpx.AsyncClient, process: Any, log: Path) -> None:
+    for _ in range(int(SAFETY * 6 / 0.05)):
+        try:
+            if (await client.get("/v2/health/ready")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.returncode is None, read(log)
+        await asyncio.sleep(0.05)
+    pytest.fail(f"the server never became ready: {read(log)}")
+
+
+def read(log: Path) -> str:
+    return log.read_text()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("http_server", ["uvicorn", "rtinfer"])
+async def test_sigterm_drains_in_flight_requests_while_readiness_is_false(
+    tmp_path: Path, http_server: str
+) -> None:
+    port, grpc_port = free_ports(2)
+    process, port, log = await start_serve(
+        tmp_path, "--grpc-port", str(grpc_port), http_server=http_server, port=port
+    )
+    gate = tmp_path / "gate"
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
-            for _ in range(int(SAFETY * 6 / 0.05)):
-                try:
-                    if (await c.get("/v2/health/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.returncode is None, log.read_text()
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail(f"the server never became ready: {log.read_text()}")
+            await wait_ready(c, process, log)
             held = [
                 asyncio.ensure_future(c.post("/v2/models/gated/infer", json=body(0.25)))
                 for _ in range(4)
@@ -162,6 +197,6 @@ async def test_sigterm_drains_in_flight_requests_while_readiness_is_false(tmp_pa
         if process.returncode is None:
             process.kill()
             await process.wait()
-    result = json.loads(summary.read_text())
+    result = json.loads((tmp_path / "summary.json").read_text())
     assert result["errors_by_status"].get("500") is None
     assert result["errors_by_status"]["503"] >= 2  # the readiness answer and the refusal
