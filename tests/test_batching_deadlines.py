@@ -143,6 +143,41 @@ async def test_a_request_expiring_in_the_queue_fails_at_its_deadline_without_run
     assert recorder.calls[1:] == [[3]]
 
 
+async def test_an_abandoned_request_fails_at_its_deadline_while_its_batch_runs() -> None:
+    recorder = IdModel()
+    recorder.hold = {1, 2, 3}  # the batch of the three waits for `release` in the model
+    batcher = await started(recorder, max_batch_size=4, max_delay=0.0)
+    try:
+        blocker = await hold(recorder, batcher)
+        short = time.time() + SHORT
+        abandoned = asyncio.create_task(
+            batcher.submit(rows([1]), deadline=short, wait=True, abandon=True)
+        )
+        kept = submit(batcher, [2], short)  # no abandon: a stream's batch keeps waiting
+        patient = asyncio.create_task(
+            batcher.submit(rows([3]), deadline=time.time() + HOUR, wait=True, abandon=True)
+        )
+        await settle()
+        recorder.gate.set()
+        assert_own(await asyncio.wait_for(blocker, SAFETY), [BLOCKER])
+        await wait_until(lambda: recorder.calls[-1:] == [[1, 2, 3]], "the batch of three")
+        await until_past(short)
+        # The model still holds the batch, yet the caller that asked to be let go has its answer.
+        with pytest.raises(DeadlineExceeded, match="while model 'ids' ran"):
+            await asyncio.wait_for(abandoned, SAFETY)
+        assert not kept.done() and not patient.done()
+        assert sample(batcher, "rtinfer_batcher_rejected_total", reason="overrun") == 1
+        assert sample(batcher, "rtinfer_batcher_rejected_total", reason="deadline") == 0
+        recorder.release.set()
+        assert_own(await asyncio.wait_for(kept, SAFETY), [2])  # late, and still answered
+        assert_own(await asyncio.wait_for(patient, SAFETY), [3])
+    finally:
+        recorder.gate.set()
+        recorder.release.set()
+        await asyncio.wait_for(batcher.aclose(), SAFETY)
+    assert recorder.calls[1:] == [[1, 2, 3]]
+
+
 async def test_an_expired_request_frees_its_room_in_the_queue() -> None:
     recorder = IdModel()
     batcher = await started(recorder, max_batch_size=2, max_delay=0.0, max_queue_rows=2)

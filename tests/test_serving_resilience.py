@@ -329,7 +329,9 @@ async def test_a_slow_model_expired_requests_are_never_batched() -> None:
                 json=infer_body([[0.75, 1]]),
                 headers={"X-Request-Timeout-Ms": "30"},
             )
-            assert late.status_code == 504
+            # Failed by the batcher at its deadline, so the chain's next step answers in time.
+            assert late.status_code == 200, late.text
+            assert late.json()["parameters"] == {"rtinfer_step": "rules"}
             faulty.gate.set()
             assert (await first).status_code == 200
             again = await c.post("/v2/models/linear/infer", json=infer_body([[0.25, 1]]))

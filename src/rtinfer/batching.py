@@ -81,7 +81,9 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 
 
 class _Request:
-    __slots__ = ("context", "deadline", "enqueued", "future", "inputs", "rows", "taken")
+    __slots__ = (
+        "abandon", "context", "deadline", "enqueued", "future", "inputs", "rows", "taken",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -90,12 +92,15 @@ class _Request:
         deadline: float | None,
         future: asyncio.Future[Arrays],
         enqueued: float,
+        abandon: bool = False,
     ) -> None:
         self.inputs = inputs
         self.rows = rows
         self.deadline = deadline
         self.future = future
         self.enqueued = enqueued
+        #: Fail it at its deadline even while its batch runs (the answer would come late).
+        self.abandon = abandon
         #: Set when a request with a deadline leaves the deadline heap (batched or failed).
         self.taken = False
         # The caller's context variables (trace spans, deadlines), for the model call.
@@ -243,6 +248,7 @@ class MicroBatcher:
         self._m_queued = self.metrics.batcher_queued.labels(label)
         self._m_expired = self.metrics.batcher_rejected.labels(label, "deadline")
         self._m_overloaded = self.metrics.batcher_rejected.labels(label, "overloaded")
+        self._m_overrun = self.metrics.batcher_rejected.labels(label, "overrun")
 
     @property
     def ready(self) -> bool:
@@ -274,13 +280,22 @@ class MicroBatcher:
         self._started = True
 
     async def submit(
-        self, inputs: Arrays, *, deadline: float | None = None, wait: bool = False
+        self,
+        inputs: Arrays,
+        *,
+        deadline: float | None = None,
+        wait: bool = False,
+        abandon: bool = False,
     ) -> Arrays:
         """Run ``inputs`` (named arrays, rows along axis 0) through the model in a batch.
 
         ``deadline`` is a ``time.time()`` instant after which the request is not
         run. When the queue is full, ``wait=True`` waits for room; otherwise
-        :class:`Overloaded` is raised at once.
+        :class:`Overloaded` is raised at once. ``abandon=True`` (a request whose caller
+        waits no longer than its deadline): if the deadline passes while its batch runs,
+        it fails then with :class:`DeadlineExceeded` instead of waiting for the model;
+        the batcher keeps one timer per running batch for it, so the caller needs none
+        of its own. Otherwise (a stream's batch) the late answer is still returned.
         """
         if not self._started or self._closed:
             raise Closed(
@@ -289,7 +304,7 @@ class MicroBatcher:
             )
         rows = check_inputs(self.model.name, self.model.inputs, inputs)
         if rows > self.max_batch_size:
-            return await self._submit_split(inputs, rows, deadline, wait)
+            return await self._submit_split(inputs, rows, deadline, wait, abandon)
         if deadline is not None and deadline <= time.time():
             self._m_expired.inc()
             raise DeadlineExceeded(
@@ -310,7 +325,7 @@ class MicroBatcher:
                 raise Closed(f"micro-batcher of model {self.model.name!r} was closed")
         assert self._loop is not None
         future: asyncio.Future[Arrays] = self._loop.create_future()
-        request = _Request(inputs, rows, deadline, future, self._loop.time())
+        request = _Request(inputs, rows, deadline, future, self._loop.time(), abandon)
         if deadline is None:
             self._undated.append(request)
         else:
@@ -326,7 +341,7 @@ class MicroBatcher:
         return await future
 
     async def _submit_split(
-        self, inputs: Arrays, rows: int, deadline: float | None, wait: bool
+        self, inputs: Arrays, rows: int, deadline: float | None, wait: bool, abandon: bool
     ) -> Arrays:
         step = self.max_batch_size
         tasks = [
@@ -335,6 +350,7 @@ class MicroBatcher:
                     {k: v[start : start + step] for k, v in inputs.items()},
                     deadline=deadline,
                     wait=wait,
+                    abandon=abandon,
                 )
             )
             for start in range(0, rows, step)
@@ -477,6 +493,7 @@ class MicroBatcher:
 
     async def _run(self, batch: list[_Request]) -> None:
         assert self._loop is not None
+        watch = self._watch(batch)
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs
@@ -504,8 +521,51 @@ class MicroBatcher:
                 _fail(request, exc if isinstance(exc, Exception) else Closed("batch cancelled"))
             raise
         finally:
+            if watch is not None and watch[0] is not None:
+                watch[0].cancel()
             self._in_flight -= 1
             self._pump()
+
+    def _watch(self, batch: list[_Request]) -> list[asyncio.TimerHandle | None] | None:
+        """A timer failing the batch's ``abandon`` requests whose deadline passes while it
+        runs (``None``: it holds none); ``[handle]``, re-armed for the next deadline."""
+        first = math.inf
+        for request in batch:
+            if request.abandon and request.deadline is not None and request.deadline < first:
+                first = request.deadline
+        if first == math.inf:
+            return None
+        watch: list[asyncio.TimerHandle | None] = [None]
+        self._arm_watch(watch, batch, first)
+        return watch
+
+    def _arm_watch(
+        self, watch: list[asyncio.TimerHandle | None], batch: list[_Request], deadline: float
+    ) -> None:
+        assert self._loop is not None
+        when = self._loop.time() + max(0.0, deadline - time.time())
+        watch[0] = self._loop.call_at(when, self._overrun, watch, batch)
+
+    def _overrun(self, watch: list[asyncio.TimerHandle | None], batch: list[_Request]) -> None:
+        watch[0] = None
+        now = time.time()
+        later = math.inf
+        for request in batch:
+            deadline = request.deadline
+            if not request.abandon or deadline is None or request.future.done():
+                continue
+            if deadline <= now:
+                self._m_overrun.inc()
+                request.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed while model {self.model.name!r} ran the request's "
+                        "batch; its answer would have come too late"
+                    )
+                )
+            elif deadline < later:
+                later = deadline
+        if later < math.inf:
+            self._arm_watch(watch, batch, later)
 
     async def _run_alone(self, batch: Sequence[_Request]) -> None:
         """After a batch of several requests failed: give each its own result or error."""

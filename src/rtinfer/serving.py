@@ -249,7 +249,7 @@ class ServedModel:
         self.call: Call = self._submit
 
     async def _submit(self, inputs: Arrays, deadline: float | None) -> tuple[Arrays, str | None]:
-        return await self.batcher.submit(inputs, deadline=deadline, wait=False), None
+        return await self.batcher.submit(inputs, deadline=deadline, wait=False, abandon=True), None
 
     @property
     def version(self) -> str:
@@ -284,7 +284,7 @@ class ServedModel:
         if breaker is None:
 
             async def model(inputs: Arrays, deadline: float | None) -> Arrays:
-                return await batcher.submit(inputs, deadline=deadline, wait=False)
+                return await batcher.submit(inputs, deadline=deadline, wait=False, abandon=True)
 
         else:
 
@@ -292,7 +292,9 @@ class ServedModel:
                 probe = breaker.acquire()
                 started = time.monotonic()
                 try:
-                    outputs = await batcher.submit(inputs, deadline=deadline, wait=False)
+                    outputs = await batcher.submit(
+                        inputs, deadline=deadline, wait=False, abandon=True
+                    )
                 except BaseException as exc:
                     breaker.release(probe, exc, time.monotonic() - started)
                     raise
@@ -619,7 +621,9 @@ class ModelServer:
         get = self.get
 
         async def run(inputs: Arrays, deadline: float | None) -> Arrays:
-            return await get(name).batcher.submit(inputs, deadline=deadline, wait=False)
+            return await get(name).batcher.submit(
+                inputs, deadline=deadline, wait=False, abandon=True
+            )
 
         return Step(f"model:{name}", run)
 
@@ -686,8 +690,10 @@ class ModelServer:
         """Run ``inputs`` through the model's protected path; fail fast when it is full.
 
         ``deadline``: a ``time.time()`` instant; the batcher never runs the request after
-        it. ``priority``: its traffic class (``None``: the model's default). ``client``:
-        who asks, for the per-client quota (``None``: not counted). Refusals are at once:
+        it, and fails it with :class:`DeadlineExceeded` when it passes while the model
+        runs (the caller needs no timer of its own). ``priority``: its traffic class
+        (``None``: the model's default). ``client``: who asks, for the per-client quota
+        (``None``: not counted). Refusals are at once:
         :class:`Closed` while draining, :class:`QuotaExceeded` (429),
         :class:`Overloaded` (503) from the limiter, a full queue or an open breaker.
         ``admission``: the request was admitted already (:meth:`admit`); it is released here.

@@ -425,32 +425,17 @@ class InferenceApp:
                 self.server.release(admission, exc)
             raise
         client = _client(scope) if self.server.quota is not None else None
-        answer: Inference
-        if timeout is None:
-            answer = await self.server.infer(
-                served.name,
-                inputs,
-                version=served.version,
-                priority=priority,
-                client=client,
-                admission=admission,
-            )
-            return answer.outputs, answer.step
-        deadline = time.time() + timeout
-        try:
-            async with asyncio.timeout(timeout):
-                answer = await self.server.infer(
-                    served.name,
-                    inputs,
-                    version=served.version,
-                    deadline=deadline,
-                    priority=priority,
-                    client=client,
-                    admission=admission,
-                )
-        finally:
-            if admission is not None and not admission.done:  # cancelled before infer ran
-                self.server.release(admission, None)
+        # No timer of its own: the model's micro-batcher fails the request when its
+        # deadline passes, queued or running (and a fallback chain moves on then).
+        answer: Inference = await self.server.infer(
+            served.name,
+            inputs,
+            version=served.version,
+            deadline=None if timeout is None else time.time() + timeout,
+            priority=priority,
+            client=client,
+            admission=admission,
+        )
         return answer.outputs, answer.step
 
     def request_priority(self, headers: dict[bytes, bytes]) -> Priority | None:

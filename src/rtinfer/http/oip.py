@@ -19,9 +19,10 @@ ever unpickles: bytes in, numpy arrays out.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -167,10 +168,13 @@ MAX_DIM = 2**31
 
 
 def _check_shape(shape: Sequence[int], where: str) -> int:
-    if not shape or any(type(d) is not int or d < 0 for d in shape):
+    if not shape:
         raise HttpError(400, f"{where}: shape {list(shape)} must be non-negative whole numbers")
-    if any(d > MAX_DIM for d in shape):
-        raise HttpError(400, f"{where}: shape {list(shape)} has a dimension above {MAX_DIM}")
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise HttpError(400, f"{where}: shape {list(shape)} must be non-negative whole numbers")
+        if d > MAX_DIM:
+            raise HttpError(400, f"{where}: shape {list(shape)} has a dimension above {MAX_DIM}")
     return math.prod(shape)
 
 
@@ -198,14 +202,39 @@ def _strings_to_json(array: npt.NDArray[Any]) -> list[str]:
     ]
 
 
-#: Decoders of the usual layouts (flat, or rows) by dtype kind: msgspec checks every
-#: value's type in C (``true`` is not a number, ``1.5`` not an integer).
-_FAST: dict[str, tuple[Any, Any]] = {
-    "f": (msgspec.json.Decoder(list[float]).decode, msgspec.json.Decoder(list[list[float]]).decode),
-    "i": (msgspec.json.Decoder(list[int]).decode, msgspec.json.Decoder(list[list[int]]).decode),
-}
-_FAST["u"] = _FAST["i"]
+def _bounded(dtype: np.dtype[Any]) -> Any:
+    """The Python type of one JSON number that fits ``dtype``, bounds checked by msgspec."""
+    if dtype.kind == "f":
+        limit = float(np.finfo(dtype).max)
+        return Annotated[float, msgspec.Meta(ge=-limit, le=limit)]
+    info = np.iinfo(dtype)
+    return Annotated[int, msgspec.Meta(ge=int(info.min), le=int(info.max))]
+
+
+@functools.cache
+def _fast_decoders(dtype: np.dtype[Any]) -> tuple[Any, Any] | None:
+    """Decoders of numbers that fit ``dtype``, flat and in rows (``None``: no fast path).
+
+    msgspec checks every value in C: its type (``true`` is not a number, ``1.5`` not an
+    integer) and its range (no float32 overflows to infinity, no int8 wraps; JSON has no
+    NaN or infinity), so what they return converts to ``dtype`` exactly as it is.
+    """
+    if dtype.kind not in "fiu" or dtype.byteorder not in "=|":
+        return None
+    number = _bounded(dtype)
+    flat = msgspec.json.Decoder(list[number]).decode  # type: ignore[valid-type]
+    rows = msgspec.json.Decoder(list[list[number]]).decode  # type: ignore[valid-type]
+    return flat, rows
+
+
 _ANY = msgspec.json.Decoder().decode
+
+
+def _range(dtype: np.dtype[Any]) -> str:
+    if dtype.kind == "f":
+        return f"magnitude up to {np.finfo(dtype).max:g}"
+    info = np.iinfo(dtype)
+    return f"{info.min} to {info.max}"
 
 
 def tensor_data(
@@ -214,24 +243,35 @@ def tensor_data(
     """A request input's ``data`` (raw JSON) as an array of ``dtype`` and ``shape``, checked.
 
     Numbers flat or in rows (the common case) are decoded straight into a list of
-    floats or integers by msgspec, which refuses anything else in C, leaving one
-    conversion and one range check. Any other layout or datatype goes through
-    :func:`to_array`'s general checks.
+    numbers that fit ``dtype`` (:func:`_fast_decoders`), leaving one conversion.
+    Anything else, bad data included, goes through :func:`to_array`'s general checks,
+    which say what is wrong.
     """
-    fast = _FAST.get(dtype.kind)
+    fast = _fast_decoders(dtype)
     if fast is not None:
-        values: Any = None
-        for decode in fast:
+        count = _check_shape(shape, where)
+        flat, rows = fast
+        # Try the layout the shape suggests first: a failed decode costs an exception.
+        for decode in (rows, flat) if len(shape) > 1 else (flat, rows):
             try:
                 values = decode(raw)
-                break
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except msgspec.ValidationError as exc:
+                if "` <= " in str(exc) or "` >= " in str(exc):  # a number out of range
+                    raise HttpError(
+                        400, f"{where}: values must fit {oip_datatype(dtype)} ({_range(dtype)})"
+                    ) from None
                 continue
-        if values is not None:
+            except msgspec.DecodeError:
+                continue
             try:
-                return _fast_array(values, dtype, shape, where)
+                array = np.array(values, dtype=dtype)
             except ValueError:  # rows of unequal length: the general path says so
-                pass
+                break
+            if array.size != count:
+                raise HttpError(
+                    400, f"{where}: shape {list(shape)} holds {count} values, data has {array.size}"
+                )
+            return array.reshape(shape)
     try:
         data = _ANY(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
@@ -241,32 +281,6 @@ def tensor_data(
             400, f"{where}: data must be numbers for {oip_datatype(dtype)}; got true/false"
         )
     return to_array(data, dtype, shape, where)
-
-
-def _fast_array(
-    values: list[Any], dtype: np.dtype[Any], shape: Sequence[int], where: str
-) -> npt.NDArray[Any]:
-    count = _check_shape(shape, where)
-    if dtype.kind == "f":
-        with np.errstate(over="ignore"):
-            array = np.array(values, dtype=dtype)
-        bad = array.size and not np.isfinite(array).all()
-        limit = f"magnitude up to {np.finfo(dtype).max:g}"
-    else:
-        try:
-            array = np.array(values, dtype=dtype)
-            bad = False
-        except OverflowError:  # numpy refuses a value that does not fit
-            array, bad = np.zeros(0, dtype), True
-        info = np.iinfo(dtype)
-        limit = f"{info.min} to {info.max}"
-    if bad:
-        raise HttpError(400, f"{where}: values must fit {oip_datatype(dtype)} ({limit})")
-    if array.size != count:
-        raise HttpError(
-            400, f"{where}: shape {list(shape)} holds {count} values, data has {array.size}"
-        )
-    return array.reshape(shape)
 
 
 def _holds_bool(data: Any) -> bool:

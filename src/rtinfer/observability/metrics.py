@@ -98,8 +98,8 @@ class Metrics:
         )
         self.batcher_rejected = Counter(
             "rtinfer_batcher_rejected",
-            "Requests a micro-batcher failed before running them, "
-            "by reason (deadline, overloaded).",
+            "Requests a micro-batcher failed, by reason: before running them (deadline, "
+            "overloaded), or while their batch ran past their deadline (overrun).",
             ["model", "reason"],
             registry=r,
         )
