@@ -93,6 +93,9 @@ _NUMPY_TO_OIP = {v: k for k, v in _OIP_TO_NUMPY.items()}
 
 def oip_datatype(dtype: np.dtype[Any]) -> str:
     """The Open Inference Protocol name of a numpy dtype (``FP32`` for float32)."""
+    name = _NUMPY_TO_OIP.get(dtype)  # a dtype object (the hot path) is its own key
+    if name is not None:
+        return name
     try:
         return _NUMPY_TO_OIP[np.dtype(dtype)]
     except KeyError:

@@ -30,12 +30,13 @@ def check_inputs(model_name: str, specs: Sequence[TensorSpec], inputs: Arrays) -
     shape or dtype. Arrays of another numeric dtype are not converted silently:
     the caller converts once, where the data is built.
     """
-    names = {s.name for s in specs}
-    unknown = sorted(set(inputs) - names)
-    if unknown:
-        raise ModelInputError(
-            f"model {model_name!r} has no input {unknown[0]!r}; its inputs are {sorted(names)}"
-        )
+    if len(inputs) != len(specs) or any(s.name not in inputs for s in specs):
+        names = {s.name for s in specs}
+        unknown = sorted(set(inputs) - names)
+        if unknown:
+            raise ModelInputError(
+                f"model {model_name!r} has no input {unknown[0]!r}; its inputs are {sorted(names)}"
+            )
     rows = -1
     for spec in specs:
         array = inputs.get(spec.name)
@@ -56,9 +57,15 @@ def check_inputs(model_name: str, specs: Sequence[TensorSpec], inputs: Arrays) -
                 f"model {model_name!r} input {spec.name!r} expects dtype {spec.dtype}, "
                 f"got {array.dtype}; convert with .astype({str(spec.dtype)!r})"
             )
-        if array.ndim != len(spec.shape) or any(
-            want is not None and want != got
-            for want, got in zip(spec.shape[1:], array.shape[1:], strict=True)
+        if (
+            array.ndim != len(spec.shape)
+            or (
+                array.shape[1:] != spec.shape[1:]  # equal: the common case, no loop
+                and any(
+                    want is not None and want != got
+                    for want, got in zip(spec.shape[1:], array.shape[1:], strict=True)
+                )
+            )
         ):
             raise ModelInputError(
                 f"model {model_name!r} input {spec.name!r} expects shape "

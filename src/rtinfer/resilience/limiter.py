@@ -194,7 +194,7 @@ class AdaptiveLimiter:
 
     def _room(self, priority: Priority) -> bool:
         if priority is Priority.CRITICAL:
-            return self._in_flight < self.limit
+            return self._in_flight + 1 <= self._limit  # below floor(limit): room for one
         return self._in_flight < self._limit * self.best_effort_share
 
     def _queued(self, priority: Priority) -> bool:
@@ -215,7 +215,7 @@ class AdaptiveLimiter:
 
     def try_acquire(self, priority: Priority = Priority.CRITICAL) -> Permit:
         """Admit a call now, or raise :class:`Overloaded` (with ``retry_after``) at once."""
-        if self._room(priority) and not self._queued(priority):
+        if self._room(priority) and (self._no_waiters() or not self._queued(priority)):
             return self._admit(priority)
         self._m_rejected[priority].inc()
         raise Overloaded(
@@ -287,7 +287,13 @@ class AdaptiveLimiter:
         limit = self._limit * (1 - self.smoothing) + target * self.smoothing
         self._limit = max(self.min_limit, min(self.max_limit, limit))
 
+    def _no_waiters(self) -> bool:
+        waiters = self._waiters
+        return not waiters[Priority.CRITICAL] and not waiters[Priority.BEST_EFFORT]
+
     def _wake(self) -> None:
+        if self._no_waiters():
+            return
         for priority in (Priority.CRITICAL, Priority.BEST_EFFORT):
             waiters = self._waiters[priority]
             while waiters and self._room(priority):
