@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import threading
@@ -29,7 +30,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Inval
 
 from conftest import SAFETY
 from rtinfer.http import InferenceApp
-from rtinfer.http.server import HttpServer, LifespanFailed, Receive, Scope, Send
+from rtinfer.http.server import STEADY_S, HttpServer, LifespanFailed, Receive, Scope, Send
 from rtinfer.models import load_model
 from rtinfer.serving import ModelServer
 from test_serve_drain import body as drain_body
@@ -572,6 +573,71 @@ async def test_websocket_round_trip_through_inference_app(inference: Running) ->
     assert closed.value.rcvd.code == 4404
 
 
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """One unmasked (server) WebSocket frame: its opcode and payload."""
+    head = read_exactly(sock, 2)
+    size = head[1] & 0x7F
+    if size == 126:
+        size = int.from_bytes(read_exactly(sock, 2), "big")
+    elif size == 127:
+        size = int.from_bytes(read_exactly(sock, 8), "big")
+    return head[0] & 0x0F, read_exactly(sock, size)
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def test_a_silent_websocket_client_is_pinged_then_closed_with_1011(model_file: Path) -> None:
+    server = ModelServer()
+    server.add(load_model(model_file, name="linear"))
+    with running(InferenceApp(server), ping_s=1.0) as run:
+        sock = dial(run.port)
+        sock.sendall(
+            b"GET /v2/models/linear/infer/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += read_exactly(sock, 1)
+        assert head.startswith(b"HTTP/1.1 101")
+        # The client never answers: a ping comes, then the close, then the end.
+        assert read_frame(sock) == (0x9, b"rtinfer")
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x8
+        assert int.from_bytes(payload[:2], "big") == 1011
+        assert sock.recv(1) == b""
+        sock.close()
+        assert closed_eventually(run)
+
+
+def closed_eventually(run: Running) -> bool:
+    for _ in range(int(SAFETY / 0.05)):
+        if run.server.connections == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_a_websocket_client_answering_pings_stays_connected(model_file: Path) -> None:
+    server = ModelServer()
+    server.add(load_model(model_file, name="linear"))
+    with running(InferenceApp(server), ping_s=1.0) as run:
+        # The client pings only every 20 s: the server's pings and its pongs keep it open.
+        async with connect(f"ws://127.0.0.1:{run.port}/v2/models/linear/infer/stream") as ws:
+            await asyncio.sleep(3.5)  # past the server's ping and its wait for an answer
+            await ws.send(json.dumps(oip("late", 0.25)))
+            answer = json.loads(await asyncio.wait_for(ws.recv(), SAFETY))
+            assert answer["id"] == "late"
+
+
 async def test_websocket_messages_over_the_limit_close_with_1009(model_file: Path) -> None:
     server = ModelServer()
     server.add(load_model(model_file, name="linear"))
@@ -624,3 +690,54 @@ async def test_rtinfer_serve_workers_share_the_port(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["workers"] == 2
     assert summary["requests"] >= 5  # the four answers, and the readiness checks
+
+
+def worker_pids(parent: int) -> set[int]:
+    """The worker processes of ``parent`` (children started by multiprocessing's spawn)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and b"spawn_main" in command:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(120)
+async def test_rtinfer_serve_replaces_a_worker_that_dies(tmp_path: Path) -> None:
+    (tmp_path / "gate").touch()  # nothing held
+    process, port, log = await start_serve(tmp_path, "--workers", "2", http_server="rtinfer")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
+            await wait_ready(c, process, log)
+            workers = worker_pids(process.pid)
+            assert len(workers) == 2, workers
+            await asyncio.sleep(STEADY_S)  # past start-up: a death now is an accident
+            victim = min(workers)
+            os.kill(victim, signal.SIGKILL)
+            for _ in range(int(SAFETY * 6 / 0.05)):
+                now = worker_pids(process.pid)
+                if len(now) == 2 and victim not in now:
+                    break
+                assert process.returncode is None, log.read_text()
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail(f"no worker replaced {victim}: {log.read_text()}")
+            await wait_ready(c, process, log)
+            answers = [
+                await c.post("/v2/models/gated/infer", json=drain_body(0.5)) for _ in range(4)
+            ]
+            assert [a.status_code for a in answers] == [200] * 4
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "starting another in its place" in log.read_text()
