@@ -165,7 +165,8 @@ async def test_an_abandoned_request_fails_at_its_deadline_while_its_batch_runs()
         # The model still holds the batch, yet the caller that asked to be let go has its answer.
         with pytest.raises(DeadlineExceeded, match="while model 'ids' ran"):
             await asyncio.wait_for(abandoned, SAFETY)
-        assert not kept.done() and not patient.done()
+        assert not kept.done()
+        assert not patient.done()
         assert sample(batcher, "rtinfer_batcher_rejected_total", reason="overrun") == 1
         assert sample(batcher, "rtinfer_batcher_rejected_total", reason="deadline") == 0
         recorder.release.set()

@@ -767,3 +767,35 @@ async def test_a_request_larger_than_the_queue_is_400_not_retry(model_file: Path
             assert "at most 100 per request" in r.json()["error"]
             fits = await c.post("/v2/models/linear/infer", json=infer_body([[0.5, 0.0]] * 100))
             assert fits.status_code == 200
+
+
+def test_http_metrics_count_time_and_merge_across_workers() -> None:
+    from prometheus_client import generate_latest
+
+    from rtinfer.http.stats import HttpMetrics, summarize
+    from rtinfer.observability.metrics import Metrics
+
+    metrics = Metrics()
+    stats = HttpMetrics(metrics)
+    route = "/v2/models/{name}/infer"
+    for seconds in (0.0004, 0.0005, 0.003, 20.0):  # on a bound counts in it (le)
+        stats.observe(route, 200, seconds)
+    stats.observe(route, 503, 0.0001)
+    stats.observe("/v2/health/ready", 200, 0.00005)
+    text = generate_latest(metrics.registry).decode()
+    infer = 'route="/v2/models/{name}/infer"'
+    assert f'rtinfer_http_requests_total{{{infer},status="200"}} 4.0' in text
+    assert f'rtinfer_http_requests_total{{{infer},status="503"}} 1.0' in text
+    assert f'rtinfer_http_request_seconds_bucket{{le="0.0001",{infer}}} 1.0' in text
+    assert f'rtinfer_http_request_seconds_bucket{{le="0.0005",{infer}}} 3.0' in text
+    assert f'rtinfer_http_request_seconds_bucket{{le="0.005",{infer}}} 4.0' in text
+    assert f'rtinfer_http_request_seconds_bucket{{le="10.0",{infer}}} 4.0' in text
+    assert f'rtinfer_http_request_seconds_bucket{{le="+Inf",{infer}}} 5.0' in text
+    assert f"rtinfer_http_request_seconds_count{{{infer}}} 5.0" in text
+    snapshot = stats.snapshot()
+    assert snapshot["by_status"] == {"200": 5, "503": 1}
+    assert snapshot["cumulative_buckets"][-1] == 6
+    merged = summarize([snapshot, snapshot])  # two workers' snapshots add up
+    assert (merged["requests"], merged["errors"]) == (12, 2)
+    assert merged["errors_by_status"] == {"503": 2}
+    assert 0.1 <= merged["latency_p50_ms"] <= 0.5

@@ -245,7 +245,8 @@ class MicroBatcher:
         self._m_wait = self.metrics.queue_wait.labels(label)
         self._m_size = self.metrics.batch_size.labels(label)
         self._m_model = self.metrics.model_seconds.labels(label)
-        self._m_queued = self.metrics.batcher_queued.labels(label)
+        # Read when scraped: nothing to update per request.
+        self.metrics.batcher_queued.labels(label).set_function(lambda: self._queued_rows)
         self._m_expired = self.metrics.batcher_rejected.labels(label, "deadline")
         self._m_overloaded = self.metrics.batcher_rejected.labels(label, "overloaded")
         self._m_overrun = self.metrics.batcher_rejected.labels(label, "overrun")
@@ -335,7 +336,6 @@ class MicroBatcher:
             if deadline < self._expiry_at:
                 self._arm_expiry(deadline)
         self._queued_rows += rows
-        self._m_queued.set(self._queued_rows)
         self._idle.clear()
         self._pump()
         return await future
@@ -436,7 +436,6 @@ class MicroBatcher:
         if dated:
             self._arm_expiry(dated[0][0])
         if removed:
-            self._m_queued.set(self._queued_rows)
             if self._queued_rows + self.max_batch_size <= self.max_queue_rows:
                 self._room.set()
             if not dated and not self._undated and self._in_flight == 0:
@@ -486,7 +485,6 @@ class MicroBatcher:
             self._m_wait.observe(now - request.enqueued)
             batch.append(request)
             size += request.rows
-        self._m_queued.set(self._queued_rows)
         if self._queued_rows + self.max_batch_size <= self.max_queue_rows:
             self._room.set()
         return batch

@@ -13,68 +13,83 @@ merge by adding them up; :func:`summarize` turns them into the run summary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from ..observability.metrics import LATENCY_BUCKETS, Metrics
 
 __all__ = ["HttpMetrics", "summarize"]
 
 
-class HttpMetrics:
-    """Counts and times the answers of one HTTP app."""
+class _Route:
+    """One route's answer times: a count per bucket (the last: +Inf), and their sum."""
 
-    __slots__ = ("_counters", "_timers", "requests", "seconds")
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+
+class HttpMetrics(Collector):
+    """Counts and times the answers of one HTTP app.
+
+    Every request is counted here, so the counting is plain Python (a dict entry and a
+    bucket found by bisection, about a third of what ``prometheus_client``'s locked
+    counter and histogram cost); the registry reads it when scraped.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
-        self.requests = Counter(
-            "rtinfer_http_requests",
-            "HTTP answers, by route template and status code.",
-            ["route", "status"],
-            registry=metrics.registry,
-        )
-        self.seconds = Histogram(
-            "rtinfer_http_request_seconds",
-            "Time from an HTTP request's arrival to its answer being sent, by route template.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=metrics.registry,
-        )
-        self._counters: dict[tuple[str, int], Any] = {}
-        self._timers: dict[str, Any] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+        self._routes: dict[str, _Route] = {}
+        metrics.registry.register(self)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        # The labelled children, looked up once per route and status (a labels() call
-        # takes a lock and builds a tuple each time).
-        counter = self._counters.get((route, status))
-        if counter is None:
-            counter = self._counters[route, status] = self.requests.labels(route, str(status))
-        timer = self._timers.get(route)
+        counts = self._counts
+        key = (route, status)
+        counts[key] = counts.get(key, 0) + 1
+        timer = self._routes.get(route)
         if timer is None:
-            timer = self._timers[route] = self.seconds.labels(route)
-        counter.inc()
-        timer.observe(seconds)
+            timer = self._routes[route] = _Route()
+        timer.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: <= the bound
+        timer.sum += seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "rtinfer_http_requests",
+            "HTTP answers, by route template and status code.",
+            labels=["route", "status"],
+        )
+        for (route, status), count in sorted(self._counts.items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
+        seconds = HistogramMetricFamily(
+            "rtinfer_http_request_seconds",
+            "Time from an HTTP request's arrival to its answer being sent, by route template.",
+            labels=["route"],
+        )
+        bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for route, timer in sorted(self._routes.items()):
+            cumulative = itertools.accumulate(timer.buckets)
+            buckets = [(b, float(c)) for b, c in zip(bounds, cumulative, strict=True)]
+            seconds.add_metric([route], buckets, timer.sum)
+        yield seconds
 
     def snapshot(self) -> dict[str, Any]:
         """Counts by status and the latency buckets of every route together (JSON-able)."""
         by_status: dict[str, int] = {}
-        for family in self.requests.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    status = sample.labels["status"]
-                    by_status[status] = by_status.get(status, 0) + int(sample.value)
+        for (_, status), count in self._counts.items():
+            by_status[str(status)] = by_status.get(str(status), 0) + count
         buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        for family in self.seconds.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    le = sample.labels["le"]
-                    index = (
-                        len(LATENCY_BUCKETS) if le == "+Inf" else LATENCY_BUCKETS.index(float(le))
-                    )
-                    buckets[index] += int(sample.value)
-        return {"by_status": by_status, "cumulative_buckets": buckets}
+        for timer in self._routes.values():
+            for i, count in enumerate(timer.buckets):
+                buckets[i] += count
+        return {"by_status": by_status, "cumulative_buckets": list(itertools.accumulate(buckets))}
 
 
 def summarize(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:

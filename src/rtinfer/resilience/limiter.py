@@ -170,6 +170,9 @@ class AdaptiveLimiter:
             Priority.CRITICAL: deque(),
             Priority.BEST_EFFORT: deque(),
         }
+        # The same queues by name (an Enum key hashes in Python: slow on the hot path).
+        self._critical_waiters = self._waiters[Priority.CRITICAL]
+        self._best_effort_waiters = self._waiters[Priority.BEST_EFFORT]
         self.metrics = metrics or Metrics()
         self.metrics.limiter_limit.labels(name).set_function(lambda: self._limit)
         self.metrics.limiter_in_flight.labels(name).set_function(lambda: self._in_flight)
@@ -288,8 +291,7 @@ class AdaptiveLimiter:
         self._limit = max(self.min_limit, min(self.max_limit, limit))
 
     def _no_waiters(self) -> bool:
-        waiters = self._waiters
-        return not waiters[Priority.CRITICAL] and not waiters[Priority.BEST_EFFORT]
+        return not self._critical_waiters and not self._best_effort_waiters
 
     def _wake(self) -> None:
         if self._no_waiters():
