@@ -37,11 +37,11 @@ the servers in each repeat (A B A B), medians over ``--repeats`` with the spread
    parsing) at 1 and 64 connections: what HTTP alone costs on this machine, and proof
    that the load generator can drive more than the servers take (its CPU use is shown).
 
-``--http-server`` picks what serves rtinfer's HTTP: ``uvicorn`` (the default, as
-``rtinfer serve`` has it), ``rtinfer`` (``rtinfer serve --http-server rtinfer``, the lean
-server of ``rtinfer.http.server``), or ``both``: then rtinfer runs under each (sides
-"rtinfer" and "rtinfer-own", alternated with the others) and the HTTP floor is measured
-under each server too ("bare" and "bare-own").
+``--http-server`` picks what serves rtinfer's HTTP: ``rtinfer`` (the default, as
+``rtinfer serve`` has it: the lean server of ``rtinfer.http.server``), ``uvicorn``
+(``rtinfer serve --http-server uvicorn``), or ``both``: then rtinfer runs under each
+(sides "rtinfer", under uvicorn, and "rtinfer-own", alternated with the others) and the
+HTTP floor is measured under each server too ("bare" and "bare-own").
 
 The targets: rtinfer / FastAPI requests/s at 64 connections at least 3; rtinfer's p99
 at 1,000 requests/s at most 5 ms. Peak RSS of each server (its process tree) is
@@ -581,7 +581,7 @@ def session(
 ) -> tuple[list[Any], float]:
     """Start one server, check its answer, run ``phases`` against it, stop it."""
     own = kind == "rtinfer-own" or (kind == "rtinfer" and args.http_server == "rtinfer")
-    extra = ["--http-server", "rtinfer"] if own else []
+    extra = ["--http-server", "rtinfer" if own else "uvicorn"]
     server = Server(
         "rtinfer" if kind == "rtinfer-own" else kind, model, tmp, args.server_cpus, workers, extra
     )
@@ -642,8 +642,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--http-server",
-        choices=("uvicorn", "rtinfer", "both"),
-        default="uvicorn",
+        choices=("rtinfer", "uvicorn", "both"),
+        default="rtinfer",
         help="what serves rtinfer's HTTP (rtinfer serve --http-server); both: each, alternated",
     )
     parser.add_argument(
@@ -755,6 +755,9 @@ def main() -> None:
     if args.http_server == "rtinfer":
         names["rtinfer"] = "rtinfer (own HTTP server)"
         names["rtinfer-2"] = "rtinfer (own HTTP server), 2 workers"
+    else:
+        names["rtinfer"] = "rtinfer under uvicorn"
+        names["rtinfer-2"] = "rtinfer under uvicorn, 2 workers"
     both = args.http_server == "both"
     sides = ("fastapi", "rtinfer", "rtinfer-own") if both else ("fastapi", "rtinfer")
     env = environment(args)

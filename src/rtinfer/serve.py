@@ -16,19 +16,20 @@ repository::
 :class:`~rtinfer.serving.ModelPolicy`): ``priority``, ``max_concurrency``, ``breaker``,
 ``cache``, ``deterministic`` and ``fallback`` (``model``, ``rules``, ``default``).
 
-:func:`run_server` runs the :class:`~rtinfer.http.InferenceApp` under uvicorn
-(uvloop and httptools where installed), in ``workers`` processes sharing the
-port, each loading the models once. The settings reach the workers through
-``RTINFER_SERVE_*`` environment variables (and ``RTINFER_API_KEY``), read by
-:func:`app_from_env`, the factory uvicorn calls. On exit (SIGINT or SIGTERM:
-uvicorn finishes the requests in flight, then the models drain their queues)
-every worker leaves a snapshot of its request metrics, and the summary of all
-of them is returned and written to ``summary_json``.
+:func:`run_server` runs the :class:`~rtinfer.http.InferenceApp` under rtinfer's own
+HTTP/1.1 and WebSocket server (:mod:`rtinfer.http.server`, the default: about a
+quarter less work per request) or uvicorn (``http_server="uvicorn"``), in
+``workers`` processes sharing the port, each loading the models once. The settings
+reach the workers through ``RTINFER_SERVE_*`` environment variables (and
+``RTINFER_API_KEY``), read by :func:`app_from_env`, the factory each worker calls. On
+exit (SIGINT or SIGTERM: the server finishes the requests in flight, then the models
+drain their queues) every worker leaves a snapshot of its request metrics, and the
+summary of all of them is returned and written to ``summary_json``.
 
 SIGTERM drains first: readiness turns false at once, new requests are refused (503
 with ``Retry-After``, gRPC ``UNAVAILABLE``), the requests in flight finish (at most
-``drain_s`` seconds), and only then does uvicorn stop accepting and exit. SIGINT (and
-a second SIGTERM) stops at once, still finishing the requests in flight.
+``drain_s`` seconds), and only then does the server stop accepting and exit. SIGINT
+(and a second SIGTERM) stops at once, still finishing the requests in flight.
 """
 
 from __future__ import annotations
@@ -513,7 +514,7 @@ def run_server(
     drain_s: float = DEFAULT_DRAIN_S,
     management_key: str | None = None,
     watch_s: float | None = None,
-    http_server: str = "uvicorn",
+    http_server: str = "rtinfer",
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -521,13 +522,9 @@ def run_server(
     ``RTINFER_API_KEY``) unless ``insecure``. ``timeout_s`` is the SLO: the deadline of
     a request that sends none (``--slo-ms``). SIGTERM drains for up to ``drain_s``
     seconds first (see the module). The protections' settings are
-    :func:`build_server`'s. ``http_server``: ``"uvicorn"``, or ``"rtinfer"`` for
-    :mod:`rtinfer.http.server` (see :func:`_run_rtinfer`).
+    :func:`build_server`'s. ``http_server``: ``"rtinfer"`` for
+    :mod:`rtinfer.http.server` (see :func:`_run_rtinfer`), or ``"uvicorn"``.
     """
-    try:
-        import uvicorn
-    except ImportError as exc:
-        raise MissingDependency("rtinfer serve", "serve") from exc
     if http_server not in _HTTP_SERVERS:
         raise ConfigError(
             f"--http-server must be one of {', '.join(_HTTP_SERVERS)}; got {http_server!r}"
@@ -577,7 +574,7 @@ def run_server(
             if http_server == "rtinfer":
                 _run_rtinfer(host, port, workers, log_level, max_body_bytes, drain_s)
             else:
-                _run_uvicorn(uvicorn, host, port, workers, log_level, max_body_bytes, drain_s)
+                _run_uvicorn(host, port, workers, log_level, max_body_bytes, drain_s)
         finally:
             if main:
                 signal.signal(signal.SIGTERM, before)
@@ -629,14 +626,13 @@ def _stopped(sig: int, frame: FrameType | None) -> None:
 
 
 def _run_uvicorn(
-    uvicorn: Any,
-    host: str,
-    port: int,
-    workers: int,
-    log_level: str,
-    max_body_bytes: int,
-    drain_s: float,
+    host: str, port: int, workers: int, log_level: str, max_body_bytes: int, drain_s: float
 ) -> None:
+    """``--http-server uvicorn``: uvicorn runs ``app_from_env()`` in each worker."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependency("rtinfer serve --http-server uvicorn", "serve") from exc
     uvicorn.run(
         "rtinfer.serve:app_from_env",
         factory=True,
@@ -652,18 +648,19 @@ def _run_uvicorn(
         proxy_headers=False,
         ws_max_size=max_body_bytes,  # WebSocket frames are bounded like bodies
         # After a drain, or on SIGINT: what is still running gets this long.
-        timeout_graceful_shutdown=drain_s,
+        timeout_graceful_shutdown=math.ceil(drain_s),  # whole seconds, as uvicorn types it
     )
 
 
 #: ``--http-server``: what runs the InferenceApp (the default first).
-_HTTP_SERVERS = ("uvicorn", "rtinfer")
+_HTTP_SERVERS = ("rtinfer", "uvicorn")
 
 
 def _run_rtinfer(
     host: str, port: int, workers: int, log_level: str, max_body_bytes: int, drain_s: float
 ) -> None:
-    """``--http-server rtinfer``: :mod:`rtinfer.http.server` runs ``app_from_env()``.
+    """``--http-server rtinfer`` (the default): :mod:`rtinfer.http.server` runs
+    ``app_from_env()``.
 
     One worker runs in this process; with N, each worker process builds the app and
     binds the port with SO_REUSEPORT, and SIGTERM here reaches every worker. SIGTERM
@@ -761,8 +758,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--http-server",
         choices=_HTTP_SERVERS,
         default=_HTTP_SERVERS[0],
-        help="what serves HTTP: uvicorn (default) or rtinfer's own lean server "
-        "(rtinfer.http.server)",
+        help="what serves HTTP: rtinfer's own lean server (rtinfer.http.server; default) or "
+        "uvicorn",
     )
     parser.add_argument(
         "--management-key",
