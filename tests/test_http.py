@@ -581,6 +581,17 @@ def test_build_server_from_a_repository(tmp_path: Path, model_file: Path) -> Non
     assert [s.name for s in build_server(model_file).all()] == ["linear"]
 
 
+async def test_the_limiter_never_sheds_calls_under_the_latency_target(model_file: Path) -> None:
+    server = build_server(model_file, latency_target_s=0.005)
+    await server.start()
+    try:
+        limiter = server.get("linear").limiter
+        assert limiter is not None
+        assert limiter.latency_target == 0.005
+    finally:
+        await server.aclose()
+
+
 def test_binding_beyond_loopback_needs_a_key(
     model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,6 +86,19 @@ def test_the_limit_grows_while_latency_holds_and_shrinks_when_it_rises() -> None
     ) == pytest.approx(lim._limit)
 
 
+def test_latency_under_the_target_never_shrinks_the_limit() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial_limit=10, max_limit=200, latency_target=0.060)
+    rounds(lim, clock, 0.010, 20)
+    grown = lim.limit
+    rounds(lim, clock, 0.050, 5)  # five times slower, yet under the target: no shedding
+    assert lim.limit >= grown
+    rounds(lim, clock, 0.300, 5)  # past the target: the limit shrinks as without one
+    assert lim.limit < grown / 2
+    with pytest.raises(ValueError, match="latency_target"):
+        limiter(latency_target=0)
+
+
 def test_the_limit_stays_within_its_bounds() -> None:
     clock = FakeClock()
     lim = limiter(clock, initial_limit=4, min_limit=2, max_limit=8)

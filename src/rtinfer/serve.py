@@ -102,6 +102,7 @@ def build_server(
     allow_pickle: bool = False,
     stream: bool = False,
     max_concurrency: int = 1000,
+    latency_target_s: float | None = None,
     default_priority: Priority | str = Priority.CRITICAL,
     quota: str | None = None,
     cache_size: int = 0,
@@ -117,15 +118,18 @@ def build_server(
     pipeline's batching is its own ``model.batching``.
 
     The server-wide protections (``rtinfer serve`` options of the same names):
-    ``max_concurrency``, the ceiling of each model's adaptive limiter (0: none);
-    ``default_priority`` of requests that send none; ``quota`` ``"RATE[/BURST]"`` calls
-    per second per client (429 past it); a prediction cache of ``cache_size`` rows in
-    memory, or in Redis at ``cache_redis``, each kept ``cache_ttl_s`` seconds.
+    ``max_concurrency``, the ceiling of each model's adaptive limiter (0: none), which never
+    shrinks for calls faster than ``latency_target_s`` (``rtinfer serve``: a quarter of
+    ``--slo-ms``); ``default_priority`` of requests that send none; ``quota``
+    ``"RATE[/BURST]"`` calls per second per client (429 past it); a prediction cache of
+    ``cache_size`` rows in memory, or in Redis at ``cache_redis``, each kept ``cache_ttl_s``
+    seconds.
     """
     path = Path(target)
     server = ModelServer(
         batching={"max_delay": 0.0, **batching},
         max_concurrency=max_concurrency,
+        latency_target=latency_target_s,
         default_priority=(
             default_priority
             if isinstance(default_priority, Priority)
@@ -540,6 +544,8 @@ def run_server(
         )
     policy: dict[str, Any] = {
         "max_concurrency": max_concurrency,
+        # Calls faster than a quarter of the SLO are no reason for the limiter to shed.
+        "latency_target_s": None if timeout_s is None else timeout_s / 4,
         "default_priority": default_priority,
         "quota": quota,
         "cache_size": cache_size,

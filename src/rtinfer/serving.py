@@ -358,10 +358,12 @@ class ModelServer:
     served; the last one added answers requests that name no version.
 
     The protections every request meets (see ``docs/resilience.md``), server-wide:
-    ``max_concurrency``, the ceiling of each model's adaptive concurrency limit (``0``:
-    no limiter); ``default_priority`` of requests that name none; ``quota``, a
-    per-client :class:`ClientQuota` (429); ``cache``, a :class:`PredictionCache` shared
-    by every deterministic model. Each model's :class:`ModelPolicy` refines them.
+    ``max_concurrency``, the ceiling of each model's adaptive concurrency limit (``0``: no
+    limiter); ``latency_target``, the call time (seconds) under which a limiter never
+    shrinks (``rtinfer serve``: a quarter of the SLO); ``default_priority`` of requests that
+    name none; ``quota``, a per-client :class:`ClientQuota` (429); ``cache``, a
+    :class:`PredictionCache` shared by every deterministic model. Each model's
+    :class:`ModelPolicy` refines them.
     ``clock`` (monotonic seconds) drives the limiters and breakers (tests inject one).
     """
 
@@ -371,6 +373,7 @@ class ModelServer:
         metrics: Metrics | None = None,
         batching: Mapping[str, Any] | None = None,
         max_concurrency: int = 1000,
+        latency_target: float | None = None,
         default_priority: Priority = Priority.CRITICAL,
         quota: ClientQuota | None = None,
         cache: PredictionCache | None = None,
@@ -383,6 +386,7 @@ class ModelServer:
         self.metrics = metrics or Metrics()
         self.batching = dict(batching or {})
         self.max_concurrency = max_concurrency
+        self.latency_target = latency_target
         self.default_priority = default_priority
         self.quota = quota
         self.cache = cache
@@ -462,7 +466,7 @@ class ModelServer:
             initial = min(ceiling, max(20, served.batcher.max_batch_size))
             served.limiter = AdaptiveLimiter(
                 label, initial_limit=initial, max_limit=ceiling, clock=self.clock,
-                metrics=self.metrics,
+                latency_target=self.latency_target, metrics=self.metrics,
             )  # fmt: skip
         if policy.breaker:
             served.breaker = CircuitBreaker(

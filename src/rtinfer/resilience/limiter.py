@@ -7,7 +7,10 @@ queueing) and compares each new sample with it. While samples stay near the aver
 the limit grows by a small queue allowance (``queue_size``); when they rise, the
 limit shrinks in proportion (by at most half per step, smoothed), so the queue in
 front of the model, and with it the latency, stays short. When the callers do not use
-half the limit it stops growing (it would learn nothing).
+half the limit it stops growing (it would learn nothing). With a ``latency_target``
+(``rtinfer serve`` sets a quarter of ``--slo-ms``), a call faster than it never
+shrinks the limit: a micro-batched model's latency rises with its queue by design, and
+shedding calls that would meet the SLO only loses work.
 
 Two traffic classes: ``critical`` calls are admitted up to the limit,
 ``best_effort`` ones only up to ``best_effort_share`` of it (default 80%), so under
@@ -116,7 +119,8 @@ class AdaptiveLimiter:
     ``long_window``: samples in the long-term average (600); ``queue_size``: the
     allowance added per step, a function of the limit (default ``sqrt(limit)``, at
     least 1); ``backoff_ratio``: the cut on a dropped call (0.9); ``retry_after``: the
-    seconds a refused caller is told to wait.
+    seconds a refused caller is told to wait; ``latency_target``: seconds under which a
+    call's time is no reason to shrink the limit (``None``: every sample counts).
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class AdaptiveLimiter:
         queue_size: Callable[[float], float] | None = None,
         backoff_ratio: float = 0.9,
         retry_after: float = 1.0,
+        latency_target: float | None = None,
         clock: Clock = time.monotonic,
         metrics: Metrics | None = None,
     ) -> None:
@@ -147,6 +152,8 @@ class AdaptiveLimiter:
             raise ValueError(f"tolerance must be at least 1, got {tolerance}")
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if latency_target is not None and latency_target <= 0:
+            raise ValueError(f"latency_target must be more than 0 seconds, got {latency_target}")
         if long_window < 1:
             raise ValueError(f"long_window must be at least 1 sample, got {long_window}")
         if not 0 < backoff_ratio < 1:
@@ -161,6 +168,7 @@ class AdaptiveLimiter:
         self.queue_size = queue_size or (lambda limit: max(1.0, math.sqrt(limit)))
         self.backoff_ratio = backoff_ratio
         self.retry_after = retry_after
+        self.latency_target = latency_target
         self._clock = clock
         self._limit = float(initial_limit)
         self._in_flight = 0
@@ -285,7 +293,11 @@ class AdaptiveLimiter:
             self._long_rtt *= 0.95
         if in_flight < self._limit / 2:
             return  # the callers leave most of the limit unused: nothing to learn
-        gradient = max(0.5, min(1.0, self.tolerance * self._long_rtt / rtt))
+        target = self.latency_target
+        if target is not None and rtt <= target:
+            gradient = 1.0  # within the target: no reason to shed
+        else:
+            gradient = max(0.5, min(1.0, self.tolerance * self._long_rtt / rtt))
         target = self._limit * gradient + self.queue_size(self._limit)
         limit = self._limit * (1 - self.smoothing) + target * self.smoothing
         self._limit = max(self.min_limit, min(self.max_limit, limit))
