@@ -105,7 +105,9 @@ def test_the_limit_stays_within_its_bounds() -> None:
     rounds(lim, clock, 0.01, 50)
     assert lim.limit == 8
     for _ in range(50):
-        lim.try_acquire().release(ok=False, dropped=True)
+        permit = lim.try_acquire()
+        clock.advance(0.01)  # one call time apart: each drop cuts
+        permit.release(ok=False, dropped=True)
     assert lim.limit == 2
 
 
@@ -125,6 +127,20 @@ def test_a_dropped_call_cuts_the_limit_and_a_failed_one_teaches_nothing() -> Non
     assert lim.limit == 20
     lim.try_acquire().release(ok=False, dropped=True)
     assert lim.limit == 18
+
+
+def test_calls_dropped_together_cut_the_limit_once() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial_limit=100, max_limit=100)
+    rounds(lim, clock, 0.010, 3)  # a call takes 10 ms
+    batch = [lim.try_acquire() for _ in range(60)]
+    clock.advance(0.020)
+    for permit in batch:  # one late batch: sixty deadlines missed at once
+        permit.release(ok=False, dropped=True)
+    assert lim.limit == 90
+    clock.advance(0.010)
+    lim.try_acquire().release(ok=False, dropped=True)  # a call time later: cuts again
+    assert lim.limit == 81
 
 
 async def test_admit_releases_however_the_call_ends() -> None:

@@ -113,14 +113,14 @@ class AdaptiveLimiter:
     """An adaptive concurrency limit with two priorities (see the module's docstring).
 
     Settings (keyword-only): ``initial_limit``, ``min_limit`` and ``max_limit`` (calls);
-    ``best_effort_share`` (0 to 1) of the limit open to best-effort calls;
-    ``tolerance``: how much slower than the long-term average a sample may be before
-    the limit shrinks (1.5); ``smoothing`` (0 to 1) of each step applied (0.2);
-    ``long_window``: samples in the long-term average (600); ``queue_size``: the
-    allowance added per step, a function of the limit (default ``sqrt(limit)``, at
-    least 1); ``backoff_ratio``: the cut on a dropped call (0.9); ``retry_after``: the
-    seconds a refused caller is told to wait; ``latency_target``: seconds under which a
-    call's time is no reason to shrink the limit (``None``: every sample counts).
+    ``best_effort_share`` (0 to 1) of the limit open to best-effort calls; ``tolerance``:
+    how much slower than the long-term average a sample may be before the limit shrinks
+    (1.5); ``smoothing`` (0 to 1) of each step applied (0.2); ``long_window``: samples in
+    the long-term average (600); ``queue_size``: the allowance added per step, a function of
+    the limit (default ``sqrt(limit)``, at least 1); ``backoff_ratio``: the cut on a dropped
+    call (0.9; once per call time at most); ``retry_after``: the seconds a refused caller is
+    told to wait; ``latency_target``: seconds under which a call's time is no reason to
+    shrink the limit (``None``: every sample counts).
     """
 
     def __init__(
@@ -174,6 +174,7 @@ class AdaptiveLimiter:
         self._in_flight = 0
         self._long_rtt = 0.0
         self._samples = 0
+        self._last_cut = -math.inf  # when a dropped call last cut the limit
         self._waiters: dict[Priority, deque[asyncio.Future[Permit]]] = {
             Priority.CRITICAL: deque(),
             Priority.BEST_EFFORT: deque(),
@@ -275,7 +276,12 @@ class AdaptiveLimiter:
     def _release(self, permit: Permit, *, ok: bool, dropped: bool) -> None:
         self._in_flight -= 1
         if dropped:
-            self._limit = max(self.min_limit, self._limit * self.backoff_ratio)
+            # One cut per call time at most: the calls of one batch miss their deadline
+            # together, and sixty cuts for one late batch would take the limit to its floor.
+            now = self._clock()
+            if now - self._last_cut >= self._long_rtt:
+                self._last_cut = now
+                self._limit = max(self.min_limit, self._limit * self.backoff_ratio)
         elif ok:
             self._sample(self._clock() - permit.started, permit.in_flight)
         self._wake()
