@@ -3,9 +3,15 @@
     python benchmarks/overload.py [--repeats 3] [--levels 0.5,1,2,5,10] [--seconds 5]
     python benchmarks/overload.py --smoke            # under a minute: checks the script works
     python benchmarks/overload.py --only serve       # or --only stream
+    python benchmarks/overload.py --only serve --model-ms 2 --slo-ms 100   # a heavier model
 
 **Serving.** ``rtinfer serve fraud.onnx --slo-ms 20`` (the demo's model, one row per
-request, ``POST /v2/models/fraud/infer``) pinned to CPU 0; the load generator, this
+request, ``POST /v2/models/fraud/infer``) pinned to CPU 0; ``--model-ms MS`` serves a
+stand-in of the same inputs that costs about MS ms of CPU per row instead (an ONNX MLP,
+calibrated at the start): with the demo's model (about a microsecond a row) an answer
+costs little more than a refusal, which is all HTTP, so on one core refusing twice the
+capacity takes all of it; load shedding is for models that cost more than their
+request's HTTP; the load generator, this
 script in its own process, on CPU 1 (``--server-cpus`` / ``--client-cpus``).
 
 1. **capacity**: closed loop, ``--capacity-connections`` (64) keep-alive connections,
@@ -326,6 +332,71 @@ async def http_load(spec: dict[str, Any], out: Path) -> None:
         "client_cpu": cpu / max(1e-9, time.perf_counter() - wall),
     }
     out.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def heavy_model(path: Path, ms: float) -> None:
+    """An ONNX MLP on the demo's 11 features costing about ``ms`` ms of CPU per row."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    width = 256
+    rng = np.random.default_rng(7)
+    first = rng.normal(0, 1 / np.sqrt(11), (11, width)).astype(np.float32)
+    # Every hidden layer multiplies by the same matrix (256 KiB: it stays in cache), so
+    # the cost is compute, as a model's should be, not streaming weights from memory.
+    hidden = rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32)
+
+    def build(layers: int) -> bytes:
+        weights = [numpy_helper.from_array(first, "w0"), numpy_helper.from_array(hidden, "w")]
+        nodes = [
+            helper.make_node("MatMul", ["features", "w0"], ["m0"]),
+            helper.make_node("Relu", ["m0"], ["h0"]),
+        ]
+        previous = "h0"
+        for i in range(1, layers + 1):
+            nodes += [
+                helper.make_node("MatMul", [previous, "w"], [f"m{i}"]),
+                helper.make_node("Relu", [f"m{i}"], [f"h{i}"]),
+            ]
+            previous = f"h{i}"
+        out = rng.normal(0, 1 / np.sqrt(width), (width, 2)).astype(np.float32)
+        weights.append(numpy_helper.from_array(out, "out"))
+        nodes += [
+            helper.make_node("MatMul", [previous, "out"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "heavy",
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 11])],
+            [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
+            weights,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return bytes(model.SerializeToString())
+
+    def per_row_ms(blob: bytes) -> float:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        row = np.ones((1, 11), np.float32)  # one row per request, as the load sends
+        session.run(None, {"features": row})
+        began = time.perf_counter()
+        for _ in range(50):
+            session.run(None, {"features": row})
+        return (time.perf_counter() - began) / 50 * 1e3
+
+    layers = max(1, round(ms / per_row_ms(build(64)) * 64))
+    blob = build(layers)
+    path.write_bytes(blob)
+    onnx.checker.check_model(onnx.load(str(path)))
+    print(
+        f"  heavy model: {layers} layers of {width}, {per_row_ms(blob):.2f} ms a row",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def raise_fd_limit() -> None:
@@ -986,6 +1057,7 @@ def report_serve(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     print(
         f"serving: rtinfer serve --slo-ms {args.slo_ms:g}"
         + (f" --max-concurrency {args.max_concurrency}" if args.max_concurrency else "")
+        + (f", a {args.model_ms:g} ms/row stand-in model" if args.model_ms else ", demo model")
         + f", {args.warmup:g} s warm-up + {args.seconds:g} s per level, "
         f"at most {args.max_connections} client connections"
     )
@@ -1117,6 +1189,12 @@ def main() -> None:
     parser.add_argument("--client-cpus", default="1")
     serving = parser.add_argument_group("serving")
     serving.add_argument("--slo-ms", type=float, default=20.0)
+    serving.add_argument(
+        "--model-ms",
+        type=float,
+        help="serve a stand-in model costing about this many ms of CPU per row (an ONNX "
+        "MLP) instead of the demo's fraud model",
+    )
     serving.add_argument("--max-concurrency", type=int, help="rtinfer serve's (default: its own)")
     serving.add_argument("--capacity", type=float, help="requests/s: skip measuring it")
     serving.add_argument("--capacity-connections", type=int, default=64)
@@ -1171,7 +1249,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rtinfer-bench-overload-") as tmpdir:
         tmp = Path(tmpdir)
         model = tmp / "fraud.onnx"  # served under its file name: fraud
-        shutil.copyfile(ensure_model(), model)
+        if args.model_ms:
+            heavy_model(model, args.model_ms)
+        else:
+            shutil.copyfile(ensure_model(), model)
         redis = Redis(args, tmp) if args.only != "serve" else None
         redis_version = redis.version if redis else None
         try:

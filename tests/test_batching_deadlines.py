@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rtinfer.batching import MicroBatcher
-from rtinfer.exceptions import DeadlineExceeded
+from rtinfer.batching import CallCost, MicroBatcher
+from rtinfer.exceptions import DeadlineExceeded, Overloaded
 from rtinfer.types import Arrays
 from test_batching import (
     SAFETY,
@@ -177,6 +177,87 @@ async def test_an_abandoned_request_fails_at_its_deadline_while_its_batch_runs()
         recorder.release.set()
         await asyncio.wait_for(batcher.aclose(), SAFETY)
     assert recorder.calls[1:] == [[1, 2, 3]]
+
+
+def test_the_call_cost_fit_recovers_fixed_and_per_row_time() -> None:
+    cost = CallCost()
+    assert cost.rows_within(1.0) is None  # nothing seen yet
+    for n in (1, 8, 64, 2, 32, 16):
+        cost.add(n, 0.002 + 0.0005 * n)
+    fit = cost.estimate()
+    assert fit is not None
+    assert fit[0] == pytest.approx(0.002)
+    assert fit[1] == pytest.approx(0.0005)
+    assert cost.rows_within(0.012) == 20
+    assert cost.rows_within(0.001) == 0
+    one_size = CallCost()
+    for _ in range(5):
+        one_size.add(10, 0.010)
+    assert one_size.estimate() == pytest.approx((0.0, 0.001))  # all of it counted per row
+
+
+class SlowModelCost(CallCost):
+    """As if the model took 100 s a row (nothing here waits for it): the real calls'
+    times are not learnt."""
+
+    def add(self, rows: int, seconds: float) -> None:
+        pass
+
+    def estimate(self) -> tuple[float, float]:
+        return 0.0, 100.0
+
+
+@pytest.mark.parametrize("abandon", [True, False])
+async def test_a_batch_abandoned_at_its_deadline_takes_only_rows_that_can_meet_it(
+    abandon: bool,
+) -> None:
+    recorder = IdModel()
+    batcher = await started(recorder, max_batch_size=64, max_delay=0.0)
+    batcher.cost = SlowModelCost()
+    try:
+        blocker = await hold(recorder, batcher)
+        deadline = time.time() + 550.0  # room for five rows
+        waiting = [
+            asyncio.create_task(
+                batcher.submit(rows([i]), deadline=deadline, wait=True, abandon=abandon)
+            )
+            for i in range(1, 11)
+        ]
+        await settle()
+        recorder.gate.set()
+        assert_own(await asyncio.wait_for(blocker, SAFETY), [BLOCKER])
+        for i, task in enumerate(waiting, 1):
+            assert_own(await asyncio.wait_for(task, SAFETY), [i])
+    finally:
+        recorder.gate.set()
+        await asyncio.wait_for(batcher.aclose(), SAFETY)
+    # Abandoned at the deadline: batches it can meet. Otherwise (a stream's): one batch.
+    assert recorder.sizes[1:] == ([5, 5] if abandon else [10])
+
+
+async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
+    recorder = IdModel()
+    batcher = await started(recorder, max_batch_size=64, max_delay=0.0)
+    batcher.cost = SlowModelCost()
+    try:
+        blocker = await hold(recorder, batcher)
+        deadline = time.time() + 550.0  # five rows of work
+        first = batcher.submit(rows([1, 2, 3, 4]), deadline=deadline, abandon=True)
+        queued = asyncio.create_task(first)
+        await settle()
+        with pytest.raises(Overloaded, match="would not reach the request before its deadline"):
+            await batcher.submit(rows([5, 6]), deadline=deadline, abandon=True)
+        assert sample(batcher, "rtinfer_batcher_rejected_total", reason="overloaded") == 1
+        # A caller that waits anyway (a stream) is queued all the same.
+        patient = asyncio.create_task(batcher.submit(rows([7, 8]), deadline=deadline, wait=True))
+        await settle()
+        recorder.gate.set()
+        assert_own(await asyncio.wait_for(blocker, SAFETY), [BLOCKER])
+        assert_own(await asyncio.wait_for(queued, SAFETY), [1, 2, 3, 4])
+        assert_own(await asyncio.wait_for(patient, SAFETY), [7, 8])
+    finally:
+        recorder.gate.set()
+        await asyncio.wait_for(batcher.aclose(), SAFETY)
 
 
 async def test_an_expired_request_frees_its_room_in_the_queue() -> None:

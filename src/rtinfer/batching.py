@@ -108,6 +108,56 @@ class _Request:
         self.context = contextvars.copy_context()
 
 
+class CallCost:
+    """A model call's time as ``fixed + per_row * rows``, fitted to its recent calls.
+
+    Exponentially weighted least squares over (rows, seconds) of each call (weight
+    ``decay`` per call on the older ones), so it follows a model that slows down or
+    speeds up. :meth:`rows_within` says how many rows a call may take to finish within
+    a time; the batcher uses it to form no batch that cannot meet the deadline of the
+    request that asked to be abandoned at it.
+    """
+
+    __slots__ = ("decay", "n", "sx", "sxx", "sxy", "sy")
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.n = self.n * d + 1.0
+        self.sx = self.sx * d + rows
+        self.sy = self.sy * d + seconds
+        self.sxx = self.sxx * d + rows * rows
+        self.sxy = self.sxy * d + rows * seconds
+
+    def estimate(self) -> tuple[float, float] | None:
+        """``(fixed, per_row)`` seconds, or ``None`` before a few calls were seen."""
+        n = self.n
+        if n < 3.0:
+            return None
+        mean_x, mean_y = self.sx / n, self.sy / n
+        variance = self.sxx / n - mean_x * mean_x
+        if variance > 1e-6 * mean_x * mean_x:
+            per_row = (self.sxy / n - mean_x * mean_y) / variance
+            fixed = mean_y - per_row * mean_x
+            if per_row > 0:
+                return max(fixed, 0.0), per_row
+        # One batch size only (or noise): all of the time counted per row, which
+        # overestimates a larger batch: the cautious side.
+        return 0.0, mean_y / max(mean_x, 1.0)
+
+    def rows_within(self, seconds: float) -> int | None:
+        """The most rows one call may take to finish within ``seconds`` (``None``: no
+        estimate yet)."""
+        fit = self.estimate()
+        if fit is None:
+            return None
+        fixed, per_row = fit
+        return max(0, int((seconds - fixed) / per_row))
+
+
 class ModelThreads:
     """The model's own threads: calls handed over on a queue, answered on the event loop.
 
@@ -250,6 +300,8 @@ class MicroBatcher:
         self._m_expired = self.metrics.batcher_rejected.labels(label, "deadline")
         self._m_overloaded = self.metrics.batcher_rejected.labels(label, "overloaded")
         self._m_overrun = self.metrics.batcher_rejected.labels(label, "overrun")
+        #: The model's call time by batch size, for batches that can meet their deadline.
+        self.cost = CallCost()
 
     @property
     def ready(self) -> bool:
@@ -312,6 +364,11 @@ class MicroBatcher:
                 f"deadline passed {1e3 * (time.time() - deadline):.1f} ms before the request "
                 f"reached model {self.model.name!r}"
             )
+        if abandon and deadline is not None and not wait:
+            late = self._too_late(rows, deadline)
+            if late is not None:
+                self._m_overloaded.inc()
+                raise Overloaded(late, retry_after=1.0)
         while self._queued_rows + rows > self.max_queue_rows:
             if not wait:
                 self._m_overloaded.inc()
@@ -339,6 +396,22 @@ class MicroBatcher:
         self._idle.clear()
         self._pump()
         return await future
+
+    def _too_late(self, rows: int, deadline: float) -> str | None:
+        """Why a request would miss ``deadline`` behind the rows queued now (by the model's
+        recent call times), or ``None``: refused at once, it costs its caller nothing."""
+        fit = self.cost.estimate()
+        if fit is None:
+            return None
+        fixed, per_row = fit
+        ahead = self._queued_rows
+        work = (ahead + rows) * per_row + (ahead // self.max_batch_size + 1) * fixed
+        if time.time() + work <= deadline:
+            return None
+        return (
+            f"model {self.model.name!r} would not reach the request before its deadline "
+            f"({ahead} rows queued ahead, about {1e3 * work:.0f} ms of work); retry shortly"
+        )
 
     async def _submit_split(
         self, inputs: Arrays, rows: int, deadline: float | None, wait: bool, abandon: bool
@@ -460,6 +533,12 @@ class MicroBatcher:
         dated = self._dated
         undated = self._undated
         limit = self.max_batch_size
+        # A request that is abandoned at its deadline (a served one) is worth nothing
+        # late: the batch it heads takes no more rows than can be run before then.
+        if dated and dated[0][2].abandon:
+            fits = self.cost.rows_within(dated[0][0] - now_wall)
+            if fits is not None:
+                limit = min(limit, max(fits, dated[0][2].rows))
         while True:
             # Earliest deadline first, then the requests without one, in arrival order;
             # stop at the first that does not fit (no overtaking).
@@ -584,7 +663,9 @@ class MicroBatcher:
         started = time.perf_counter()
         assert self._threads is not None
         outputs: Arrays = await self._threads.run(context.run, self.model.predict, inputs)
-        self._m_model.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._m_model.observe(elapsed)
+        self.cost.add(rows, elapsed)
         self._m_size.observe(rows)
         self.batches += 1
         self.rows += rows
