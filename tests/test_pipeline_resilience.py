@@ -219,6 +219,62 @@ async def test_slo_sets_deadlines_from_ingestion_and_keeps_the_sources_own() -> 
     assert all(d == t + 0.25 for t, d in seen)
 
 
+class StaleSource(ListSource):
+    """A ListSource whose events at the ``stale`` indices arrive already past a deadline."""
+
+    def __init__(self, values: list[bytes], stale: set[int]) -> None:
+        super().__init__(values)
+        self.stale = stale
+        self.index = 0
+
+    async def read(self, max_events: int) -> list[Event]:
+        events = await super().read(max_events)
+        for event in events:
+            if self.index in self.stale:
+                event.deadline = time.time() - 1.0
+            self.index += 1
+        return events
+
+
+@pytest.mark.parametrize("shed", [True, False])
+async def test_shed_sets_events_late_at_intake_aside_undecoded(shed: bool) -> None:
+    switch = Switch()
+    n = 24
+    stale = {0, 1, 2, 3, 6, 9, 13, 17}  # the whole first batch of 4, then here and there
+    values = [payload(i, x=(i + 1) / 100) for i in range(n)]
+    values[6] = b"{not even json"  # shed before decoding, it is no decode failure
+    source = StaleSource(values, stale)
+    ledger = Ledger(lambda: set(source.acked))
+    sink = RecordingSink(ledger=ledger)
+    dead = RecordingSink("dead", ledger=ledger, dead=True)
+    pipeline = Pipeline(
+        source,
+        [
+            Decode(Reading),
+            Vectorize(["x", "y"]),
+            Predict(MicroBatcher(switch.model(), max_batch_size=8, max_delay=0)),
+            decide(),
+        ],
+        [sink],
+        dead_letters=dead,
+        read_size=4,
+        slo=60.0,
+        shed_expired=shed,
+    )
+    await asyncio.wait_for(pipeline.run(), SAFETY)
+    assert len(source.acked) == n  # nothing lost either way
+    fresh = [i for i in range(n) if i not in stale]
+    assert sorted(r["id"] for r in sink.flushed_results) == sorted(f"e{i}" for i in fresh)
+    if shed:
+        assert sorted(r["offset"] for r in dead.flushed_results) == sorted(stale)
+        assert {r["stage"] for r in dead.flushed_results} == {"intake"}
+        assert all("deadline had passed" in r["reason"] for r in dead.flushed_results)
+        assert sorted(switch.rows) == pytest.approx([(i + 1) / 100 for i in fresh])
+    else:  # decoded first: the bad one fails there, the others expire at the model
+        stages = sorted(r["stage"] for r in dead.flushed_results)
+        assert stages == ["decode"] + ["model"] * (len(stale) - 1)
+
+
 @pytest.mark.parametrize("policy", ["dead_letter", "fallback", "late"])
 async def test_every_expired_event_ends_in_a_result_or_a_dead_letter_and_is_acknowledged(
     policy: str,
@@ -637,6 +693,11 @@ def test_the_resilience_keys_are_checked(model_file: Path) -> None:
     assert "slo.expired" in error("slo: {expired: fallback}")
     assert "use one of dead_letter, fallback, late" in error("slo: {expired: later}")
     assert "'slo': deadline_ms must be more than 0" in error("slo: {deadline_ms: 0}")
+    assert "shed needs deadline_ms" in error("slo: {shed: true}")
+    shedding = build_pipeline(
+        parse_config(pipeline_yaml(model_file, "slo: {deadline_ms: 50, shed: true}"))
+    )
+    assert shedding.shed_expired
     assert "runtime.priority" in error("runtime: {priority: urgent}")
     assert "'runtime.sink_retry': budget must" in error("runtime: {sink_retry: {budget: 2}}")
     assert "'model.breaker': open_s must" in error("", "  breaker: {open_s: 0}")

@@ -403,6 +403,9 @@ async def test_flush_writes_value_key_and_source_id(
             ]
         )
         await sink.write([result_event([1, 2])])
+        undecoded = result_event({"reason": "shed"})  # no id of its own: its position
+        undecoded.position = Position("redis://in", 0, "1-0")
+        await sink.write([undecoded])
         assert await redis.xlen(stream) == 0  # buffered until flushed
         await sink.flush()
         entries = await redis.xrange(stream)
@@ -410,9 +413,10 @@ async def test_flush_writes_value_key_and_source_id(
             {b"value": b'{"id":"e1","score":0.5}', b"key": b"card-1", b"source_id": b"e1"},
             {b"value": b"raw bytes", b"source_id": b"e2"},
             {b"value": b"[1,2]"},
+            {b"value": b'{"reason":"shed"}', b"source_id": b"redis://in/0/1-0"},
         ]
         await sink.flush()  # nothing more buffered: nothing more written
-        assert await redis.xlen(stream) == 3
+        assert await redis.xlen(stream) == 4
     finally:
         await sink.aclose()
 

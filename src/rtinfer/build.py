@@ -161,6 +161,7 @@ def build_pipeline(
         max_in_flight=r.max_in_flight,
         flush_interval=r.flush_interval_ms / 1e3,
         slo=config.slo.deadline_ms / 1e3 if config.slo.deadline_ms is not None else None,
+        shed_expired=config.slo.shed,
         sink_resilience=SinkResilience(
             attempts=sr.attempts,
             backoff=sr.backoff_ms / 1e3,

@@ -425,7 +425,7 @@ class RuntimeConfig(_Strict):
 
     read_size: int = 256
     max_in_flight: int = 4
-    flush_interval_ms: float = 100.0
+    flush_interval_ms: float = 10.0
     priority: Literal["critical", "best_effort"] = "critical"
     sink_retry: SinkRetryConfig = msgspec.field(default_factory=SinkRetryConfig)
 
@@ -442,10 +442,14 @@ class SloConfig(_Strict):
 
     deadline_ms: float | None = None
     expired: Literal["dead_letter", "fallback", "late"] = "dead_letter"
+    #: Dead-letter events already past their deadline when read, before decoding.
+    shed: bool = False
 
     def __post_init__(self) -> None:
         if self.deadline_ms is not None and not self.deadline_ms > 0:
             raise ValueError(f"deadline_ms must be more than 0, got {self.deadline_ms}")
+        if self.shed and self.deadline_ms is None:
+            raise ValueError("shed needs deadline_ms: without a deadline nothing is ever late")
 
 
 class PipelineConfig(_Strict):

@@ -22,6 +22,11 @@ source positions of everything written before the flush. So:
 - **deadlines**: with ``slo`` (seconds), every event read without a deadline gets
   ``ingest_time + slo``; the model stage runs the earliest deadline first and
   never runs an expired event (its ``expired`` policy says what happens then);
+  with ``shed_expired``, an event whose deadline has passed when it is read (or
+  would pass within the recent read-to-written time) is dead-lettered at once,
+  undecoded (stage ``intake``): a backlog older than the
+  deadline is set aside at the cost of a write, and the pipeline catches up with
+  the events it can still answer in time;
 - **failing sinks** (:class:`SinkResilience`): a sink's ``write``/``flush`` that
   fails with a transient error is retried with jittered backoff, paid from a
   retry budget (about 10% extra calls at most); one that keeps failing opens its
@@ -43,6 +48,7 @@ import base64
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -289,6 +295,11 @@ class _LogDeadLetters:
         pass
 
 
+_SHED_REASON = (
+    "its deadline had passed when it was read (slo.shed: true): set aside unprocessed, for a replay"
+)
+
+
 class Pipeline:
     """A source, stages and sinks, run with at-least-once delivery.
 
@@ -310,9 +321,10 @@ class Pipeline:
         name: str = "pipeline",
         read_size: int = 256,
         max_in_flight: int = 4,
-        flush_interval: float = 0.1,
+        flush_interval: float = 0.01,
         lag_interval: float = 1.0,
         slo: float | None = None,
+        shed_expired: bool = False,
         sink_resilience: SinkResilience | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -333,6 +345,13 @@ class Pipeline:
         self.lag_interval = lag_interval
         #: Seconds from ingestion to each event's deadline, for events read without one.
         self.slo = slo
+        #: Dead-letter events already past their deadline when read, unprocessed.
+        self.shed_expired = shed_expired
+        # When each batch in flight was read (they are written in that order), and the
+        # recent time from read to written: an event with less time left than that would
+        # be late anyway, so shedding sets it aside too.
+        self._read_times: deque[float] = deque()
+        self._transit = 0.0
         self.sink_resilience = sink_resilience or SinkResilience()
         self.metrics = metrics or Metrics()
         # Reading stops while any sink named here is failing (its breaker open).
@@ -433,7 +452,10 @@ class Pipeline:
             self.state = Lifecycle.RUNNING
             self.ready.set()
             began = time.perf_counter()
-            inflight: asyncio.Queue[asyncio.Task[Batch] | None] = asyncio.Queue(self.max_in_flight)
+            inflight: asyncio.Queue[asyncio.Future[Batch] | None] = asyncio.Queue(
+                self.max_in_flight
+            )
+            self._read_times.clear()
             # One slot per batch between the source and the sinks: taken before a read,
             # given back once the batch's results are written.
             slots = asyncio.Semaphore(self.max_in_flight)
@@ -501,7 +523,7 @@ class Pipeline:
     async def _read(
         self,
         handler: Any,
-        inflight: asyncio.Queue[asyncio.Task[Batch] | None],
+        inflight: asyncio.Queue[asyncio.Future[Batch] | None],
         slots: asyncio.Semaphore,
     ) -> None:
         seq = 0
@@ -533,7 +555,25 @@ class Pipeline:
                 self.events_in += len(events)
                 self._m_in.inc(len(events))
                 seq += 1
-                await inflight.put(asyncio.create_task(handler(Batch(events, seq))))
+                batch = Batch(events, seq)
+                if self.shed_expired:
+                    now = time.time()
+                    self._read_times.append(now)
+                    cutoff = now + self._transit
+                    late = [
+                        i
+                        for i, e in enumerate(events)
+                        if e.deadline is not None and e.deadline <= cutoff
+                    ]
+                    if late:
+                        batch.drop(late, "intake", _SHED_REASON)
+                done: asyncio.Future[Batch]
+                if batch.events:
+                    done = asyncio.create_task(handler(batch))
+                else:  # all of it set aside: nothing for the stages to do
+                    done = asyncio.get_running_loop().create_future()
+                    done.set_result(batch)
+                await inflight.put(done)
         except Exception:
             # The source failed: let the writer finish what was read, then fail the run.
             self._drain()
@@ -543,7 +583,7 @@ class Pipeline:
         await inflight.put(None)
 
     async def _write(
-        self, inflight: asyncio.Queue[asyncio.Task[Batch] | None], slots: asyncio.Semaphore
+        self, inflight: asyncio.Queue[asyncio.Future[Batch] | None], slots: asyncio.Semaphore
     ) -> None:
         sinks = self._guarded
         pending: list[Position] = []
@@ -553,6 +593,9 @@ class Pipeline:
             if task is None:
                 break
             batch = await task
+            if self.shed_expired:
+                transit = time.time() - self._read_times.popleft()
+                self._transit += 0.2 * (transit - self._transit)
             if batch.events:
                 for sink in sinks:
                     await sink.write(batch.events)

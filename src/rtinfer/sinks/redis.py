@@ -2,7 +2,8 @@
 
 Each result becomes one stream entry (``XADD``) with the fields ``value`` (the
 result: ``bytes`` as they are, anything else as JSON), ``key`` (the event's key,
-when it has one) and ``source_id`` (the event's id), so that consumers of the
+when it has one) and ``source_id`` (the event's id, else its position: see
+:func:`~rtinfer.sinks.ids.source_id`), so that consumers of the
 output can de-duplicate what a redelivery wrote twice. With ``partitions=P``
 the entry goes to the stream ``<stream>.<p>``, ``p = crc32(key) % P``
 (:mod:`rtinfer.connectors.partitions`), so each key stays in one stream.
@@ -18,6 +19,7 @@ import msgspec
 from ..connectors.partitions import check_partitions, partition_of
 from ..connectors.redis import connect, require_redis, retrying
 from ..types import Event
+from .ids import source_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -123,8 +125,10 @@ class RedisStreamSink:
             entry: dict[Any, Any] = {field: result if type(result) is bytes else _encode(result)}
             if key_field is not None and event.key is not None:
                 entry[key_field] = event.key
-            if id_field is not None and event.id is not None:
-                entry[id_field] = event.id.encode()
+            if id_field is not None:
+                ident = event.id if event.id is not None else source_id(event)
+                if ident is not None:
+                    entry[id_field] = ident.encode()
             if partitions is None:
                 buffer.append((stream, entry))
             else:
