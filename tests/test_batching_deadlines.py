@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtinfer.batching import CallCost, MicroBatcher
-from rtinfer.exceptions import DeadlineExceeded, Overloaded
+from rtinfer.exceptions import DeadlineExceeded
 from rtinfer.types import Arrays
 from test_batching import (
     SAFETY,
@@ -233,31 +233,6 @@ async def test_a_batch_abandoned_at_its_deadline_takes_only_rows_that_can_meet_i
         await asyncio.wait_for(batcher.aclose(), SAFETY)
     # Abandoned at the deadline: batches it can meet. Otherwise (a stream's): one batch.
     assert recorder.sizes[1:] == ([5, 5] if abandon else [10])
-
-
-async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
-    recorder = IdModel()
-    batcher = await started(recorder, max_batch_size=64, max_delay=0.0)
-    batcher.cost = SlowModelCost()
-    try:
-        blocker = await hold(recorder, batcher)
-        deadline = time.time() + 550.0  # five rows of work
-        first = batcher.submit(rows([1, 2, 3, 4]), deadline=deadline, abandon=True)
-        queued = asyncio.create_task(first)
-        await settle()
-        with pytest.raises(Overloaded, match="would not reach the request before its deadline"):
-            await batcher.submit(rows([5, 6]), deadline=deadline, abandon=True)
-        assert sample(batcher, "rtinfer_batcher_rejected_total", reason="overloaded") == 1
-        # A caller that waits anyway (a stream) is queued all the same.
-        patient = asyncio.create_task(batcher.submit(rows([7, 8]), deadline=deadline, wait=True))
-        await settle()
-        recorder.gate.set()
-        assert_own(await asyncio.wait_for(blocker, SAFETY), [BLOCKER])
-        assert_own(await asyncio.wait_for(queued, SAFETY), [1, 2, 3, 4])
-        assert_own(await asyncio.wait_for(patient, SAFETY), [7, 8])
-    finally:
-        recorder.gate.set()
-        await asyncio.wait_for(batcher.aclose(), SAFETY)
 
 
 async def test_an_expired_request_frees_its_room_in_the_queue() -> None:

@@ -364,11 +364,6 @@ class MicroBatcher:
                 f"deadline passed {1e3 * (time.time() - deadline):.1f} ms before the request "
                 f"reached model {self.model.name!r}"
             )
-        if abandon and deadline is not None and not wait:
-            late = self._too_late(rows, deadline)
-            if late is not None:
-                self._m_overloaded.inc()
-                raise Overloaded(late, retry_after=1.0)
         while self._queued_rows + rows > self.max_queue_rows:
             if not wait:
                 self._m_overloaded.inc()
@@ -396,22 +391,6 @@ class MicroBatcher:
         self._idle.clear()
         self._pump()
         return await future
-
-    def _too_late(self, rows: int, deadline: float) -> str | None:
-        """Why a request would miss ``deadline`` behind the rows queued now (by the model's
-        recent call times), or ``None``: refused at once, it costs its caller nothing."""
-        fit = self.cost.estimate()
-        if fit is None:
-            return None
-        fixed, per_row = fit
-        ahead = self._queued_rows
-        work = (ahead + rows) * per_row + (ahead // self.max_batch_size + 1) * fixed
-        if time.time() + work <= deadline:
-            return None
-        return (
-            f"model {self.model.name!r} would not reach the request before its deadline "
-            f"({ahead} rows queued ahead, about {1e3 * work:.0f} ms of work); retry shortly"
-        )
 
     async def _submit_split(
         self, inputs: Arrays, rows: int, deadline: float | None, wait: bool, abandon: bool
