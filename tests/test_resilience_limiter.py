@@ -99,6 +99,17 @@ def test_latency_under_the_target_never_shrinks_the_limit() -> None:
         limiter(latency_target=0)
 
 
+def test_latency_past_the_target_keeps_the_limit_down_however_long_it_lasts() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial_limit=50, min_limit=2, max_limit=200, latency_target=0.060)
+    rounds(lim, clock, 0.300, 400)  # long enough for the long-term average to be 300 ms
+    assert lim.long_rtt == pytest.approx(0.300)
+    assert lim.limit <= 4  # held down; without the target 300 ms would become normal
+    unanchored = limiter(clock, initial_limit=50, min_limit=2, max_limit=200)
+    rounds(unanchored, clock, 0.300, 400)
+    assert unanchored.limit > 50
+
+
 def test_the_limit_stays_within_its_bounds() -> None:
     clock = FakeClock()
     lim = limiter(clock, initial_limit=4, min_limit=2, max_limit=8)

@@ -7,10 +7,12 @@ queueing) and compares each new sample with it. While samples stay near the aver
 the limit grows by a small queue allowance (``queue_size``); when they rise, the
 limit shrinks in proportion (by at most half per step, smoothed), so the queue in
 front of the model, and with it the latency, stays short. When the callers do not use
-half the limit it stops growing (it would learn nothing). With a ``latency_target``
-(``rtinfer serve`` sets a quarter of ``--slo-ms``), a call faster than it never
-shrinks the limit: a micro-batched model's latency rises with its queue by design, and
-shedding calls that would meet the SLO only loses work.
+half the limit it stops growing (it would learn nothing). A ``latency_target``
+(``rtinfer serve`` sets a quarter of ``--slo-ms``) is a setpoint: a call faster than it
+never shrinks the limit (a micro-batched model's latency rises with its queue by design,
+and shedding calls that would meet the SLO only loses work), and a slower one shrinks it
+by ``target / rtt`` at least, even once the long-term average has followed a lasting
+overload up.
 
 Two traffic classes: ``critical`` calls are admitted up to the limit,
 ``best_effort`` ones only up to ``best_effort_share`` of it (default 80%), so under
@@ -300,10 +302,12 @@ class AdaptiveLimiter:
         if in_flight < self._limit / 2:
             return  # the callers leave most of the limit unused: nothing to learn
         target = self.latency_target
-        if target is not None and rtt <= target:
-            gradient = 1.0  # within the target: no reason to shed
-        else:
-            gradient = max(0.5, min(1.0, self.tolerance * self._long_rtt / rtt))
+        gradient = min(1.0, self.tolerance * self._long_rtt / rtt)
+        if target is not None:
+            # A setpoint: within it no reason to shed; past it, shrink in proportion
+            # however slow the long-term average has become meanwhile.
+            gradient = 1.0 if rtt <= target else min(gradient, target / rtt)
+        gradient = max(0.5, gradient)
         target = self._limit * gradient + self.queue_size(self._limit)
         limit = self._limit * (1 - self.smoothing) + target * self.smoothing
         self._limit = max(self.min_limit, min(self.max_limit, limit))
