@@ -18,7 +18,7 @@ repository::
 
 :func:`run_server` runs the :class:`~rtinfer.http.InferenceApp` under rtinfer's own
 HTTP/1.1 and WebSocket server (:mod:`rtinfer.http.server`, the default: about a
-quarter less work per request) or uvicorn (``http_server="uvicorn"``), in
+fifth less work per request) or uvicorn (``http_server="uvicorn"``), in
 ``workers`` processes sharing the port, each loading the models once. The settings
 reach the workers through ``RTINFER_SERVE_*`` environment variables (and
 ``RTINFER_API_KEY``), read by :func:`app_from_env`, the factory each worker calls. On
