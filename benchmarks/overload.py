@@ -733,6 +733,10 @@ def pipeline_config(args: argparse.Namespace, url: str, names: dict[str, str], s
         f'sinks: [{{type: redis, url: "{url}", stream: {names["out"]}}}]\n'
         f'dead_letters: {{type: redis, url: "{url}", stream: {names["dead"]}}}\n'
     )
+    if args.read_size or args.max_in_flight:
+        runtime = {"read_size": args.read_size, "max_in_flight": args.max_in_flight}
+        fields = ", ".join(f"{k}: {v}" for k, v in runtime.items() if v)
+        head += f"runtime: {{{fields}}}\n"
     if slo:
         shed = ", shed: true" if args.shed else ""
         head += f"slo: {{deadline_ms: {args.stream_slo_ms}, expired: {args.expired}{shed}}}\n"
@@ -1216,6 +1220,8 @@ def main() -> None:
     streaming = parser.add_argument_group("stream")
     streaming.add_argument("--stream-slo-ms", type=float, default=50.0)
     streaming.add_argument("--expired", choices=("dead_letter", "fallback"), default="dead_letter")
+    streaming.add_argument("--read-size", type=int, help="the pipeline's runtime.read_size")
+    streaming.add_argument("--max-in-flight", type=int, help="the pipeline's runtime.max_in_flight")
     streaming.add_argument(
         "--shed",
         action="store_true",
