@@ -1,7 +1,8 @@
-"""The HTTP front against a real uvicorn server, with real clients (httpx, tritonclient).
+"""The HTTP front against a real server, with real clients (httpx, tritonclient).
 
-Each server runs in a background thread on a free port (as httpx's own tests
-run uvicorn); the ASGI lifespan starts and closes the models.
+Each server is rtinfer's own HTTP server (``rtinfer serve``'s default) on an event loop
+in a background thread, on a free port; the ASGI lifespan starts and closes the models.
+Under uvicorn (``--http-server uvicorn``) the app is run by ``test_serve_drain``.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
 import numpy as np
 import pytest
-import uvicorn
+import uvloop
 
 from conftest import SAFETY, python_model
 from rtinfer.exceptions import ConfigError
 from rtinfer.http import ROUTES, InferenceApp
+from rtinfer.http.server import HttpServer
 from rtinfer.models import PythonModel, load_model, tensor
 from rtinfer.serve import build_server, run_server
 from rtinfer.serving import ModelServer
@@ -50,25 +52,32 @@ def mixed_model() -> PythonModel:
 
 
 @contextmanager
-def serving(app: InferenceApp) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a thread; yield its base URL; stop it (graceful)."""
+def serving(app: InferenceApp, server_limit: int | None = None) -> Iterator[str]:
+    """Run ``app`` under rtinfer's own HTTP server (``rtinfer serve``'s default) on an
+    event loop in a thread; yield its base URL; stop it (gracefully). The server's body
+    and message limit is the app's (as ``rtinfer serve`` has it) unless ``server_limit``."""
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + SAFETY
-    while not server.started:
-        assert thread.is_alive(), "the server failed to start"
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
+    server = HttpServer(app, sock=sock, max_body_bytes=server_limit or app.max_body_bytes)
+
+    def call(coro: Any, timeout: float = SAFETY) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
     try:
+        call(server.start())
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.should_exit = True
-        thread.join(SAFETY)
-        sock.close()
+        try:
+            call(server.stop(SAFETY), SAFETY * 2)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(SAFETY)
+            loop.close()
+            sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ See :mod:`rtinfer.http.server` for what it does and does not do.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import urllib.parse
 from collections import deque
@@ -41,6 +42,28 @@ def _status_line(status: int) -> bytes:
     return _STATUS.get(status) or b"HTTP/1.1 %d \r\n" % status
 
 
+def error_response(status: int, message: str, date: bytes) -> bytes:
+    """A whole response the server answers itself (malformed request, body over the
+    limit, a failed app), closing the connection: ``{"error": "..."}`` as JSON, the form
+    the Open Inference Protocol gives its errors."""
+    body = json.dumps({"error": message}).encode()
+    return b"".join(
+        (
+            _status_line(status),
+            date,
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            _CLOSE,
+            b"\r\n",
+            body,
+        )
+    )
+
+
+#: Sweeps (about a second each) a refused connection is still read after its answer.
+LINGER_TICKS = 2
+
+
 class _TooLarge(Exception):
     """Raised in a parser callback: the body (or its declared length) is over the limit."""
 
@@ -63,6 +86,7 @@ class HttpConnection(Flow):
         self.head_bytes = 0
         self.upgrade: Scope | None = None  # a WebSocket upgrade being parsed
         self.refused: tuple[int, str] | None = None  # answered after the queue, then close
+        self.lingering = False  # the refusal is written; reading on until the client closes
         self.read_paused = False
         self.write_paused = False
         self.drained = None
@@ -105,7 +129,8 @@ class HttpConnection(Flow):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _TooLarge):
                 limit = self.shared.max_body_bytes
-                self._refuse(413, f"the body is over the limit of {limit} bytes")
+                size = f"{self.length} bytes" if self.length >= 0 else f"more than {limit} bytes"
+                self._refuse(413, f"the body has {size}; the limit is {limit}")
             else:
                 self._refuse(400, f"malformed request: {exc.__context__ or exc}")
             return
@@ -256,21 +281,21 @@ class HttpConnection(Flow):
             self._write_error(status, message)
 
     def _write_error(self, status: int, message: str) -> None:
-        body = message.encode()
-        self.transport.write(
-            b"".join(
-                (
-                    _status_line(status),
-                    self.shared.date,
-                    b"content-type: text/plain; charset=utf-8\r\n",
-                    b"content-length: %d\r\n" % len(body),
-                    _CLOSE,
-                    b"\r\n",
-                    body,
-                )
-            )
-        )
-        self.transport.close()
+        """Answer ``status`` and end the connection, lingering: closing with the rest of a
+        refused body unread would reset it, and the client, perhaps still sending, would
+        see the reset instead of the answer. So the server half-closes and reads on,
+        discarding, until the client closes or :data:`LINGER_TICKS` sweeps pass."""
+        transport = self.transport
+        transport.write(error_response(status, message, self.shared.date))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.lingering = True
+        self.ticks = 0
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()  # what comes is dropped: data_received returns
 
     def _upgrade(self, rest: bytes) -> None:
         """Hand the connection to a WebSocket once the upgrade request is parsed."""
@@ -288,6 +313,11 @@ class HttpConnection(Flow):
 
     def tick(self) -> None:
         """The sweep, once a second: close the connection once idle for long enough."""
+        if self.lingering:
+            self.ticks += 1
+            if self.ticks >= LINGER_TICKS:
+                self.transport.close()
+            return
         if self.running:
             return
         self.ticks += 1
@@ -372,20 +402,8 @@ class Cycle:
         conn = self.conn
         if not self.disconnected and not conn.lost:
             if self.head is None or self.head:  # nothing written yet
-                body = b"Internal Server Error"
-                conn.transport.write(
-                    b"".join(
-                        (
-                            _status_line(500),
-                            conn.shared.date,
-                            b"content-type: text/plain; charset=utf-8\r\n",
-                            b"content-length: %d\r\n" % len(body),
-                            _CLOSE,
-                            b"\r\n",
-                            body,
-                        )
-                    )
-                )
+                message = "internal server error"
+                conn.transport.write(error_response(500, message, conn.shared.date))
             conn.transport.close()  # a half-sent response cannot be finished
         self.keep_alive = False
         conn.response_done(self)

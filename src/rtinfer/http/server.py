@@ -17,9 +17,11 @@ server needs, with as little work per request as it can:
 - keep-alive, HTTP/1.0, pipelining (answered in order; reading pauses past
   :data:`MAX_PIPELINED` queued requests), ``Expect: 100-continue``, chunked request
   bodies (httptools dechunks), malformed requests (400 and close), oversized heads
-  (431), a client gone mid-request (``receive()`` then returns ``http.disconnect``
-  and the response is dropped), and write flow control (``send`` waits while the
-  transport's buffer is over its high-water mark);
+  (431) and bodies (413) (what the server answers itself is ``{"error": "..."}`` JSON,
+  and the connection lingers, read and discarded, so that a client still sending reads
+  the answer rather than a reset), a client gone mid-request (``receive()`` then
+  returns ``http.disconnect`` and the response is dropped), and write flow control
+  (``send`` waits while the transport's buffer is over its high-water mark);
 - WebSocket upgrades through ``websockets``' sans-I/O ``ServerProtocol`` (messages
   bounded by ``max_body_bytes``: past it the connection closes with 1009; no
   compression; pings answered by the protocol; a client silent for ``ping_s`` is
