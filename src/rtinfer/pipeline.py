@@ -24,9 +24,9 @@ source positions of everything written before the flush. So:
   never runs an expired event (its ``expired`` policy says what happens then);
   with ``shed_expired``, an event whose deadline has passed when it is read (or
   would pass within the recent read-to-written time) is dead-lettered at once,
-  undecoded (stage ``intake``): a backlog older than the
-  deadline is set aside at the cost of a write, and the pipeline catches up with
-  the events it can still answer in time;
+  undecoded (stage ``intake``): a backlog older than the deadline is set aside at
+  the cost of a write, and the pipeline catches up with the events it can still
+  answer in time;
 - **failing sinks** (:class:`SinkResilience`): a sink's ``write``/``flush`` that
   fails with a transient error is retried with jittered backoff, paid from a
   retry budget (about 10% extra calls at most); one that keeps failing opens its
@@ -296,7 +296,8 @@ class _LogDeadLetters:
 
 
 _SHED_REASON = (
-    "its deadline had passed when it was read (slo.shed: true): set aside unprocessed, for a replay"
+    "its deadline had passed when it was read, or would have before its result could be "
+    "written (slo.shed: true): set aside unprocessed, for a replay"
 )
 
 
