@@ -670,28 +670,6 @@ async def test_stop_closes_websockets_with_1001(inference: Running) -> None:
 # --------------------------------------------------------------------------- rtinfer serve
 
 
-@pytest.mark.timeout(120)
-async def test_rtinfer_serve_workers_share_the_port(tmp_path: Path) -> None:
-    (tmp_path / "gate").touch()  # nothing held
-    process, port, log = await start_serve(tmp_path, "--workers", "2", http_server="rtinfer")
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
-            await wait_ready(c, process, log)
-            answers = [
-                await c.post("/v2/models/gated/infer", json=drain_body(0.5)) for _ in range(4)
-            ]
-            assert [a.status_code for a in answers] == [200] * 4
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0, log.read_text()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["workers"] == 2
-    assert summary["requests"] >= 5  # the four answers, and the readiness checks
-
-
 def worker_pids(parent: int) -> set[int]:
     """The worker processes of ``parent`` (children started by multiprocessing's spawn)."""
     found = set()
@@ -709,13 +687,21 @@ def worker_pids(parent: int) -> set[int]:
     return found
 
 
+async def answer_four(c: httpx.AsyncClient) -> None:
+    answers = [await c.post("/v2/models/gated/infer", json=drain_body(0.5)) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+
+
 @pytest.mark.timeout(120)
-async def test_rtinfer_serve_replaces_a_worker_that_dies(tmp_path: Path) -> None:
+async def test_rtinfer_serve_workers_share_the_port_and_one_that_dies_is_replaced(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "gate").touch()  # nothing held
     process, port, log = await start_serve(tmp_path, "--workers", "2", http_server="rtinfer")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
             await wait_ready(c, process, log)
+            await answer_four(c)
             workers = worker_pids(process.pid)
             assert len(workers) == 2, workers
             await asyncio.sleep(STEADY_S)  # past start-up: a death now is an accident
@@ -730,10 +716,7 @@ async def test_rtinfer_serve_replaces_a_worker_that_dies(tmp_path: Path) -> None
             else:
                 pytest.fail(f"no worker replaced {victim}: {log.read_text()}")
             await wait_ready(c, process, log)
-            answers = [
-                await c.post("/v2/models/gated/infer", json=drain_body(0.5)) for _ in range(4)
-            ]
-            assert [a.status_code for a in answers] == [200] * 4
+            await answer_four(c)
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0, log.read_text()
     finally:
@@ -741,3 +724,6 @@ async def test_rtinfer_serve_replaces_a_worker_that_dies(tmp_path: Path) -> None
             process.kill()
             await process.wait()
     assert "starting another in its place" in log.read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["workers"] == 2
+    assert summary["requests"] >= 5  # the survivors' answers and readiness checks
