@@ -13,26 +13,23 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import msgspec
 import numpy as np
 import pytest
-import uvloop
 
 from conftest import SAFETY, python_model
 from rtinfer.exceptions import ConfigError
 from rtinfer.http import ROUTES, InferenceApp
-from rtinfer.http.server import HttpServer
 from rtinfer.models import PythonModel, load_model, tensor
 from rtinfer.serve import build_server, run_server
 from rtinfer.serving import ModelServer
 from rtinfer.types import Arrays
+from test_http_server import running
 
 KEY = "s3cret-key"
 
@@ -56,28 +53,8 @@ def serving(app: InferenceApp, server_limit: int | None = None) -> Iterator[str]
     """Run ``app`` under rtinfer's own HTTP server (``rtinfer serve``'s default) on an
     event loop in a thread; yield its base URL; stop it (gracefully). The server's body
     and message limit is the app's (as ``rtinfer serve`` has it) unless ``server_limit``."""
-    loop = uvloop.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = HttpServer(app, sock=sock, max_body_bytes=server_limit or app.max_body_bytes)
-
-    def call(coro: Any, timeout: float = SAFETY) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    try:
-        call(server.start())
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            call(server.stop(SAFETY), SAFETY * 2)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(SAFETY)
-            loop.close()
-            sock.close()
+    with running(app, max_body_bytes=server_limit or app.max_body_bytes) as run:
+        yield f"http://127.0.0.1:{run.port}"
 
 
 @pytest.fixture(scope="module")
