@@ -10,7 +10,7 @@ import statistics
 FRAUD_SCORING = """
 decode: {{schema: "rtinfer.demo.events:Transaction", event_time_field: ts}}
 stages:
-  - {{type: python, use: "rtinfer.demo.features:CardFeatures", args: {{capacity: 32768}}}}
+  - {{type: python, use: "rtinfer.demo.features:HandCardFeatures", args: {{capacity: 32768}}}}
 model:
   path: "{model}"
   version: "{version}"

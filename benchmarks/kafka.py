@@ -44,7 +44,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rtinfer.build import build_pipeline
 from rtinfer.config import parse_config
 from rtinfer.demo.events import Transaction
-from rtinfer.demo.features import CardFeatures
+from rtinfer.demo.features import HandCardFeatures
 from rtinfer.demo.run import prepare_stream
 from rtinfer.demo.training import MODEL_VERSION, ensure_model
 from rtinfer.loop import run
@@ -132,7 +132,7 @@ def hand_written(
     consumer.subscribe([source])
     producer = Producer({"bootstrap.servers": kafka, "enable.idempotence": True, "acks": "all"})
     decoder, encoder = msgspec.json.Decoder(Transaction), msgspec.json.Encoder()
-    features = CardFeatures(capacity=32768)
+    features = HandCardFeatures(capacity=32768)
     model = OnnxModel(model_path, version=MODEL_VERSION)
     model.load()
     done, first = 0, 0.0

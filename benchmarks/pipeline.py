@@ -1,7 +1,7 @@
 """The demo pipeline's speed beside its model alone, measured in one run.
 
     python benchmarks/pipeline.py [--events 200000] [--seconds 8] [--repeats 3]
-    python benchmarks/pipeline.py --stages card,engine --rates ""   # the two feature stages
+    python benchmarks/pipeline.py --stages hand,engine --rates ""   # the two feature stages
 
 For each repeat, in turn (A B A B, so drift hits both alike):
 
@@ -18,10 +18,10 @@ of the pipeline's cost per event (1 / events/s) to the model's cost per row at t
 pipeline's own mean batch size. Run it on an otherwise idle machine: nothing else
 timed at the same time.
 
-``--stages card,engine`` runs the unbounded pipeline with each feature stage in
-turn (A B A B): the demo's :class:`~rtinfer.demo.features.CardFeatures` and
-:class:`~rtinfer.demo.features.EngineCardFeatures` (the same features through
-the general feature engine), and prints each one's events/s and cost per event,
+``--stages hand,engine`` runs the unbounded pipeline with each feature stage in
+turn (A B A B): :class:`~rtinfer.demo.features.HandCardFeatures` (hand-vectorised)
+and the demo's :class:`~rtinfer.demo.features.CardFeatures` (the same features
+through the general feature engine), and prints each one's events/s and cost per event,
 and the median of the per-repeat cost ratios.
 """
 
@@ -43,7 +43,7 @@ from common import spread
 
 import rtinfer
 from rtinfer.demo.events import Transaction
-from rtinfer.demo.features import CardFeatures
+from rtinfer.demo.features import HandCardFeatures
 from rtinfer.demo.run import demo_config_text, prepare_stream, run_demo
 from rtinfer.demo.training import ensure_model
 from rtinfer.loop import run
@@ -83,11 +83,11 @@ def model_alone(model: OnnxModel, features: np.ndarray[Any, Any], batch: int) ->
     return (time.perf_counter() - started) / n * 1e6
 
 
-STAGES = {"card": "CardFeatures", "engine": "EngineCardFeatures"}
+STAGES = {"hand": "HandCardFeatures", "engine": "CardFeatures"}
 
 
 def run_pipeline(
-    stream: Any, rate: float | None, events: int, stage: str = "card"
+    stream: Any, rate: float | None, events: int, stage: str = "engine"
 ) -> dict[str, Any]:
     values, keys = stream
     text = demo_config_text().replace(
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rates", default="2000,20000")
-    parser.add_argument("--stages", default="", help="e.g. card,engine: compare feature stages")
+    parser.add_argument("--stages", default="", help="e.g. hand,engine: compare feature stages")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
 
@@ -142,7 +142,7 @@ def main() -> None:
         compare_stages(stream, args.stages.split(","), args.events, args.repeats)
         return
     decoder = msgspec.json.Decoder(Transaction)
-    features = CardFeatures().transform([decoder.decode(v) for v in stream[0][: args.events]])
+    features = HandCardFeatures().transform([decoder.decode(v) for v in stream[0][: args.events]])
     model = OnnxModel(path, intra_op_threads=1, inter_op_threads=1)
     model.load()
 

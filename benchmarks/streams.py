@@ -46,7 +46,7 @@ import redis.asyncio as aioredis
 from common import FRAUD_SCORING, spread
 
 from rtinfer.demo.events import Transaction
-from rtinfer.demo.features import CardFeatures
+from rtinfer.demo.features import HandCardFeatures
 from rtinfer.demo.run import prepare_stream
 from rtinfer.demo.training import MODEL_VERSION, ensure_model
 from rtinfer.models import OnnxModel
@@ -83,7 +83,7 @@ async def hand_written(
     await client.xgroup_create(stream, "hand", id="0", mkstream=True)
     decoder = msgspec.json.Decoder(Transaction)
     encoder = msgspec.json.Encoder()
-    features = CardFeatures(capacity=32768)
+    features = HandCardFeatures(capacity=32768)
     model = OnnxModel(model_path, version=MODEL_VERSION)
     model.load()
     done = 0

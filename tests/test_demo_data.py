@@ -29,7 +29,7 @@ from rtinfer.demo import (
     MODEL_VERSION,
     PATTERNS,
     CardFeatures,
-    EngineCardFeatures,
+    HandCardFeatures,
     Transaction,
     encode_events,
     ensure_model,
@@ -198,12 +198,12 @@ def test_hand_computed_features(min_vector: int, monkeypatch: pytest.MonkeyPatch
         [20.9, math.log1p(20.9), 0, 0, 1, 1, 20.9, 1, 20.9 / usual[3], 3600.0, 15],
         [3.0, math.log1p(3.0), 0, 1, 2, 2, 23.9, 2, 3.0 / usual[4], 0.0, 15],
     ]
-    stage = CardFeatures()
+    stage = HandCardFeatures()
     got = np.concatenate([stage.transform([t]) for t in stream])  # each payment alone
     assert got.dtype == np.float32
     assert got.shape == (len(stream), len(FEATURE_NAMES))
     np.testing.assert_allclose(got, np.array(expected, np.float32), rtol=1e-6)
-    np.testing.assert_array_equal(CardFeatures().transform(stream), got)
+    np.testing.assert_array_equal(HandCardFeatures().transform(stream), got)
 
 
 @BOTH_PATHS
@@ -215,7 +215,7 @@ def test_windows_see_at_most_the_ring(
     payments = [
         tx("A", i * 100, 1.0 + i, "m" if same_merchant else f"m{i}") for i in range(RING + 8)
     ]
-    stage = CardFeatures()
+    stage = HandCardFeatures()
     got = np.concatenate([stage.transform([t]) for t in payments])
     counts = np.minimum(np.arange(1, len(payments) + 1), RING + 1)
     np.testing.assert_array_equal(got[:, COLUMN["tx_1m"]], counts)
@@ -265,7 +265,7 @@ def reference_features(stream: list[Transaction]) -> np.ndarray[Any, Any]:
 
 def test_features_equal_their_definitions_on_a_generated_stream() -> None:
     stream = generate(20_000, seed=10, fraud_rate=0.05)
-    np.testing.assert_array_equal(CardFeatures().transform(stream), reference_features(stream))
+    np.testing.assert_array_equal(HandCardFeatures().transform(stream), reference_features(stream))
 
 
 @functools.cache
@@ -279,7 +279,7 @@ def streams() -> dict[str, tuple[list[Transaction], np.ndarray[Any, Any]]]:
         for i, t in enumerate(generated)
     ]
     return {
-        name: (stream, CardFeatures().transform(stream))
+        name: (stream, HandCardFeatures().transform(stream))
         for name, stream in (("generated", generated), ("crowded", crowded))
     }
 
@@ -294,7 +294,7 @@ def test_online_batches_equal_the_offline_transform(
     which: str, cuts: list[int], min_vector: int
 ) -> None:
     stream, offline = streams()[which]  # computed with the default paths, in one call
-    stage = CardFeatures()
+    stage = HandCardFeatures()
     bounds = [0, *sorted(set(cuts)), len(stream)]
     rows = []
     with mock.patch.object(features_module, "_MIN_VECTOR", min_vector):
@@ -309,13 +309,13 @@ def test_online_batches_equal_the_offline_transform(
 
 
 def test_an_empty_batch_gets_an_empty_feature_array() -> None:
-    batch = CardFeatures()(batch_of([]))
+    batch = HandCardFeatures()(batch_of([]))
     assert batch.inputs is not None
     assert batch.inputs["features"].shape == (0, len(FEATURE_NAMES))
 
 
 def test_state_is_kept_per_card() -> None:
-    stage = CardFeatures()
+    stage = HandCardFeatures()
     stage.transform(generate(1_000, seed=12))
     assert len(stage) == len({t.card for t in generate(1_000, seed=12)})
 
@@ -325,7 +325,7 @@ def test_state_is_kept_per_card() -> None:
 
 def test_the_onnx_export_scores_like_scikit_learn() -> None:
     events = generate(8_000, seed=13, fraud_rate=0.05)
-    features = CardFeatures().transform(events)
+    features = HandCardFeatures().transform(events)
     labels = np.array([e.is_fraud for e in events])
     model = fit_model(features, labels)
     onnx = onnx_scores(sklearn_to_onnx(model, len(FEATURE_NAMES)), features)
@@ -379,7 +379,7 @@ def test_the_served_features_equal_the_offline_path_on_the_demo_stream() -> None
     from rtinfer.demo.run import DEMO_SEED
 
     stream = generate(40_000, seed=DEMO_SEED)  # the stream `rtinfer demo` scores
-    np.testing.assert_array_equal(CardFeatures().transform(stream), offline_features(stream))
+    np.testing.assert_array_equal(HandCardFeatures().transform(stream), offline_features(stream))
 
 
 @pytest.mark.parametrize("size", [1, 9, 256])
@@ -387,7 +387,7 @@ def test_the_engine_stage_equals_the_offline_path_in_any_batches(size: int) -> N
     from rtinfer.types import Position
 
     stream = generate(2_000, seed=13, fraud_rate=0.05)
-    stage = EngineCardFeatures()
+    stage = CardFeatures()
     rows = []
     for start in range(0, len(stream), size):
         events = [
@@ -399,4 +399,4 @@ def test_the_engine_stage_equals_the_offline_path_in_any_batches(size: int) -> N
         assert not batch.dead
         rows.append(batch.inputs["features"])
     np.testing.assert_array_equal(np.concatenate(rows), offline_features(stream))
-    np.testing.assert_array_equal(np.concatenate(rows), CardFeatures().transform(stream))
+    np.testing.assert_array_equal(np.concatenate(rows), HandCardFeatures().transform(stream))

@@ -3,8 +3,9 @@
 - :mod:`~rtinfer.demo.events`: :class:`Transaction`, the JSON event;
 - :mod:`~rtinfer.demo.generator`: a deterministic synthetic stream with labelled fraud;
 - :mod:`~rtinfer.demo.features`: the per-card features, declared in ``features.yaml``
-  (training data through the offline path, :func:`offline_features`), served by
-  :class:`CardFeatures` (or :class:`EngineCardFeatures`, through the feature engine);
+  (training data through the offline path, :func:`offline_features`), served through
+  the feature engine by :class:`CardFeatures` (:class:`HandCardFeatures`: the same,
+  hand-vectorised, the yardstick of the engine's cost);
 - :mod:`~rtinfer.demo.training`: trains the gradient-boosted model and caches it as ONNX.
 
 ``rtinfer demo`` runs them live; see ``examples/fraud/README.md``.
@@ -17,7 +18,7 @@ from .features import (
     FEATURE_NAMES,
     FEATURES_VERSION,
     CardFeatures,
-    EngineCardFeatures,
+    HandCardFeatures,
     offline_features,
 )
 from .generator import GENERATOR_VERSION, encode_events, generate, write_jsonl
@@ -30,7 +31,7 @@ __all__ = [
     "MODEL_VERSION",
     "PATTERNS",
     "CardFeatures",
-    "EngineCardFeatures",
+    "HandCardFeatures",
     "TrainReport",
     "Transaction",
     "encode_events",

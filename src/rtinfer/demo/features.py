@@ -3,16 +3,17 @@
 The windowed features are **declared** in ``features.yaml`` (next to this file)
 for :mod:`rtinfer.features`; the model's training data comes from the offline
 path, :func:`offline_features` (:func:`rtinfer.features.backfill_rows` over the
-declaration, plus the per-payment columns). Two stages serve them:
+declaration, plus the per-payment columns). Two stages compute them online:
 
-- :class:`CardFeatures`, the demo's stage: a hand-vectorised implementation of the
-  same definitions, about 3 times cheaper per payment than the general engine on
-  this stream; tests check it against :func:`offline_features` on the demo's
-  stream (the same float32 values);
-- :class:`EngineCardFeatures`: the declaration through
-  :class:`~rtinfer.features.FeatureStage` (so equal to the offline path by
-  construction), for pipelines that need its durable state, watermarks and late
-  policy; ``benchmarks/pipeline.py --stages card,engine`` compares the two.
+- :class:`CardFeatures`, the demo's stage: the declaration through
+  :class:`~rtinfer.features.FeatureStage`, so equal to the offline path by
+  construction, with its per-partition state, watermarks, late policy and
+  optional durable store;
+- :class:`HandCardFeatures`: a hand-vectorised implementation of the same
+  definitions, about twice as cheap per payment on this stream, and checked equal
+  to :func:`offline_features` on the demo's stream (every float32). It is the
+  yardstick of what the general engine costs (``benchmarks/pipeline.py --stages
+  hand,engine``), and the stream benchmarks run it on both of their sides.
 
 The features, in :data:`FEATURE_NAMES` order, for a payment at event time ``ts``:
 
@@ -33,11 +34,13 @@ The features, in :data:`FEATURE_NAMES` order, for a payment at event time ``ts``
 ``hour``           hour of day of ``ts``, UTC (0 to 23)
 =================  ==================================================================
 
-A payment older than its card's latest (out of order) is counted as if it had
-happened at that latest time, so a card's windows only move forward.
+In :class:`HandCardFeatures`, a payment older than its card's latest (out of
+order) is counted as if it had happened at that latest time, so a card's windows
+only move forward (:class:`CardFeatures` places it at its own time, as the
+declaration says; the two agree on in-order streams such as the demo's).
 
-How it is fast: each card's state is one int64 row of an array (one trip to
-memory): the time of its latest payment, its usual amount, how many payments
+How :class:`HandCardFeatures` is fast: each card's state is one int64 row of an
+array (one trip to memory): the time of its latest payment, its usual amount, how many payments
 and cents it has made, and a ring of its :data:`RING` latest payments (time,
 cents paid before it, hash of the merchant) from which the windows are read.
 The first payment of each card in a batch is computed by numpy for all such
@@ -50,7 +53,7 @@ tests check both against a plain reference. Merchant hashes are Python's
 ``hash`` of the name, only ever compared with each other, so they need not
 agree across processes.
 
-The state of a card is bounded (800 bytes, plus its entry in a dict): its
+Its state of a card is bounded (800 bytes, plus its entry in a dict): its
 windows see at most its 32 latest earlier payments, far more than any fraud
 pattern makes in 10 minutes (beyond that, the counts and sums stop growing at
 33 payments). Cards are never forgotten, though: a stream of ever new cards
@@ -76,7 +79,7 @@ __all__ = [
     "FEATURE_NAMES",
     "RING",
     "CardFeatures",
-    "EngineCardFeatures",
+    "HandCardFeatures",
     "declared_features",
     "offline_features",
 ]
@@ -123,8 +126,8 @@ _MIN_VECTOR = 16  # smaller batches take the per-payment path
 IntArray = npt.NDArray[np.int64]
 
 
-class CardFeatures:
-    """The pipeline stage that turns each :class:`Transaction` into a row of features.
+class HandCardFeatures:
+    """The same features as :class:`CardFeatures`, hand-vectorised (see the module docstring).
 
     Reads ``event.data`` of each event in order, updates its card's state and
     sets ``batch.inputs = {"features": float32 array [len(batch), len(FEATURE_NAMES)]}``.
@@ -346,7 +349,7 @@ def declared_features() -> FeatureSet:
 def _assemble(events: Sequence[Any], windowed: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     """The model input from the payments and their declared features (``features.yaml``'s
     columns, in float64): the per-payment columns, and ``amount_ratio`` and ``gap_s``
-    derived from ``usual_amount`` and ``previous_ts`` as :class:`CardFeatures` defines them."""
+    derived from ``usual_amount`` and ``previous_ts`` as :class:`HandCardFeatures` defines them."""
     n = len(events)
     out = np.empty((n, _WIDTH), np.float32)
     if n == 0:
@@ -355,7 +358,7 @@ def _assemble(events: Sequence[Any], windowed: npt.NDArray[np.float64]) -> npt.N
     amount = np.array(amounts, np.float64)
     ts = np.array([tx.ts for tx in events], np.int64)
     out[:, 0] = amount
-    log1p = math.log1p  # per element, as CardFeatures
+    log1p = math.log1p  # per element, as HandCardFeatures
     out[:, 1] = [log1p(a) for a in amounts]
     out[:, 2] = [tx.country != tx.card_country for tx in events]
     out[:, 3] = [tx.channel == "online" for tx in events]
@@ -380,17 +383,21 @@ def offline_features(events: Sequence[Transaction]) -> npt.NDArray[np.float32]:
     return _assemble(events, windowed)
 
 
-class EngineCardFeatures:
-    """The demo's features through :class:`~rtinfer.features.FeatureStage` and
-    ``features.yaml``: the same as :func:`offline_features` by construction.
+class CardFeatures:
+    """The demo's pipeline stage: each :class:`Transaction` to a row of features, the
+    windowed ones through :class:`~rtinfer.features.FeatureStage` and ``features.yaml``,
+    so the same as :func:`offline_features` by construction.
 
-    ``store``: where the feature state is committed (see ``docs/features.md``).
-    ``capacity`` is accepted, and ignored, so it can replace :class:`CardFeatures`.
+    Sets ``batch.inputs = {"features": float32 array [len(batch), len(FEATURE_NAMES)]}``.
+    State is kept per source partition (payments of one card must share one).
+    ``store``: where the feature state is committed with the source's positions, so
+    that a restart resumes it (``file://DIR`` or ``redis://...``; see ``docs/features.md``);
+    ``None`` keeps it in memory only.
     """
 
     name = "card_features"
 
-    def __init__(self, capacity: int = 0, store: str | None = None) -> None:
+    def __init__(self, store: str | None = None) -> None:
         self.stage = FeatureStage(
             declared_features(), input="windowed", dtype="float64", store=store
         )
