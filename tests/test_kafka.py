@@ -528,8 +528,10 @@ def test_settings_that_break_delivery_are_refused() -> None:
         KafkaSource("k:9092", "t", config={"enable.auto.offset.store": "true"})
     with pytest.raises(ConfigError, match=r"group\.id"):
         KafkaSource("k:9092", "t", config={"group.id": "other"})
-    with pytest.raises(ConfigError, match="delivery count"):
-        KafkaSource("k:9092", "t", max_deliveries=5)
+    with pytest.raises(ConfigError, match="max_deliveries must be at least 1"):
+        KafkaSource("k:9092", "t", max_deliveries=0)
+    with pytest.raises(ConfigError, match="careful_events"):
+        KafkaSource("k:9092", "t", max_deliveries=3, careful_events=0)
     with pytest.raises(ConfigError, match="topic"):
         KafkaSource("k:9092", [])
     with pytest.raises(ConfigError, match="bootstrap_servers"):

@@ -147,7 +147,13 @@ def build_pipeline(
         stages.append(Outputs())
     r = config.runtime
     sr = r.sink_retry
-    source = _source(config.source, broker)
+    source_config = config.source
+    if isinstance(source_config, KafkaSourceConfig) and source_config.careful_events is None:
+        # Where a crashed worker's culprit may be: past what the pipeline holds in flight
+        # (written batches wait up to flush_interval for their acknowledgement, beside them).
+        careful = 4 * r.read_size * r.max_in_flight
+        source_config = msgspec.structs.replace(source_config, careful_events=careful)
+    source = _source(source_config, broker)
     sinks = [_sink(s, broker) for s in config.sinks]
     dead_letters = _sink(config.dead_letters, broker) if config.dead_letters else None
     _link_transactions(source, sinks, dead_letters, file)
@@ -401,7 +407,10 @@ def _source(config: SourceConfig, broker: Broker) -> Source:
     if isinstance(config, KafkaSourceConfig):
         from .sources.kafka import KafkaSource
 
-        return KafkaSource(**msgspec.structs.asdict(config))
+        options = msgspec.structs.asdict(config)
+        if options["careful_events"] is None:
+            del options["careful_events"]
+        return KafkaSource(**options)
     assert isinstance(config, MqttSourceConfig)
     from .sources.mqtt import MqttSource
 

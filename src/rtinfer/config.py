@@ -161,6 +161,11 @@ class KafkaSourceConfig(_Strict, tag="kafka", tag_field="type"):
     topics: str | list[str]
     group: str = "rtinfer"
     config: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Dead-letter an event that stopped its worker this many times (None: no limit).
+    max_deliveries: int | None = None
+    deliveries_topic: str = "rtinfer-deliveries"
+    # Events handed out one at a time after an unclean start (None: 4 x read_size x max_in_flight).
+    careful_events: int | None = None
     revoke_wait_s: float = 5.0
     poll_timeout_s: float = 0.1
 

@@ -14,7 +14,12 @@
   commits synchronously too;
 - every call into the consumer runs on one dedicated thread, never on the
   event loop, and a cancelled :meth:`~KafkaSource.read` keeps what its consume
-  call brings for the next read.
+  call brings for the next read;
+- with ``max_deliveries``, an event that keeps killing its worker (or stalling it
+  until it loses its partitions) is dead-lettered once it was in flight alone that
+  many times without being acknowledged: each partition's starts are counted in a
+  compacted topic (:mod:`.kafka_deliveries`), and after an unclean start the
+  partition's next events are handed out one at a time until the culprit shows.
 
 Per-key order follows partitions: one partition is read by one member of the
 group at a time, in offset order. ``confluent-kafka`` is imported when a source
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ..connectors.kafka import client_config, require_kafka
 from ..exceptions import ConfigError, RtinferError
 from ..types import DEAD_REASON_HEADER, Event, Position
+from .kafka_deliveries import DeliveryLog, Start
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
@@ -106,8 +112,15 @@ class KafkaSource:
     - :meth:`aclose` commits synchronously what was acknowledged, then leaves
       the group.
 
-    ``max_deliveries`` must stay ``None``: Kafka keeps no per-message delivery
-    count (see ``docs/kafka.md``).
+    ``max_deliveries`` (``None``: no limit): Kafka keeps no delivery count per
+    message, so the source counts, per partition, the starts at one committed offset
+    that ended without it being acknowledged, in the compacted topic
+    ``deliveries_topic`` (created if missing). A start that follows an unclean one at
+    the same offset is *careful*: that partition's next ``careful_events`` events (set
+    it to what the pipeline holds in flight at most) are handed out one at a time, each
+    committed and recorded before the next. An event that was alone in flight in
+    ``max_deliveries`` unclean starts is handed out with :data:`DEAD_REASON_HEADER`
+    and the pipeline dead-letters it. See ``docs/kafka.md``.
 
     Exactly once: :meth:`commit_with` a transactional :class:`~rtinfer.sinks.kafka.KafkaSink`
     and :meth:`ack` commits the offsets inside the sink's transaction, with the results
@@ -120,21 +133,30 @@ class KafkaSource:
         "_acked",
         "_assigned",
         "_broken",
+        "_careful",
         "_closed",
         "_commit_queued",
         "_cond",
         "_config",
         "_consumer",
+        "_doomed",
         "_executor",
         "_fatal",
         "_first_read",
         "_handed",
+        "_log",
         "_polling",
         "_ready",
+        "_settled",
         "_sources",
+        "_starts",
         "_stored",
         "_transactions",
+        "_unblocked",
+        "_unsettled",
+        "careful_events",
         "group",
+        "max_deliveries",
         "name",
         "poll_timeout_s",
         "revoke_wait_s",
@@ -149,16 +171,18 @@ class KafkaSource:
         group: str = "rtinfer",
         config: Mapping[str, Any] | None = None,
         max_deliveries: int | None = None,
+        deliveries_topic: str = "rtinfer-deliveries",
+        careful_events: int = 1024,
         revoke_wait_s: float = 5.0,
         poll_timeout_s: float = 0.1,
     ) -> None:
         require_kafka("the Kafka source")
-        if max_deliveries is not None:
-            raise ConfigError(
-                f"the Kafka source cannot honour max_deliveries={max_deliveries}: Kafka keeps no "
-                "per-message delivery count (only a committed offset per partition), so leave "
-                "max_deliveries unset; see docs/kafka.md"
-            )
+        if max_deliveries is not None and max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be at least 1 (or unset), got {max_deliveries}")
+        if careful_events < 1:
+            raise ConfigError(f"careful_events must be at least 1, got {careful_events}")
+        if max_deliveries is not None and not deliveries_topic:
+            raise ConfigError("max_deliveries needs a deliveries_topic to count in")
         topic_list = [topics] if isinstance(topics, str) else list(topics)
         if not topic_list or not all(topic_list):
             raise ConfigError(f"the Kafka source needs at least one topic name, got {topics!r}")
@@ -182,6 +206,13 @@ class KafkaSource:
             owned=_OWNED_CONSUMER,
         )
         self._config["group.id"] = group
+        self.max_deliveries = max_deliveries
+        self.careful_events = careful_events
+        self._log = (
+            DeliveryLog(self._config["bootstrap.servers"], group, deliveries_topic, self._config)
+            if max_deliveries is not None
+            else None
+        )
         self._consumer: Consumer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._polling: asyncio.Future[None] | None = None
@@ -201,6 +232,13 @@ class KafkaSource:
         self._stored: dict[_Key, int] = {}  # highest offset + 1 stored for commit
         self._transactions: KafkaSink | None = None  # commits offsets in its transactions
         self._broken: str | None = None  # why exactly-once cannot go on (see _on_revoke)
+        # With max_deliveries, per partition of the current assignment:
+        self._starts: dict[_Key, tuple[bytes, Start]] = {}  # the record of this start
+        self._careful: dict[_Key, int] = {}  # events below this offset go out one at a time
+        self._doomed: dict[_Key, tuple[int, str]] = {}  # the offset to dead-letter, and why
+        self._unsettled: set[_Key] = set()  # a careful event is out: the next one waits
+        self._settled: dict[_Key, int] = {}  # highest careful offset committed and recorded
+        self._unblocked = asyncio.Event()  # set when a careful event settles
 
     def commit_with(self, sink: KafkaSink) -> None:
         """Commit offsets inside ``sink``'s transactions (exactly once); call before start."""
@@ -208,6 +246,11 @@ class KafkaSource:
             raise ConfigError(
                 f"{self.name}: {sink.name} is not transactional; give it a transactional_id "
                 "to commit offsets through it"
+            )
+        if self._log is not None:
+            raise ConfigError(
+                f"{self.name}: max_deliveries is not supported with exactly-once (a "
+                "transactional sink) yet; leave it unset there"
             )
         self._transactions = sink
 
@@ -230,8 +273,12 @@ class KafkaSource:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
+            if self._log is not None:
+                self._log.open()
         except BaseException:
             consumer.close()
+            if self._log is not None:
+                self._log.close()
             raise
         self._consumer = consumer
 
@@ -269,8 +316,7 @@ class KafkaSource:
         with self._cond:
             for key in keys:
                 self._assigned.add(key)
-                for state in (self._first_read, self._handed, self._acked, self._stored):
-                    state.pop(key, None)
+                self._clear(key)
         logger.info("%s: assigned %s", self.name, _describe(keys))
 
     def _forget(self, keys: set[_Key]) -> int:
@@ -281,9 +327,23 @@ class KafkaSource:
         ]
         self._assigned -= keys
         for key in keys:
-            for state in (self._first_read, self._handed, self._acked, self._stored):
-                state.pop(key, None)
+            self._clear(key)
         return before - len(self._ready)
+
+    def _clear(self, key: _Key) -> None:
+        """Forget what this assignment knew of the partition ``key`` (under the lock)."""
+        for state in (
+            self._first_read,
+            self._handed,
+            self._acked,
+            self._stored,
+            self._starts,
+            self._careful,
+            self._doomed,
+            self._settled,
+        ):
+            state.pop(key, None)
+        self._unsettled.discard(key)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {self._key(tp.topic, tp.partition) for tp in partitions}
@@ -303,6 +363,7 @@ class KafkaSource:
             offsets = [
                 self._topic_partition(k, self._acked[k] + 1) for k in keys if k in self._acked
             ]
+            clean = self._clean_exits(keys)
             dropped = self._forget(keys)
             if self._transactions is not None:
                 offsets = []  # acknowledged = committed, inside the sink's transactions
@@ -318,6 +379,7 @@ class KafkaSource:
                     self._cond.notify_all()
         if offsets:
             self._commit_now(consumer, offsets, "on revocation")
+        self._record_exits(clean)
         if not drained and not self._closed:
             logger.warning(
                 "%s: partitions %s revoked with events read and not yet acknowledged%s; their "
@@ -347,6 +409,96 @@ class KafkaSource:
 
     def _drained(self, keys: Iterable[_Key]) -> bool:
         return all(self._acked.get(k, -1) >= self._handed[k] for k in keys if k in self._handed)
+
+    # -- delivery counts (max_deliveries) --------------------------------------------
+
+    def _clean_exits(self, keys: Iterable[_Key]) -> dict[bytes, Start]:
+        """The records of the started partitions among ``keys`` left with everything
+        acknowledged: ``starts=0`` at the offset committed (under the lock)."""
+        records = {}
+        for key in keys:
+            started = self._starts.pop(key, None)
+            if started is None or self._acked.get(key, -1) < self._handed.get(key, -1):
+                continue
+            acked = self._acked.get(key)
+            offset = started[1].offset if acked is None else acked + 1
+            records[started[0]] = Start(offset, 0)
+        return records
+
+    def _record_exits(self, records: dict[bytes, Start]) -> None:
+        if self._log is None or not records:
+            return
+        try:
+            self._log.put(records)
+        except RtinferError as exc:  # the next owner counts one start too many: logged
+            logger.warning("%s: %s", self.name, exc)
+
+    def _begin(self, key: _Key, topic: str, partition: int, offset: int) -> None:
+        """Record the start of the partition ``key`` at ``offset``, its first event this
+        assignment, and decide whether it is careful and what to dead-letter (consumer
+        thread; called before any of its events is handed out)."""
+        log = self._log
+        assert log is not None
+        assert self.max_deliveries is not None
+        name = log.key(topic, partition)
+        previous = log.get(name)
+        record = previous.next(offset) if previous is not None else Start(offset, 1)
+        log.put({name: record})
+        where = f"{topic}[{partition}] at offset {offset}"
+        with self._cond:
+            if key not in self._assigned:
+                return
+            self._starts[key] = (name, record)
+            if not record.careful:
+                return
+            self._careful[key] = offset + self.careful_events
+            if record.alone >= self.max_deliveries:
+                self._doomed[key] = (
+                    offset,
+                    f"in flight alone in {record.alone} starts of its partition that ended "
+                    f"without it being acknowledged (max_deliveries is {self.max_deliveries}): "
+                    "it crashes or stalls the worker",
+                )
+        if record.alone >= self.max_deliveries:
+            logger.error(
+                "%s: %s was in flight alone in %d starts that ended without it being "
+                "acknowledged; it goes to the dead letters",
+                self.name,
+                where,
+                record.alone,
+            )
+        else:
+            logger.warning(
+                "%s: %s starts again without progress (%d starts); its next %d events go out "
+                "one at a time, to find the one that stops the worker",
+                self.name,
+                where,
+                record.starts,
+                self.careful_events,
+            )
+
+    def _settle(self, keys: list[_Key]) -> None:
+        """Commit and record the acknowledged careful events of ``keys`` (consumer thread)."""
+        consumer, log = self._consumer, self._log
+        if consumer is None or log is None:
+            return
+        with self._cond:
+            keys = [k for k in keys if k in self._starts and k in self._acked]
+            offsets = [self._topic_partition(k, self._acked[k] + 1) for k in keys]
+            records = {}
+            for key in keys:
+                offset = self._acked[key] + 1
+                self._stored[key] = max(self._stored.get(key, -1), offset)
+                careful = offset < self._careful.get(key, offset)
+                records[self._starts[key][0]] = Start(offset, 1, careful=careful)
+        if offsets:
+            self._commit_now(consumer, offsets, "of a careful event")  # a failure: logged
+            log.put(records)
+        with self._cond:
+            for key in keys:
+                if key in self._acked:
+                    self._settled[key] = self._acked[key]
+                    self._unsettled.discard(key)
 
     def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], when: str) -> None:
         from confluent_kafka import KafkaException
@@ -431,6 +583,12 @@ class KafkaSource:
                 continue
             raw = msg.headers()
             headers = _headers(raw) if raw else None
+            if self._log is not None:
+                if key not in self._starts:
+                    self._begin(key, topic, partition, offset)
+                doomed = self._doomed.get(key)
+                if doomed is not None and doomed[0] == offset:
+                    headers = {**(headers or {}), DEAD_REASON_HEADER: doomed[1].encode()}
             kind, stamp = msg.timestamp()
             events.append(
                 Event(
@@ -455,8 +613,10 @@ class KafkaSource:
                 if self._transactions is not None:
                     offsets = []  # committed already, in the sink's transactions
                 unacked = sum(1 for k, h in self._handed.items() if h > self._acked.get(k, -1))
+                clean = self._clean_exits(list(self._starts))
             if offsets:
                 self._commit_now(consumer, offsets, "on close")
+            self._record_exits(clean)
             if unacked:
                 logger.info(
                     "%s: closing with events of %d partitions read and not acknowledged; "
@@ -466,6 +626,8 @@ class KafkaSource:
                 )
         finally:
             consumer.close()  # leaves the group; revocation runs (without waiting)
+            if self._log is not None:
+                self._log.close()
 
     # -- the event loop --------------------------------------------------------------
 
@@ -493,9 +655,17 @@ class KafkaSource:
         while True:
             if self._closed:  # what was fetched and not handed out is read again later
                 return []
+            held = False
             with self._cond:
                 if self._ready:
-                    return self._hand_out(max_events)
+                    self._unblocked.clear()
+                    events = self._hand_out(max_events)
+                    if events:
+                        return events
+                    held = True  # only careful partitions' events, waiting for an ack
+            if held:
+                await self._unblocked.wait()
+                continue
             executor = self._executor
             if executor is None:
                 raise RuntimeError(f"{self.name}: call start() before read()")
@@ -513,8 +683,11 @@ class KafkaSource:
 
     def _hand_out(self, max_events: int) -> list[Event]:
         """Take up to ``max_events`` fetched events (under the lock) and note them as in flight."""
-        events = self._ready[:max_events]
-        del self._ready[:max_events]
+        if self._careful:
+            events = self._hand_out_carefully(max_events)
+        else:
+            events = self._ready[:max_events]
+            del self._ready[:max_events]
         for event in events:
             assert event.position is not None
             key = _position_key(event.position)
@@ -523,6 +696,36 @@ class KafkaSource:
             self._handed[key] = offset
             self._first_read.setdefault(key, offset)
         return events
+
+    def _hand_out_carefully(self, max_events: int) -> list[Event]:
+        """:meth:`_hand_out`'s choice while some partitions are careful: one event of each
+        such partition, once its previous one has settled; the others as usual."""
+        taken: list[Event] = []
+        kept: list[Event] = []
+        held: set[_Key] = set()
+        careful, handed, settled = self._careful, self._handed, self._settled
+        for event in self._ready:
+            if len(taken) >= max_events:
+                kept.append(event)
+                continue
+            assert event.position is not None
+            key = _position_key(event.position)
+            until = careful.get(key)
+            if until is not None:
+                if key in held or (key in handed and settled.get(key, -1) < handed[key]):
+                    held.add(key)
+                    kept.append(event)
+                    continue
+                offset = event.position.offset
+                assert isinstance(offset, int)
+                if offset >= until:
+                    del careful[key]  # past the window: as usual from here
+                else:
+                    held.add(key)
+                    self._unsettled.add(key)
+            taken.append(event)
+        self._ready = kept
+        return taken
 
     async def ack(self, positions: Sequence[Position]) -> None:
         """Record the highest acknowledged offset per partition; commit it in the background.
@@ -558,9 +761,13 @@ class KafkaSource:
             if not changed:
                 return
             self._cond.notify_all()  # a revocation may be waiting for these
-            queue = not self._commit_queued
-            self._commit_queued = True
-        if queue:
+            settle = [k for k in highest if k in self._unsettled]
+            queue = not self._commit_queued and not settle
+            self._commit_queued = self._commit_queued or queue
+        if settle:  # a careful event: committed and recorded before the next goes out
+            await asyncio.wrap_future(self._executor.submit(self._settle, settle))
+            self._unblocked.set()
+        elif queue:
             self._executor.submit(self._store_and_commit)
 
     async def _ack_in_transaction(self, highest: dict[_Key, int]) -> None:
@@ -635,6 +842,7 @@ class KafkaSource:
         Events read and not acknowledged are not committed: they are read again.
         """
         self._closed = True
+        self._unblocked.set()  # a read waiting for a careful event's ack returns
         with self._cond:
             self._cond.notify_all()  # a revocation waiting for acks stops waiting
         polling, self._polling = self._polling, None
