@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import kafka_broker
 from conftest import SAFETY
 from rtinfer.types import DEAD_REASON_HEADER, Event
@@ -278,6 +280,7 @@ def _ids_of_outputs(kafka: str, name: str, expected: set[str]) -> set[str]:
 
 
 def test_max_deliveries_is_refused_with_exactly_once() -> None:
+    pytest.importorskip("confluent_kafka")
     from rtinfer.exceptions import ConfigError
     from rtinfer.sinks.kafka import KafkaSink
     from rtinfer.sources.kafka import KafkaSource
