@@ -211,7 +211,7 @@ runtime: {{read_size: 8, max_in_flight: 2}}
     command = [sys.executable, "-m", "rtinfer", "run", str(pipeline), "--no-live"]
     log = tmp_path / "worker.log"
     codes = []
-    for _ in range(6):  # a safety net: 4 starts are expected
+    for _ in range(8):  # a safety net: 4 or 5 starts are expected
         with log.open("ab") as stderr:
             worker = await asyncio.create_subprocess_exec(
                 *command, env=env, stdout=subprocess.DEVNULL, stderr=stderr
@@ -228,8 +228,13 @@ runtime: {{read_size: 8, max_in_flight: 2}}
                 worker.terminate()
                 codes.append(await worker.wait())
     tail = log.read_text(errors="replace")[-3000:]
-    assert codes[:3] == [-9, -9, -9], tail  # killed by the poison three times (max 2 alone)
-    assert codes[3:] == [0], tail  # then dead-lettered, and drained on SIGTERM
+    # Killed by the poison: twice alone (max_deliveries), after one crash or more in a
+    # batch (a run that acknowledged batches before it met the poison starts afresh,
+    # closer to it: at most once per batch the pipeline holds in flight, here 2).
+    kills = codes[:-1]
+    assert set(kills) == {-9}, tail
+    assert 3 <= len(kills) <= 2 + 1 + 2, tail
+    assert codes[-1] == 0, tail  # then dead-lettered, and drained on SIGTERM
     (letter,) = dead_letters
     record = json.loads(letter.value() or b"")
     assert json.loads(record["value"])["id"] == "poison"
