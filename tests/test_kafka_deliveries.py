@@ -37,6 +37,10 @@ kafka = kafka_broker.kafka
 __all__ = ["topic"]  # the fixture, used by name
 
 
+def unique(label: str) -> str:
+    return f"rtinfer-test-{label}-{uuid.uuid4().hex[:10]}"
+
+
 def offsets(events: list[Event]) -> list[int]:
     out = []
     for event in events:
@@ -73,9 +77,7 @@ async def run_until_crash(src: Any, poison: int, end: int) -> tuple[list[list[in
 async def test_a_poison_event_is_dead_lettered_after_max_deliveries_alone(
     kafka: str, topic: Any
 ) -> None:
-    name = topic("in")
-    group = f"rtinfer-test-{uuid.uuid4().hex[:10]}"
-    counts = f"rtinfer-test-deliveries-{uuid.uuid4().hex[:8]}"
+    name, group, counts = topic("in"), unique("group"), unique("deliveries")
     produce(kafka, name, [{"value": b"v%d" % i} for i in range(12)])
 
     def worker() -> Any:
@@ -115,9 +117,7 @@ async def test_a_poison_event_is_dead_lettered_after_max_deliveries_alone(
 async def test_clean_exits_and_progress_keep_the_next_start_as_usual(
     kafka: str, topic: Any
 ) -> None:
-    name = topic("in")
-    group = f"rtinfer-test-{uuid.uuid4().hex[:10]}"
-    counts = f"rtinfer-test-deliveries-{uuid.uuid4().hex[:8]}"
+    name, group, counts = topic("in"), unique("group"), unique("deliveries")
 
     def worker() -> Any:
         return source(kafka, name, group, max_deliveries=1, deliveries_topic=counts)
@@ -177,7 +177,7 @@ async def test_an_event_that_kills_the_worker_ends_in_the_dead_letters(
     """Real processes, killed by the event: the group's next worker (here: the same
     command, started again) dead-letters it after max_deliveries, and loses nothing."""
     source_topic, out, dead = topic("in"), topic("out"), topic("dead")
-    group = f"rtinfer-test-{uuid.uuid4().hex[:10]}"
+    group = unique("group")
     (tmp_path / "poison_stage.py").write_text(POISON_STAGE)
     pipeline = tmp_path / "pipeline.yaml"
     consumer = json.dumps(kafka_broker.FAST_CONSUMER)
@@ -243,14 +243,20 @@ runtime: {{read_size: 8, max_in_flight: 2}}
     assert outputs == set(ids) - {"poison"}  # at least once: every other event came out
 
 
-def _wait_for_messages(kafka: str, name: str, n: int, worker: Any) -> list[Any]:
-    """The first ``n`` messages of ``name`` once they are there, or ``[]`` when ``worker``
-    exits first (blocking: run in a thread)."""
+def _reader(kafka: str, name: str) -> Any:
+    """A consumer of partition 0 of ``name`` from its start, in no group."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": kafka, "group.id": "checker",
                          "enable.auto.commit": False} | kafka_broker.FAST_CONSUMER)  # fmt: skip
     consumer.assign([TopicPartition(name, 0, OFFSET_BEGINNING)])
+    return consumer
+
+
+def _wait_for_messages(kafka: str, name: str, n: int, worker: Any) -> list[Any]:
+    """The first ``n`` messages of ``name`` once they are there, or ``[]`` when ``worker``
+    exits first (blocking: run in a thread)."""
+    consumer = _reader(kafka, name)
     got: list[Any] = []
     try:
         for _ in range(int(SAFETY * 20)):  # a safety net counted in polls
@@ -266,11 +272,7 @@ def _wait_for_messages(kafka: str, name: str, n: int, worker: Any) -> list[Any]:
 
 def _ids_of_outputs(kafka: str, name: str, expected: set[str]) -> set[str]:
     """The ids of the results on ``name`` once they include ``expected`` (blocking)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": kafka, "group.id": "checker",
-                         "enable.auto.commit": False} | kafka_broker.FAST_CONSUMER)  # fmt: skip
-    consumer.assign([TopicPartition(name, 0, OFFSET_BEGINNING)])
+    consumer = _reader(kafka, name)
     got: set[str] = set()
     try:
         for _ in range(int(SAFETY * 20)):  # a safety net counted in polls
