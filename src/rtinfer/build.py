@@ -407,10 +407,7 @@ def _source(config: SourceConfig, broker: Broker) -> Source:
     if isinstance(config, KafkaSourceConfig):
         from .sources.kafka import KafkaSource
 
-        options = msgspec.structs.asdict(config)
-        if options["careful_events"] is None:
-            del options["careful_events"]
-        return KafkaSource(**options)
+        return KafkaSource(**msgspec.structs.asdict(config))  # careful_events set above
     assert isinstance(config, MqttSourceConfig)
     from .sources.mqtt import MqttSource
 
