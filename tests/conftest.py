@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -263,6 +264,15 @@ class Double:
             batch.inputs["features"][:, 0] *= self.factor
         return batch
 '''
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_the_heap() -> Iterator[None]:
+    """``rtinfer run`` and ``rtinfer serve`` freeze their start-up heap (``gc.freeze``);
+    a test that runs one in this process gives the collector the heap back after it."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import runpy
@@ -118,7 +119,9 @@ def test_run_writes_the_summary_json(
     with (tmp_path / "in.jsonl").open("a") as f:
         f.write('{"id": "bad", "x": "high", "y": 1.0}\n')
     summary_path = tmp_path / "reports" / "summary.json"
+    assert gc.get_freeze_count() == 0
     assert main(["run", str(path), "--summary-json", str(summary_path), "--no-live"]) == 0
+    assert gc.get_freeze_count() > 0  # start-up's objects were put out of the GC's walks
     summary = json.loads(summary_path.read_text())
     assert set(summary) == {
         "events_in",

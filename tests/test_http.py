@@ -8,6 +8,7 @@ Under uvicorn (``--http-server uvicorn``) the app is run by ``test_serve_drain``
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from conftest import SAFETY, python_model
 from rtinfer.exceptions import ConfigError
 from rtinfer.http import ROUTES, InferenceApp
 from rtinfer.models import PythonModel, load_model, tensor
-from rtinfer.serve import build_server, run_server
+from rtinfer.serve import app_from_env, build_server, run_server
 from rtinfer.serving import ModelServer
 from rtinfer.types import Arrays
 from test_http_server import running
@@ -796,3 +797,15 @@ def test_http_metrics_count_time_and_merge_across_workers() -> None:
     assert (merged["requests"], merged["errors"]) == (12, 2)
     assert merged["errors_by_status"] == {"503": 2}
     assert 0.1 <= merged["latency_p50_ms"] <= 0.5
+
+
+def test_the_serve_app_freezes_its_start_up_heap(
+    model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rtinfer serve``'s app puts what start-up made out of the collector's walks once
+    its models are loaded (its full collections pause the event loop for less)."""
+    monkeypatch.setenv("RTINFER_SERVE_TARGET", str(model_file))
+    assert gc.get_freeze_count() == 0
+    with serving(app_from_env()) as base:
+        assert gc.get_freeze_count() > 0
+        assert httpx.get(f"{base}/v2/health/ready", timeout=SAFETY).json() == {"ready": True}

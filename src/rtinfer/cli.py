@@ -206,10 +206,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 async def _run_pipeline(path: Path, metrics_port: int | None, live: bool) -> dict[str, Any]:
     from .build import load_pipeline
+    from .loop import freeze_heap
     from .observability.live import LiveView
     from .signals import handle_signals
 
     pipeline = load_pipeline(path)
+    freeze_heap()  # everything is imported and configured: keep it out of the GC's walks
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

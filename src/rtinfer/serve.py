@@ -57,6 +57,7 @@ from .batching import MicroBatcher
 from .exceptions import ConfigError, MissingDependency
 from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
 from .http.stats import summarize
+from .loop import freeze_heap
 from .models import load_model
 from .resilience import ClientQuota, MemoryStore, PredictionCache, Priority, RedisStore
 from .resilience import parse_priority as _parse_priority
@@ -401,6 +402,7 @@ def app_from_env() -> InferenceApp:
                 await grpc_server.stop(grace=5.0)
 
         restore = drain_on_sigterm(app.server, drain_s)
+        freeze_heap()  # the models are loaded: start-up's objects leave the GC's walks
 
         async def stop() -> None:
             if restore is not None:
