@@ -360,7 +360,7 @@ class ModelServer:
     The protections every request meets (see ``docs/resilience.md``), server-wide:
     ``max_concurrency``, the ceiling of each model's adaptive concurrency limit (``0``: no
     limiter); ``latency_target``, the call time (seconds) under which a limiter never
-    shrinks (``rtinfer serve``: a quarter of the SLO); ``default_priority`` of requests that
+    shrinks (``rtinfer serve``: a third of the SLO); ``default_priority`` of requests that
     name none; ``quota``, a per-client :class:`ClientQuota` (429); ``cache``, a
     :class:`PredictionCache` shared by every deterministic model. Each model's
     :class:`ModelPolicy` refines them.

@@ -8,7 +8,7 @@ the limit grows by a small queue allowance (``queue_size``); when they rise, the
 limit shrinks in proportion (by at most half per step, smoothed), so the queue in
 front of the model, and with it the latency, stays short. When the callers do not use
 half the limit it stops growing (it would learn nothing). A ``latency_target``
-(``rtinfer serve`` sets a quarter of ``--slo-ms``) is a setpoint: a call faster than it
+(``rtinfer serve`` sets a third of ``--slo-ms``) is a setpoint: a call faster than it
 never shrinks the limit (a micro-batched model's latency rises with its queue by design,
 and shedding calls that would meet the SLO only loses work), and a slower one shrinks it
 by ``target / rtt`` at least, even once the long-term average has followed a lasting
