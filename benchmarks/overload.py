@@ -43,8 +43,9 @@ rejected/s (503/429) and the time to reject (from the request's write to its ans
 the server's own reaction) p50/p99/max; timed out/s (504: the server's deadline);
 errors (other statuses, broken or unanswered connections).
 
-**Stream.** The demo's scoring (decode, per-card features, the micro-batched model,
-decision) as ``rtinfer run`` with a Redis Streams source and sinks, pinned to CPU 0;
+**Stream.** The demo's scoring (decode, per-card features, the micro-batched model, or
+the stand-in of ``--model-ms``, decision) as ``rtinfer run`` with a Redis Streams source
+and sinks, pinned to CPU 0;
 ``slo: {deadline_ms: --stream-slo-ms (50), expired: --expired (dead_letter)}``. Redis
 is a private ``redis-server`` this script starts on CPU 1 (``--redis-url`` to use one
 already running instead); the producer (its own process, on CPU 1 beside Redis)
@@ -737,8 +738,10 @@ class Redis:
             self.process.wait(timeout=10)
 
 
-def pipeline_config(args: argparse.Namespace, url: str, names: dict[str, str], slo: bool) -> str:
-    from rtinfer.demo.training import MODEL_VERSION, ensure_model
+def pipeline_config(
+    args: argparse.Namespace, url: str, names: dict[str, str], slo: bool, model: Path
+) -> str:
+    from rtinfer.demo.training import MODEL_VERSION
 
     head = (
         f"name: overload\n"
@@ -754,7 +757,7 @@ def pipeline_config(args: argparse.Namespace, url: str, names: dict[str, str], s
     if slo:
         shed = ", shed: true" if args.shed else ""
         head += f"slo: {{deadline_ms: {args.stream_slo_ms}, expired: {args.expired}{shed}}}\n"
-    body = FRAUD_SCORING.format(model=ensure_model(), version=MODEL_VERSION)
+    body = FRAUD_SCORING.format(model=model, version=MODEL_VERSION)
     if slo and args.expired == "fallback":
         body = body.replace(
             "  batching:", "  fallback: [{default: {probabilities: [0.5, 0.5]}}]\n  batching:"
@@ -766,7 +769,7 @@ def start_pipeline(
     args: argparse.Namespace, redis_url: str, names: dict[str, str], slo: bool, tmp: Path
 ) -> subprocess.Popen[bytes]:
     path = tmp / f"{names['in']}.yaml"
-    path.write_text(pipeline_config(args, redis_url, names, slo))
+    path.write_text(pipeline_config(args, redis_url, names, slo, tmp / "fraud.onnx"))
     command = [sys.executable, "-m", "rtinfer", "run", str(path), "--no-live"]
     log = (tmp / f"{names['in']}.log").open("wb")
     return subprocess.Popen(  # noqa: S603
@@ -1218,8 +1221,8 @@ def main() -> None:
     serving.add_argument(
         "--model-ms",
         type=float,
-        help="serve a stand-in model costing about this many ms of CPU per row (an ONNX "
-        "MLP) instead of the demo's fraud model",
+        help="serve (and score the stream with) a stand-in model costing about this many ms "
+        "of CPU per row (an ONNX MLP) instead of the demo's fraud model",
     )
     serving.add_argument(
         "--model-layers",
