@@ -517,6 +517,64 @@ def test_hurry_cancels_what_still_runs_then_shuts_down(probe: Probe) -> None:
     probe.gate.set()
 
 
+# --------------------------------------------------------------------------- early answers
+
+
+@dataclass
+class EarlyProbe(Probe):
+    """The probe, answering ``/early`` from the head (``early_answer``): 503, its own body."""
+
+    asked: list[str] = field(default_factory=list)
+
+    def early_answer(self, scope: Scope) -> tuple[int, bytes] | None:
+        self.asked.append(scope["path"])
+        if scope["path"] != "/early":
+            return None
+        body = b'{"error": "early"}'
+        return 503, b"content-length: %d\r\nretry-after: 1\r\n\r\n%b" % (len(body), body)
+
+
+def test_an_early_answer_leaves_from_the_head_and_the_connection_goes_on() -> None:
+    probe = EarlyProbe()
+    with running(probe, max_body_bytes=LIMIT) as run, dial(run.port) as sock:
+        stream = sock.makefile("rb")
+        # Its body is read past, not kept: the request after it on the connection is whole.
+        sock.sendall(post("/early", b"x" * 500) + post("/echo", b"ok"))
+        status, headers, body = read_response(stream)
+        assert (status, headers["retry-after"], body) == (503, "1", b'{"error": "early"}')
+        assert "date" in headers
+        status, _, body = read_response(stream)
+        assert status == 200
+        assert json.loads(body)["body"] == "ok"
+        assert probe.calls == 1  # the app never saw /early
+        assert probe.asked == ["/early", "/echo"]
+
+
+def test_no_early_answer_behind_a_queued_request_or_before_100_continue() -> None:
+    probe = EarlyProbe()
+    with running(probe, max_body_bytes=LIMIT) as run, dial(run.port) as sock:
+        stream = sock.makefile("rb")
+        # Pipelined behind a slow request, /early is the app's: answers keep their order.
+        sock.sendall(post("/delay/50", b"a") + post("/early", b"b"))
+        answers = [read_response(stream) for _ in range(2)]
+        assert [a[0] for a in answers] == [200, 200]
+        assert [json.loads(a[2])["path"] for a in answers] == ["/delay/50", "/early"]
+        assert probe.asked == ["/delay/50"]
+    # A client waiting for 100-continue is answered by the app as usual.
+    with running(probe, max_body_bytes=LIMIT) as run, dial(run.port) as sock:
+        stream = sock.makefile("rb")
+        head = (
+            b"POST /early HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
+        )
+        sock.sendall(head)
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert stream.readline() == b"\r\n"
+        sock.sendall(b"ok")
+        status, _, body = read_response(stream)
+        assert (status, json.loads(body)["body"]) == (200, "ok")
+        assert probe.asked == ["/delay/50"]
+
+
 # --------------------------------------------------------------------------- InferenceApp
 
 
@@ -545,6 +603,66 @@ async def test_inference_app_over_http(inference: Running) -> None:
         missing = await client.get("/v2/models/nope")
         assert missing.status_code == 404
         assert "unknown model" in missing.json()["error"]
+
+
+def test_inference_app_refuses_a_full_model_from_the_head(model_file: Path) -> None:
+    server = ModelServer(max_concurrency=4)
+    server.add(load_model(model_file, name="linear"))
+    app = InferenceApp(server, max_body_bytes=64 * 1024)
+    called: list[str] = []
+    dispatch = app._http
+
+    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+        called.append(scope["path"])
+        await dispatch(scope, receive, send)
+
+    app._http = counted  # type: ignore[method-assign]
+    body = json.dumps(oip("r1", 0.5)).encode()
+    infer = post("/v2/models/linear/infer", body, "Content-Type: application/json\r\n")
+    with running(app, max_body_bytes=64 * 1024) as run, dial(run.port) as sock:
+        stream = sock.makefile("rb")
+        limiter = server.get("linear").limiter
+        assert limiter is not None
+
+        async def fill() -> list[Any]:
+            return [limiter.try_acquire() for _ in range(limiter.limit)]
+
+        permits = run.call(fill())
+        sock.sendall(infer)
+        status, headers, answer = read_response(stream)
+        assert (status, headers["retry-after"]) == (503, "1")
+        assert json.loads(answer)["error"] == (
+            "model 'linear' is at its concurrency limit; critical call shed, retry after 1 s"
+        )
+        assert called == []  # refused from the head: the app was not called
+        # What the head does not settle is the app's: a bad X-Priority is a 400.
+        sock.sendall(post("/v2/models/linear/infer", body, "X-Priority: urgent\r\n"))
+        assert read_response(stream)[0] == 400
+        assert called == ["/v2/models/linear/infer"]
+
+        async def free() -> None:
+            for permit in permits:
+                permit.release()
+
+        run.call(free())
+        sock.sendall(infer)  # the same connection, kept alive
+        status, _, answer = read_response(stream)
+        assert status == 200
+        assert json.loads(answer)["outputs"][0]["data"] == pytest.approx([0.5, 0.5])
+    registry = server.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "rtinfer_limiter_rejected_total",
+            {"limiter": "linear", "priority": "critical", "reason": "limit"},
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "rtinfer_http_requests_total", {"route": "/v2/models/{name}/infer", "status": "503"}
+        )
+        == 1
+    )
 
 
 async def test_websocket_round_trip_through_inference_app(inference: Running) -> None:

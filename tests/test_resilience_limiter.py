@@ -60,6 +60,19 @@ def test_best_effort_is_shed_before_critical() -> None:
     lim.try_acquire(BEST_EFFORT).release()
 
 
+def test_refuses_says_what_try_acquire_would_do_and_counts_the_refusal() -> None:
+    lim = limiter(initial_limit=5, best_effort_share=0.8)
+    permits = [lim.try_acquire(CRITICAL) for _ in range(4)]
+    assert lim.refuses(BEST_EFFORT)  # 4 of 5: the best-effort share is full
+    assert not lim.refuses(CRITICAL)
+    assert lim.in_flight == 4  # asking admits nothing
+    permits.append(lim.try_acquire(CRITICAL))
+    assert lim.refuses(CRITICAL)
+    assert (rejected(lim, "critical"), rejected(lim, "best_effort")) == (1, 1)
+    permits.pop().release()
+    assert not lim.refuses(CRITICAL)
+
+
 def rounds(lim: AdaptiveLimiter, clock: FakeClock, latency: float, n: int) -> None:
     """``n`` rounds of filling the limit with calls that each take ``latency``."""
     for _ in range(n):

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..repository import ModelManager
 from ..resilience import Priority, parse_priority
-from ..serving import Admission, Inference, ModelServer, ServedModel
+from ..serving import Admission, Inference, ModelNotFound, ModelServer, ServedModel
 from .auth import BearerAuth
 from .errors import HttpError, from_exception
 from .manage import MANAGEMENT_ROUTES, Management, match_management
@@ -156,6 +156,7 @@ class InferenceApp:
         self.on_shutdown = on_shutdown
         self._stop_companions: Stopper | None = None
         self.stats = HttpMetrics(server.metrics)
+        self._refusals: dict[tuple[str, str, Priority, float], bytes] = {}
         pipelines = {
             name: getattr(scorer.pipeline.stages[0], "schema", None)
             for name, scorer in server.pipelines.items()
@@ -174,6 +175,59 @@ class InferenceApp:
             await self._lifespan(receive, send)
         elif scope["type"] == "websocket":
             await serve_websocket(self, scope, receive, send)
+
+    def early_answer(self, scope: Scope) -> tuple[int, bytes] | None:
+        """A request to infer that the model's limiter refuses, refused from its head.
+
+        rtinfer's HTTP server calls this once a request's head is read (see
+        :data:`~rtinfer.http.connection.EarlyAnswer`): the 503 then leaves without the
+        body being kept, a task, the ASGI calls or an exception, which is most of what a
+        refusal costs in Python (measured under 10x overload with a 5 ms model, goodput
+        57% and 81% in two runs against 41% and 67% without). What the head alone does
+        not settle goes the usual way: a server with quotas (429 or 503?), one draining,
+        a model with a canary (its version may hang on the body), a wrong key (401),
+        a bad ``X-Priority`` (400), an unknown model (404).
+        """
+        if scope["method"] != "POST" or not scope["path"].endswith("/infer"):
+            return None
+        found = _match([p for p in scope["path"].split("/") if p])
+        server = self.server
+        if found is None or server.quota is not None or server.draining:
+            return None
+        route, params = found
+        name, version = params["name"], params.get("version")
+        if not version and name in server.canaries:
+            return None
+        raw_priority = authorization = None
+        for header, value in scope["headers"]:
+            if header == PRIORITY_HEADER:
+                raw_priority = value
+            elif header == b"authorization":
+                authorization = value
+        if not self.auth.allows(authorization):
+            return None
+        try:
+            served = server.get(name, version)
+            priority = parse_priority(raw_priority, served.priority)
+        except (ModelNotFound, ValueError):
+            return None
+        limiter = served.limiter
+        if limiter is None or not limiter.refuses(priority):
+            return None
+        self.stats.observe(route, 503, 0.0)
+        key = (served.name, served.version, priority, limiter.retry_after)
+        refusal = self._refusals.get(key)
+        if refusal is None:
+            seconds = max(1, math.ceil(limiter.retry_after))
+            body = encode(
+                {
+                    "error": f"model {served.name!r} is at its concurrency limit; "
+                    f"{priority.value} call shed, retry after {seconds} s"
+                }
+            )
+            head = b"content-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\n"
+            refusal = self._refusals[key] = head % (len(body), seconds) + b"\r\n" + body
+        return 503, refusal
 
     # -- lifespan ---------------------------------------------------------------
 

@@ -12,13 +12,29 @@ if TYPE_CHECKING:
     from .http11 import Cycle, HttpConnection
     from .wsconnection import WebSocketConnection
 
-__all__ = ["ASGI_VERSION", "ASGIApp", "Flow", "Message", "Receive", "Scope", "Send", "Shared"]
+__all__ = [
+    "ASGI_VERSION",
+    "ASGIApp",
+    "EarlyAnswer",
+    "Flow",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "Shared",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: An app's ``early_answer`` (this server's one extension to ASGI): called with a
+#: request's scope as soon as its head is read, it returns ``(status, rest)`` to answer
+#: the request at once, without reading its body into memory or calling the app
+#: (``rest``: the response's header lines, each ending in CRLF, a blank line and the
+#: body; the server adds the status line and ``Date``), or ``None`` to go on as usual.
+EarlyAnswer = Callable[[Scope], "tuple[int, bytes] | None"]
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 
@@ -36,6 +52,7 @@ class Shared:
         "connections",
         "cycles",
         "date",
+        "early",
         "idle",
         "keep_alive_ticks",
         "loop",
@@ -56,6 +73,7 @@ class Shared:
         self.connections: set[HttpConnection | WebSocketConnection] = set()
         self.cycles: set[Cycle] = set()  # requests whose app call has not returned
         self.date = http_date()
+        self.early: EarlyAnswer | None = getattr(app, "early_answer", None)
         self.state: dict[str, Any] = {}  # the lifespan's state, copied into each scope
         self.stopping = False
         self.idle: asyncio.Event | None = None  # set once nothing is left, while stopping

@@ -85,6 +85,7 @@ class HttpConnection(Flow):
         self.in_head = False
         self.head_bytes = 0
         self.upgrade: Scope | None = None  # a WebSocket upgrade being parsed
+        self.early: tuple[int, bytes] | None = None  # the app's answer from the head alone
         self.refused: tuple[int, str] | None = None  # answered after the queue, then close
         self.lingering = False  # the refusal is written; reading on until the client closes
         self.read_paused = False
@@ -204,6 +205,20 @@ class HttpConnection(Flow):
             keep_alive = False  # another protocol (h2c...): answered in HTTP/1.1, then closed
         if self.length > self.shared.max_body_bytes:
             raise _TooLarge
+        early = self.shared.early
+        if (
+            early is not None
+            and keep_alive
+            and version == "1.1"
+            and not self.expect
+            and not self.queue
+            and not self.running
+            and not self.shared.stopping
+        ):
+            # Nothing before it on this connection: answered once its body has gone by.
+            self.early = early(scope)
+            if self.early is not None:
+                return
         self.body = []
         self.size = 0
         cycle = Cycle(self, scope, keep_alive, self.expect)
@@ -214,7 +229,7 @@ class HttpConnection(Flow):
             cycle.expect = False
 
     def on_body(self, body: bytes) -> None:
-        if self.upgrade is not None:
+        if self.upgrade is not None or self.early is not None:
             return
         self.size += len(body)
         if self.size > self.shared.max_body_bytes:
@@ -223,6 +238,11 @@ class HttpConnection(Flow):
 
     def on_message_complete(self) -> None:
         if self.upgrade is not None:
+            return
+        if self.early is not None:
+            status, rest = self.early
+            self.early = None
+            self.transport.write(b"".join((_status_line(status), self.shared.date, rest)))
             return
         cycle = self.queue[-1]
         body = self.body

@@ -11,6 +11,11 @@ server needs, with as little work per request as it can:
   so its first ``receive()`` returns the body at once;
 - the usual one-body response leaves in ONE ``transport.write`` (status line from a
   table built at import, headers, body); ``more_body`` streams it chunked;
+- an app may answer from a request's head alone (``early_answer``, this server's one
+  extension to ASGI; :class:`~rtinfer.http.InferenceApp` refuses there what its model's
+  limiter would refuse): the answer leaves once the body has gone by, unkept, with no
+  task made and no ASGI call, keep-alive kept; it is asked only when nothing is queued
+  before the request on its connection;
 - no per-request logging, timers or tasks beyond the app's own: a sweep once a second
   closes keep-alive connections idle for ``keep_alive_s`` and refreshes the ``Date``
   header;

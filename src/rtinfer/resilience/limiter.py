@@ -227,11 +227,19 @@ class AdaptiveLimiter:
         self._in_flight += 1
         return Permit(self, priority, self._clock(), self._in_flight)
 
+    def refuses(self, priority: Priority = Priority.CRITICAL) -> bool:
+        """Whether :meth:`try_acquire` would refuse a call of ``priority`` now; a refusal
+        is counted (``rtinfer_limiter_rejected_total``). For a front that refuses before it
+        builds the request: rtinfer's HTTP server asks with only the request's head read."""
+        if self._room(priority) and (self._no_waiters() or not self._queued(priority)):
+            return False
+        self._m_rejected[priority].inc()
+        return True
+
     def try_acquire(self, priority: Priority = Priority.CRITICAL) -> Permit:
         """Admit a call now, or raise :class:`Overloaded` (with ``retry_after``) at once."""
-        if self._room(priority) and (self._no_waiters() or not self._queued(priority)):
+        if not self.refuses(priority):
             return self._admit(priority)
-        self._m_rejected[priority].inc()
         raise Overloaded(
             f"model {self.name!r} is at its concurrency limit ({self._in_flight} calls in "
             f"flight, limit {self.limit}"
