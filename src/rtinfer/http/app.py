@@ -181,12 +181,11 @@ class InferenceApp:
 
         rtinfer's HTTP server calls this once a request's head is read (see
         :data:`~rtinfer.http.connection.EarlyAnswer`): the 503 then leaves without the
-        body being kept, a task, the ASGI calls or an exception, which is most of what a
-        refusal costs in Python (measured under 10x overload with a 5 ms model, goodput
-        57% and 81% in two runs against 41% and 67% without). What the head alone does
-        not settle goes the usual way: a server with quotas (429 or 503?), one draining,
-        a model with a canary (its version may hang on the body), a wrong key (401),
-        a bad ``X-Priority`` (400), an unknown model (404).
+        body being kept, a task, the ASGI calls or an exception (docs/resilience.md has
+        what it measured: under overload, more of the one core left to the model). What
+        the head alone does not settle goes the usual way: a server with quotas (429 or
+        503?), one draining, a model with a canary (its version may hang on the body), a
+        wrong key (401), a bad ``X-Priority`` (400), an unknown model (404).
         """
         if scope["method"] != "POST" or not scope["path"].endswith("/infer"):
             return None
