@@ -275,6 +275,20 @@ async def test_shed_sets_events_late_at_intake_aside_undecoded(shed: bool) -> No
         assert stages == ["decode"] + ["model"] * (len(stale) - 1)
 
 
+def test_shedding_keeps_twice_the_transit_of_the_batches_that_ran() -> None:
+    pipeline = Pipeline(ListSource([]), [], [], slo=1.0, shed_expired=True)
+    ran = Batch([Event(b"-", ingest_time=0.0, position=Position("src", 0, 0))], 1)
+    for _ in range(60):
+        pipeline.record_transit(0.1, ran)
+    cutoff = pipeline.shed_cutoff(100.0)
+    assert cutoff == pytest.approx(100.0 + 2 * 0.1, abs=1e-4)
+    # Batches set aside whole take no time: they must not shrink the margin, or under a
+    # heavy overload (most batches set aside) every event admitted would be late.
+    for _ in range(60):
+        pipeline.record_transit(0.0, Batch([], 2))
+    assert pipeline.shed_cutoff(100.0) == cutoff
+
+
 @pytest.mark.parametrize("policy", ["dead_letter", "fallback", "late"])
 async def test_every_expired_event_ends_in_a_result_or_a_dead_letter_and_is_acknowledged(
     policy: str,
