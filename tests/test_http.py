@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 from conftest import SAFETY, python_model
 from rtinfer.exceptions import ConfigError
 from rtinfer.http import ROUTES, InferenceApp
+from rtinfer.loop import schedule_loop
 from rtinfer.models import PythonModel, load_model, tensor
 from rtinfer.serve import app_from_env, build_server, run_server
 from rtinfer.serving import ModelServer
@@ -809,3 +811,32 @@ def test_the_serve_app_freezes_its_start_up_heap(
     with serving(app_from_env()) as base:
         assert gc.get_freeze_count() > 0
         assert httpx.get(f"{base}/v2/health/ready", timeout=SAFETY).json() == {"ready": True}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize(("how", "policy"), [("batch", "SCHED_BATCH"), ("normal", "SCHED_OTHER")])
+def test_the_serve_app_schedules_its_event_loop(
+    model_file: Path, monkeypatch: pytest.MonkeyPatch, how: str, policy: str
+) -> None:
+    """Once its models are loaded, ``rtinfer serve``'s event loop runs as ``--loop-sched``
+    says; the model's own threads, started before, keep the normal policy."""
+    monkeypatch.setenv("RTINFER_SERVE_TARGET", str(model_file))
+    monkeypatch.setenv("RTINFER_SERVE_LOOP_SCHED", how)
+    app = app_from_env()
+    with running(app, max_body_bytes=app.max_body_bytes) as run:
+
+        async def loop_policy() -> int:
+            return os.sched_getscheduler(0)
+
+        assert run.call(loop_policy()) == getattr(os, policy)
+        model_threads = [t for t in threading.enumerate() if t.name.startswith("rtinfer-model-")]
+        assert model_threads
+        for thread in model_threads:
+            assert os.sched_getscheduler(thread.native_id) == os.SCHED_OTHER
+
+
+def test_the_loop_schedules_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown loop schedule 'fast'; use one of batch"):
+        schedule_loop("fast")
+    with pytest.raises(ConfigError, match="--loop-sched must be one of batch, normal"):
+        run_server(Path("model.onnx"), loop_sched="fast")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["freeze_heap", "run"]
+__all__ = ["LOOP_SCHEDULES", "freeze_heap", "run", "schedule_loop"]
+
+#: How the event loop's thread may be scheduled (``rtinfer serve --loop-sched``).
+LOOP_SCHEDULES = ("batch", "normal")
 
 T = TypeVar("T")
 
@@ -35,3 +39,30 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def schedule_loop(how: str) -> bool:
+    """Schedule the calling thread (the event loop's) as ``how``: ``"batch"`` is Linux's
+    ``SCHED_BATCH``, ``"normal"`` leaves it be. Returns whether ``SCHED_BATCH`` is now set.
+
+    A model that shares its cores with the event loop computes while requests come in one
+    at a time; under the default policy each one's wakeup preempts the model at once, and
+    the core switches back and forth thousands of times a second. A batch thread's wakeup
+    waits for the running thread's time slice instead (its fair share of the core is the
+    same), and the loop then handles what arrived meanwhile together. Measured on one core
+    (benchmarks/overload.py, a 1 ms model): goodput at 2x, 5x and 10x capacity 91%, 78%
+    and 37% against 79%, 58% and 18%. The price is up to one time slice (a few ms) more
+    before a request is read while the model computes. Threads started from this one
+    afterwards inherit the policy. Where the platform has no ``SCHED_BATCH`` (or refuses
+    it), nothing changes.
+    """
+    if how not in LOOP_SCHEDULES:
+        raise ValueError(f"unknown loop schedule {how!r}; use one of {', '.join(LOOP_SCHEDULES)}")
+    policy = getattr(os, "SCHED_BATCH", None)
+    if how != "batch" or policy is None:
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True

@@ -57,7 +57,7 @@ from .batching import MicroBatcher
 from .exceptions import ConfigError, MissingDependency
 from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
 from .http.stats import summarize
-from .loop import freeze_heap
+from .loop import LOOP_SCHEDULES, freeze_heap, schedule_loop
 from .models import load_model
 from .resilience import ClientQuota, MemoryStore, PredictionCache, Priority, RedisStore
 from .resilience import parse_priority as _parse_priority
@@ -82,6 +82,7 @@ _ENV_STREAM = "RTINFER_SERVE_STREAM"  # "1": a pipeline TARGET also runs its str
 _ENV_API_KEY = "RTINFER_API_KEY"
 _ENV_POLICY = "RTINFER_SERVE_POLICY"  # JSON: the protections' server-wide settings
 _ENV_WATCH = "RTINFER_SERVE_WATCH"  # seconds between polls of a repository TARGET
+_ENV_LOOP_SCHED = "RTINFER_SERVE_LOOP_SCHED"  # batch or normal: the event loop's scheduling
 
 log = logging.getLogger("rtinfer.serve")
 
@@ -403,6 +404,8 @@ def app_from_env() -> InferenceApp:
 
         restore = drain_on_sigterm(app.server, drain_s)
         freeze_heap()  # the models are loaded: start-up's objects leave the GC's walks
+        # After the model threads started: they keep the normal policy, the loop yields.
+        schedule_loop(os.environ.get(_ENV_LOOP_SCHED) or "batch")
 
         async def stop() -> None:
             if restore is not None:
@@ -521,6 +524,7 @@ def run_server(
     management_key: str | None = None,
     watch_s: float | None = None,
     http_server: str = "rtinfer",
+    loop_sched: str = "batch",
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -530,10 +534,16 @@ def run_server(
     seconds first (see the module). The protections' settings are
     :func:`build_server`'s. ``http_server``: ``"rtinfer"`` for
     :mod:`rtinfer.http.server` (see :func:`_run_rtinfer`), or ``"uvicorn"``.
+    ``loop_sched``: how each worker's event loop is scheduled once its models are loaded
+    (:func:`rtinfer.loop.schedule_loop`: ``"batch"`` or ``"normal"``).
     """
     if http_server not in _HTTP_SERVERS:
         raise ConfigError(
             f"--http-server must be one of {', '.join(_HTTP_SERVERS)}; got {http_server!r}"
+        )
+    if loop_sched not in LOOP_SCHEDULES:
+        raise ConfigError(
+            f"--loop-sched must be one of {', '.join(LOOP_SCHEDULES)}; got {loop_sched!r}"
         )
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -573,6 +583,7 @@ def run_server(
         if api_key is not None:
             os.environ[_ENV_API_KEY] = api_key
         os.environ[_ENV_WATCH] = "" if watch_s is None else str(watch_s)
+        os.environ[_ENV_LOOP_SCHED] = loop_sched
         if management_key is not None:
             os.environ[_MANAGEMENT_KEY] = management_key
         # uvicorn raises the signal that stopped it again once it has finished, under the
@@ -731,6 +742,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(past the limit: 503 with Retry-After); 0: no limiter; default 1000",
     )
     parser.add_argument(
+        "--loop-sched",
+        choices=LOOP_SCHEDULES,
+        default="batch",
+        help="batch (default, Linux): the event loop's wakeups wait for the model's time "
+        "slice on a shared core and are handled together; normal: they preempt it",
+    )
+    parser.add_argument(
         "--default-priority",
         choices=["critical", "best_effort"],
         default="critical",
@@ -853,6 +871,7 @@ def serve_command(args: argparse.Namespace) -> int:
         management_key=args.management_key,
         watch_s=args.watch_interval_s if args.watch else None,
         http_server=args.http_server,
+        loop_sched=args.loop_sched,
     )
     print(json.dumps(summary, indent=2))
     return 0
