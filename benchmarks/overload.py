@@ -523,6 +523,8 @@ def serve_repeat(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, 
     extra = ["--slo-ms", str(args.slo_ms)]
     if args.max_concurrency is not None:
         extra += ["--max-concurrency", str(args.max_concurrency)]
+    if args.loop_sched is not None:
+        extra += ["--loop-sched", args.loop_sched]
     server = Server("rtinfer", model, tmp, args.server_cpus, 1, extra)
     levels: dict[str, Any] = {}
     try:
@@ -1231,6 +1233,9 @@ def main() -> None:
         "give the same number to runs that are compared",
     )
     serving.add_argument("--max-concurrency", type=int, help="rtinfer serve's (default: its own)")
+    serving.add_argument(
+        "--loop-sched", choices=("batch", "normal"), help="rtinfer serve's (default: its own)"
+    )
     serving.add_argument("--capacity", type=float, help="requests/s: skip measuring it")
     serving.add_argument(
         "--capacity-connections",
