@@ -9,6 +9,8 @@
 - :class:`RecordingSink` and :class:`Ledger`: sinks that record what was written
   and flushed, and check on every call that nothing was acknowledged before
   every sink had flushed what came from it;
+- ``redis`` and ``name``: a client of the test Redis (``REDIS_URL``; skips without one)
+  and unique stream names, deleted after the test;
 - ``helpers_dir``: an importable module (``rtinfer_testhelpers``) for the import
   paths that pipeline files name, in this process and in subprocesses.
 """
@@ -20,9 +22,10 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -32,6 +35,11 @@ from rtinfer.broker import Broker
 from rtinfer.models import PythonModel, tensor
 from rtinfer.types import Arrays, Event, Position
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
 SAFETY = 10.0  # seconds: a safety net against a hang, never a timing assertion
 
 
@@ -40,6 +48,38 @@ def service_missing(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI must provide every service the tests use)")
     pytest.skip(message)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    """A client of the test Redis; skips the test when there is none."""
+    pytest.importorskip("redis")
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    client = Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (OSError, RedisError) as exc:
+        await client.aclose()
+        service_missing(f"no Redis at {REDIS_URL}: {exc}")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def name(redis: Redis) -> AsyncIterator[Callable[[str], str]]:
+    """Unique stream names for this test (``name("in")``), deleted with their groups after it."""
+    prefix = f"rtinfer-test-{uuid.uuid4().hex[:12]}"
+    made: list[str] = []
+
+    def make(label: str) -> str:
+        made.append(f"{prefix}-{label}")
+        return made[-1]
+
+    yield make
+    if made:
+        await redis.delete(*made)
 
 
 class Reading(msgspec.Struct):

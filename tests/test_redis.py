@@ -11,14 +11,13 @@ import logging
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
 
-from conftest import SAFETY, Reading, payload, python_model, service_missing, wait_until
+from conftest import SAFETY, Reading, payload, python_model, wait_until
 from rtinfer.batching import MicroBatcher
 from rtinfer.connectors.redis import connect
 from rtinfer.exceptions import ConfigError, MissingDependency
@@ -33,38 +32,6 @@ if TYPE_CHECKING:
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 GROUP = "scoring"
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    """A client of the test Redis; skips the test when there is none."""
-    pytest.importorskip("redis")
-    from redis.asyncio import Redis
-    from redis.exceptions import RedisError
-
-    client = Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except (OSError, RedisError) as exc:
-        await client.aclose()
-        service_missing(f"no Redis at {REDIS_URL}: {exc}")
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def name(redis: Redis) -> AsyncIterator[Callable[[str], str]]:
-    """Unique stream names for this test (``name("in")``), deleted with their groups after it."""
-    prefix = f"rtinfer-test-{uuid.uuid4().hex[:12]}"
-    made: list[str] = []
-
-    def make(label: str) -> str:
-        made.append(f"{prefix}-{label}")
-        return made[-1]
-
-    yield make
-    if made:
-        await redis.delete(*made)
 
 
 def source(stream: str, **options: Any) -> RedisStreamSource:

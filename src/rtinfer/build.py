@@ -154,6 +154,12 @@ def build_pipeline(
         careful = 4 * r.read_size * r.max_in_flight
         source_config = msgspec.structs.replace(source_config, careful_events=careful)
     source = _source(source_config, broker)
+    shed_ranges = config.slo.shed and config.slo.shed_by == "range"
+    if shed_ranges and getattr(source, "skip", None) is None:
+        raise ConfigError(
+            f"slo.shed_by: range needs a source that can move past a range of entries "
+            f"unread (redis); {source.name} cannot: use shed_by: event"
+        )
     sinks = [_sink(s, broker) for s in config.sinks]
     dead_letters = _sink(config.dead_letters, broker) if config.dead_letters else None
     _link_transactions(source, sinks, dead_letters, file)
@@ -168,6 +174,7 @@ def build_pipeline(
         flush_interval=r.flush_interval_ms / 1e3,
         slo=config.slo.deadline_ms / 1e3 if config.slo.deadline_ms is not None else None,
         shed_expired=config.slo.shed,
+        shed_ranges=shed_ranges,
         sink_resilience=SinkResilience(
             attempts=sr.attempts,
             backoff=sr.backoff_ms / 1e3,

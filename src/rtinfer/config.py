@@ -449,12 +449,17 @@ class SloConfig(_Strict):
     expired: Literal["dead_letter", "fallback", "late"] = "dead_letter"
     #: Dead-letter events already past their deadline when read, before decoding.
     shed: bool = False
+    #: How shedding sets aside: ``event``, a dead letter with the payload per event; or
+    #: ``range``, the source moved past a late backlog unread, a dead letter per range.
+    shed_by: Literal["event", "range"] = "event"
 
     def __post_init__(self) -> None:
         if self.deadline_ms is not None and not self.deadline_ms > 0:
             raise ValueError(f"deadline_ms must be more than 0, got {self.deadline_ms}")
         if self.shed and self.deadline_ms is None:
             raise ValueError("shed needs deadline_ms: without a deadline nothing is ever late")
+        if self.shed_by == "range" and not self.shed:
+            raise ValueError("shed_by: range needs shed: true")
 
 
 class PipelineConfig(_Strict):

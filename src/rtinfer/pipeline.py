@@ -26,7 +26,9 @@ source positions of everything written before the flush. So:
   would pass within twice the recent read-to-written time) is dead-lettered at once,
   undecoded (stage ``intake``): a backlog older than the deadline is set aside at
   the cost of a write, and the pipeline catches up with the events it can still
-  answer in time;
+  answer in time; with ``shed_ranges`` too, a read late as a whole moves the source
+  (:meth:`~rtinfer.types.Source.skip`) past every entry as late, unread, and one dead
+  letter per range names them: setting aside then costs nothing per event;
 - **failing sinks** (:class:`SinkResilience`): a sink's ``write``/``flush`` that
   fails with a transient error is retried with jittered backoff, paid from a
   retry budget (about 10% extra calls at most); one that keeps failing opens its
@@ -60,9 +62,16 @@ from .observability.metrics import Metrics
 from .resilience.breaker import CircuitBreaker
 from .resilience.retry import Backoff, Retry, RetryBudget, is_transient
 from .stages import Stage, Undeliverable, compose
-from .types import Batch, DeadLetter, Event, Position, Sink, Source
+from .types import Batch, DeadLetter, Event, Position, Sink, Skipped, Source
 
-__all__ = ["Lifecycle", "Pipeline", "RunSummary", "SinkResilience", "dead_letter_record"]
+__all__ = [
+    "Lifecycle",
+    "Pipeline",
+    "RunSummary",
+    "SinkResilience",
+    "dead_letter_record",
+    "skipped_record",
+]
 
 log = logging.getLogger("rtinfer.pipeline")
 
@@ -81,7 +90,7 @@ class RunSummary:
     """What a finished run did; :meth:`as_dict` is the ``--summary-json`` document."""
 
     __slots__ = ("batch_size_mean", "dead_letters", "duration_s", "events_in", "events_out",
-                 "latency")  # fmt: skip
+                 "latency", "skipped")  # fmt: skip
 
     def __init__(
         self,
@@ -92,6 +101,7 @@ class RunSummary:
         duration_s: float,
         latency: LatencyHistogram,
         batch_size_mean: float,
+        skipped: int = 0,
     ) -> None:
         self.events_in = events_in
         self.events_out = events_out
@@ -99,6 +109,8 @@ class RunSummary:
         self.duration_s = duration_s
         self.latency = latency
         self.batch_size_mean = batch_size_mean
+        #: Of ``dead_letters``, the events set aside unread, by range (``slo.shed_by: range``).
+        self.skipped = skipped
 
     @property
     def throughput_eps(self) -> float:
@@ -109,6 +121,7 @@ class RunSummary:
             "events_in": self.events_in,
             "events_out": self.events_out,
             "dead_letters": self.dead_letters,
+            "skipped": self.skipped,
             "duration_s": round(self.duration_s, 3),
             "throughput_eps": round(self.throughput_eps, 1),
             "latency_ms": self.latency.summary_ms(),
@@ -138,6 +151,27 @@ def dead_letter_record(dead: DeadLetter, pipeline: str) -> dict[str, Any]:
         "key": event.key.decode("utf-8", "replace") if event.key is not None else None,
         "value": value,
         "value_encoding": encoding,
+        "time": time.time(),
+    }
+
+
+def skipped_record(skipped: Skipped, pipeline: str, reason: str) -> dict[str, Any]:
+    """The dead letter of a range of entries set aside unread: where they are, and how many.
+    Its ``offset`` and ``last_offset`` bound them (inclusive); ``value`` is ``None``, for
+    the entries are still in the source."""
+    return {
+        "id": f"{skipped.source}/{skipped.partition}/{skipped.first}..{skipped.last}",
+        "pipeline": pipeline,
+        "stage": "intake",
+        "reason": reason,
+        "source": skipped.source,
+        "partition": skipped.partition,
+        "offset": skipped.first,
+        "last_offset": skipped.last,
+        "count": skipped.entries,
+        "key": None,
+        "value": None,
+        "value_encoding": None,
         "time": time.time(),
     }
 
@@ -303,6 +337,10 @@ _SHED_REASON = (
     "its deadline had passed when it was read, or would have before its result could be "
     "written (slo.shed: true): set aside unprocessed, for a replay"
 )
+_SKIP_REASON = (
+    "arrived too long ago to be answered before its deadline (slo.shed_by: range): left "
+    "unread in the source, for a replay"
+)
 
 
 class Pipeline:
@@ -330,6 +368,7 @@ class Pipeline:
         lag_interval: float = 1.0,
         slo: float | None = None,
         shed_expired: bool = False,
+        shed_ranges: bool = False,
         sink_resilience: SinkResilience | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -352,6 +391,21 @@ class Pipeline:
         self.slo = slo
         #: Dead-letter events already past their deadline when read, unprocessed.
         self.shed_expired = shed_expired
+        #: With ``shed_expired``: when a whole read was late, move the source past the
+        #: late entries unread (its ``skip``), one dead letter per range.
+        self.shed_ranges = shed_ranges
+        self._skip: Callable[..., Awaitable[int]] | None = getattr(source, "skip", None)
+        if shed_ranges:
+            if not shed_expired or slo is None:
+                raise ValueError("shed_ranges needs shed_expired and an slo")
+            if self._skip is None:
+                raise ValueError(
+                    f"shed_ranges: the source {source.name} cannot skip a range of its "
+                    "entries (it has no skip method); shed event by event instead"
+                )
+        self.skipped = 0
+        # The dead-letter sink is written by the writer and, skipping, by the reader.
+        self._dead_lock = asyncio.Lock()
         # When each batch in flight was read (they are written in that order), and the
         # recent time from read to written (see shed_cutoff).
         self._read_times: deque[float] = deque()
@@ -497,6 +551,7 @@ class Pipeline:
             duration_s=duration,
             latency=self.latency,
             batch_size_mean=rows / batches if batches else 0.0,
+            skipped=self.skipped,
         )
 
     async def _close(self, source_started: bool, sinks: list[Sink], stages: list[Any]) -> None:
@@ -571,6 +626,9 @@ class Pipeline:
                     ]
                     if late:
                         batch.drop(late, "intake", _SHED_REASON)
+                        if self.shed_ranges and not batch.events and slo is not None:
+                            # As late as all it read: what waits behind it is later still.
+                            await self._skip_backlog(cutoff - slo)
                 done: asyncio.Future[Batch]
                 if batch.events:
                     done = asyncio.create_task(handler(batch))
@@ -585,6 +643,44 @@ class Pipeline:
             raise
         self._drain()
         await inflight.put(None)
+
+    async def _skip_backlog(self, before: float) -> None:
+        """Move the source past the entries that arrived before ``before``, recorded first
+        as one dead letter per range. A failed skip is logged: those events are then read,
+        and set aside one by one."""
+        skip = self._skip
+        assert skip is not None
+
+        async def record(ranges: list[Skipped]) -> None:
+            letters = [
+                Event(
+                    b"",
+                    ingest_time=time.time(),
+                    position=Position(r.source, r.partition, r.first),
+                    id=f"{r.source}/{r.partition}/{r.first}..{r.last}",
+                    result=skipped_record(r, self.name, _SKIP_REASON),
+                )
+                for r in ranges
+            ]
+            async with self._dead_lock:
+                await self._guarded_dead.write(letters)
+                await self._guarded_dead.flush()
+
+        try:
+            count = await skip(before, record)
+        except Exception:
+            log.warning(
+                "pipeline %r could not skip the late entries of %s; it reads them and sets "
+                "them aside one by one",
+                self.name,
+                self.source.name,
+                exc_info=True,
+            )
+            return
+        if count:
+            self.skipped += count
+            self.dead_count += count
+            self.metrics.dead_letters.labels(self.name, "intake").inc(count)
 
     def shed_cutoff(self, now: float) -> float:
         """With ``shed_expired``: an event whose deadline is before this instant is set
@@ -629,7 +725,8 @@ class Pipeline:
                 self.events_out += len(batch.events)
                 self._m_out.inc(len(batch.events))
             if batch.dead:
-                await self._write_dead(batch.dead)
+                async with self._dead_lock:
+                    await self._write_dead(batch.dead)
             slots.release()
             pending.extend(batch.positions)
             for observer in self._observers:
@@ -652,7 +749,8 @@ class Pipeline:
     async def _flush_and_ack(self, positions: list[Position]) -> None:
         for sink in self._guarded:
             await sink.flush()
-        await self._guarded_dead.flush()
+        async with self._dead_lock:
+            await self._guarded_dead.flush()
         # A stage that keeps durable state (rtinfer.features) commits it here, with the
         # positions it covers, so its state is never behind what the source forgets.
         for stage in self.stages:

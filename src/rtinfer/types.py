@@ -33,6 +33,7 @@ __all__ = [
     "Model",
     "Position",
     "Sink",
+    "Skipped",
     "Source",
     "TensorSpec",
 ]
@@ -59,6 +60,18 @@ class Position(msgspec.Struct, frozen=True, order=True, array_like=True, gc=Fals
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "partition": self.partition, "offset": self.offset}
+
+
+class Skipped(NamedTuple):
+    """A run of a source's entries that its consumer group moved past unread: the
+    ``entries`` entries of ``partition`` from offset ``first`` to ``last`` (inclusive),
+    still in the source for whoever replays them (see :class:`Source`)."""
+
+    source: str
+    partition: int
+    first: int | str
+    last: int | str
+    entries: int
 
 
 class _EventValue(msgspec.Struct, gc=False):
@@ -210,6 +223,14 @@ class Source(Protocol):
     A source may also have ``async def lag(self) -> int | None``: the events its
     consumer group has not acknowledged yet (undelivered and in flight), when the
     broker can tell. The pipeline exports it as ``rtinfer_consumer_lag``.
+
+    A source may also have ``async def skip(self, before, record) -> int``: move its
+    consumer group past every entry not yet delivered to it that arrived before
+    ``before`` (seconds since the epoch), without delivering them. It first awaits
+    ``record(ranges)`` with what it will skip (a list of :class:`Skipped`), and moves
+    only once that returned, so a crash leaves the entries recorded or still unread;
+    it returns how many it skipped. A pipeline shedding by range (``slo.shed_by:
+    range``) calls it when a whole read was late.
     """
 
     name: str

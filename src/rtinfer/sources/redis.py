@@ -37,10 +37,11 @@ from ..connectors.partitions import check_partitions
 from ..connectors.partitions import owned_partitions as owned_partitions_of
 from ..connectors.redis import connect, require_redis, retrying
 from ..exceptions import ConfigError
-from ..types import DEAD_REASON_HEADER, Event, Position
+from ..types import DEAD_REASON_HEADER, Event, Position, Skipped
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 __all__ = ["DEAD_REASON_HEADER", "RedisStreamSource", "default_consumer_name"]
 
@@ -74,6 +75,71 @@ def _stream_replies(reply: Any) -> list[tuple[str, list[Any]]]:
         return []
     pairs = reply.items() if isinstance(reply, dict) else reply
     return [(_text(name), list(entries or ())) for name, entries in pairs]
+
+
+# The consumer group's position and read counter in a stream (``XINFO GROUPS``), and a
+# comparison of two entry ids, shared by the two scripts of a skip.
+_GROUP_STATE = """
+local function group_state(stream, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == group then
+      local read = f['entries-read']
+      if not read and f['lag'] then  -- unknown, but the lag tells it
+        local s = redis.call('XINFO', 'STREAM', stream)
+        for i = 1, #s, 2 do
+          if s[i] == 'entries-added' then read = s[i + 1] - f['lag'] end
+        end
+      end
+      return f['last-delivered-id'], read
+    end
+  end
+  return redis.error_reply('NOGROUP no consumer group ' .. group .. ' on ' .. stream)
+end
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am), tonumber(bm)
+  return am < bm or (am == bm and tonumber(as) < tonumber(bs))
+end
+"""
+
+# KEYS[1] a stream, ARGV[1] a group, ARGV[2] a time in ms: the undelivered entries of the
+# group appended before that time, as {group's position, first id, last id, count}.
+_FIND_SKIP = (
+    _GROUP_STATE
+    + """
+local last = group_state(KEYS[1], ARGV[1])
+if type(last) == 'table' then return last end
+local bound = ARGV[2] .. '-0'
+if not before(last, bound) then return {} end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. last, '(' .. bound)
+local n = #entries
+if n == 0 then return {} end
+return {last, entries[1][1], entries[n][1], n}
+"""
+)
+
+# KEYS[1] a stream, ARGV[1] a group, ARGV[2] its position when the range was found,
+# ARGV[3] the range's last id, ARGV[4] its count: move the group to the last id, never
+# back (another consumer may have read past it), keeping its read counter (and so its
+# lag) known where it can.
+_SKIP = (
+    _GROUP_STATE
+    + """
+local last, read = group_state(KEYS[1], ARGV[1])
+if type(last) == 'table' then return last end
+if not before(last, ARGV[3]) then return 0 end
+if last == ARGV[2] and read then
+  redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[3],
+             'ENTRIESREAD', read + tonumber(ARGV[4]))
+else
+  redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[3])
+end
+return 1
+"""
+)
 
 
 def _share(max_events: int, streams: int) -> int:
@@ -137,6 +203,7 @@ class RedisStreamSource:
         "_next_claim",
         "_partition_of",
         "_ready",
+        "_scripts",
         "_stream_of",
         "_unacked",
         "_value_field",
@@ -223,6 +290,7 @@ class RedisStreamSource:
             "ssl_keyfile": ssl_keyfile,
         }
         self._client: Redis | None = None
+        self._scripts: tuple[AsyncScript, AsyncScript] | None = None  # (_FIND_SKIP, _SKIP)
         self._closed = False
         # Streams whose pending entries of this consumer are still to be re-read, before
         # new ones, with the id to read on from.
@@ -258,6 +326,7 @@ class RedisStreamSource:
             await client.aclose()
             raise
         self._client = client
+        self._scripts = (client.register_script(_FIND_SKIP), client.register_script(_SKIP))
         self._closed = False
         self._unacked.clear()  # nothing of this source is in a pipeline yet
         self._ready = []
@@ -489,6 +558,40 @@ class RedisStreamSource:
         await retrying(self.name, send, give_up_after=self.reconnect_timeout_s)
         self._unacked.difference_update(entries)
 
+    async def skip(self, before: float, record: Callable[[list[Skipped]], Awaitable[None]]) -> int:
+        """Move the group past its undelivered entries appended before ``before`` (seconds
+        since the epoch, the time in their ids), unread; return how many.
+
+        Each stream's range (first and last id, count) is found, then ``record`` is
+        awaited with the ranges, then the group is moved to each range's last id
+        (``XGROUP SETID``, in a script that never moves it back: another consumer may
+        have read on meanwhile, and what it read is then both processed and recorded).
+        The entries stay in the stream, for a replay, until it is trimmed. This
+        consumer's pending entries are not touched.
+        """
+        client, scripts = self._client, self._scripts
+        if client is None or scripts is None or self._closed:
+            return 0
+        find, move = scripts
+        bound = int(before * 1000)
+        if bound <= 0:
+            return 0
+        found: list[tuple[str, str, Skipped]] = []
+        for stream in self.streams:
+            reply = await find(keys=[stream], args=[self.group, bound])
+            if reply:
+                at, first, last, n = reply
+                skipped = Skipped(
+                    self.name, self._partition_of[stream], _text(first), _text(last), int(n)
+                )
+                found.append((stream, _text(at), skipped))
+        if not found:
+            return 0
+        await record([skipped for _, _, skipped in found])
+        for stream, at, skipped in found:
+            await move(keys=[stream], args=[self.group, at, skipped.last, skipped.entries])
+        return sum(skipped.entries for _, _, skipped in found)
+
     async def lag(self) -> int | None:
         """Entries of the streams the group has not finished: never delivered, or pending.
 
@@ -524,6 +627,7 @@ class RedisStreamSource:
         """Close the connection; what was not acknowledged stays pending for this consumer."""
         self._closed = True
         self._ready = []
+        self._scripts = None
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
