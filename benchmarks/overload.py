@@ -59,10 +59,13 @@ writes pre-encoded ``XADD`` commands on a raw socket at the level's rate, open l
    the output stream (Redis' clock, 1 ms resolution). Per level: offered/s, sent/s,
    producer lag; goodput/s (model answers within the SLO of their due time) and % of
    capacity; results/s; dead letters (or fallback answers)/s; p50/p99 of the model's
-   answers; the backlog (produced minus results and dead letters, sampled every 0.1 s):
+   answers; the backlog (produced minus what the consumer group is done with: neither
+   undelivered nor pending, ``XINFO GROUPS``; sampled every 0.1 s):
    its growth in events/s while the level runs and its peak, and the time to drain it
    after the producer stops; and the check that nothing was lost (every event produced
-   is a result or a dead letter, counted by id once the backlog drained);
+   is a result or a dead letter, counted by id once the backlog drained; with
+   ``--shed-by range`` a dead letter naming a range counts each of its entries, read
+   back from the input stream);
 3. **recovery**: the highest level, then the lowest at once: the time until the backlog
    is back to what it was at the lowest level before (its peak there, at least 1,024),
    and until the e2e p99 is back (the serving rule, on the model's answers; an expired
@@ -758,6 +761,8 @@ def pipeline_config(
         head += f"runtime: {{{fields}}}\n"
     if slo:
         shed = ", shed: true" if args.shed else ""
+        if args.shed and args.shed_by != "event":
+            shed += f", shed_by: {args.shed_by}"
         head += f"slo: {{deadline_ms: {args.stream_slo_ms}, expired: {args.expired}{shed}}}\n"
     body = FRAUD_SCORING.format(model=model, version=MODEL_VERSION)
     if slo and args.expired == "fallback":
@@ -803,18 +808,27 @@ def start_producer(
     return subprocess.Popen(pin(args.client_cpus, command), cwd=ROOT)  # noqa: S603
 
 
-def finished(redis: Redis, names: dict[str, str]) -> tuple[int, int, int]:
+def finished(redis: Redis, names: dict[str, str]) -> tuple[int, int]:
+    """(entries produced, entries the pipeline is done with). Done: the consumer group's
+    entries neither undelivered nor pending (``XINFO GROUPS``: a range set aside unread is
+    one dead letter for many), else results plus dead letters."""
     pipe = redis.client.pipeline(transaction=False)
     for key in ("in", "out", "dead"):
         pipe.xlen(names[key])
-    got = pipe.execute()
-    return int(got[0]), int(got[1]), int(got[2])
+    pipe.xinfo_groups(names["in"])
+    made, results, dead, groups = pipe.execute(raise_on_error=False)
+    for group in groups if isinstance(groups, list) else ():  # an error: no stream yet
+        if group["name"] == b"bench" and group.get("lag") is not None:
+            return int(made), int(made) - int(group["lag"]) - int(group["pending"])
+    return int(made), int(results) + int(dead)
 
 
 def read_stream(
-    redis: Redis, stream: str, fallback: bool
+    redis: Redis, stream: str, fallback: bool, source: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tx number, entry time in s, answered by the model) of every entry of ``stream``."""
+    """(tx number, entry time in s, answered by the model) of every entry of ``stream``;
+    a dead letter naming a range of ``source`` (``slo.shed_by: range``) stands for each
+    entry of the range."""
     numbers: list[int] = []
     stamps: list[float] = []
     model: list[bool] = []
@@ -827,11 +841,22 @@ def read_stream(
             break
         for entry_id, fields in entries:
             ident = fields[b"source_id"]
+            idents = [ident]
             if not ident.startswith(b"tx-"):  # shed undecoded: named by its position
-                ident = json.loads(json.loads(fields[b"value"])["value"])["id"].encode()
-            numbers.append(int(ident[3:]))
-            stamps.append(int(entry_id.split(b"-")[0]) / 1e3)
-            model.append(not fallback or b'"step":"primary"' in fields[b"value"])
+                letter = json.loads(fields[b"value"])
+                if letter["value"] is not None:
+                    idents = [json.loads(letter["value"])["id"].encode()]
+                else:  # a range, still in the source
+                    assert source is not None, "a range set aside outside the input stream"
+                    skipped = redis.client.xrange(
+                        source, min=letter["offset"], max=letter["last_offset"]
+                    )
+                    assert len(skipped) == letter["count"], "a range lost entries"
+                    idents = [json.loads(f[b"value"])["id"].encode() for _, f in skipped]
+            for ident in idents:
+                numbers.append(int(ident[3:]))
+                stamps.append(int(entry_id.split(b"-")[0]) / 1e3)
+                model.append(not fallback or b'"step":"primary"' in fields[b"value"])
         last = entries[-1][0].decode()
     return np.asarray(numbers, np.int64), np.asarray(stamps), np.asarray(model, bool)
 
@@ -853,21 +878,21 @@ def stream_run(
     deadline = None
     while True:
         time.sleep(0.1)
-        made, results, dead = finished(redis, names)
+        made, done = finished(redis, names)
         now = time.time()
-        samples.append((now, made, results + dead))
+        samples.append((now, made, done))
         if stopped_at is None and producer.poll() is not None:
             stopped_at = now
             deadline = now + args.drain_timeout
             if producer.returncode != 0:
                 raise RuntimeError("the producer failed")
-        if stopped_at is not None and (results + dead >= produced_all or now > (deadline or 0)):
+        if stopped_at is not None and (done >= produced_all or now > (deadline or 0)):
             break
     with np.load(out) as data:
         prod = {k: data[k] for k in data.files}
     out.unlink()
     numbers_ok, at_ok, model_ok = read_stream(redis, names["out"], args.expired == "fallback")
-    numbers_dead, at_dead, _ = read_stream(redis, names["dead"], False)
+    numbers_dead, at_dead, _ = read_stream(redis, names["dead"], False, names["in"])
     # the streams start empty for the next run (the group's position stays)
     for key in ("in", "out", "dead"):
         redis.client.xtrim(names[key], maxlen=0, approximate=False)
@@ -957,10 +982,10 @@ def stream_capacity(args: argparse.Namespace, redis: Redis, tmp: Path) -> float:
         first_at = None
         give_up = time.time() + 120
         while time.time() < give_up:
-            _, results, dead = finished(redis, names)
-            if results + dead and first_at is None:
-                first_at, first_count = time.perf_counter(), results + dead
-            if results + dead >= n:
+            _, done = finished(redis, names)
+            if done and first_at is None:
+                first_at, first_count = time.perf_counter(), done
+            if done >= n:
                 break
             time.sleep(0.005)
         else:
@@ -1262,6 +1287,13 @@ def main() -> None:
         "--shed",
         action="store_true",
         help="slo.shed: events already late when read are dead-lettered undecoded",
+    )
+    streaming.add_argument(
+        "--shed-by",
+        choices=("event", "range"),
+        default="event",
+        help="slo.shed_by: a dead letter per late event, or the source moved past a late "
+        "backlog unread, a dead letter per range",
     )
     streaming.add_argument("--stream-capacity", type=float, help="events/s: skip measuring it")
     streaming.add_argument("--stream-capacity-events", type=int, default=200_000)

@@ -280,13 +280,62 @@ def test_shedding_keeps_twice_the_transit_of_the_batches_that_ran() -> None:
     ran = Batch([Event(b"-", ingest_time=0.0, position=Position("src", 0, 0))], 1)
     for _ in range(60):
         pipeline.record_transit(0.1, ran)
-    cutoff = pipeline.shed_cutoff(100.0)
-    assert cutoff == pytest.approx(100.0 + 2 * 0.1, abs=1e-4)
+    now = time.time()
+    cutoff = pipeline.shed_cutoff(now)
+    assert cutoff == pytest.approx(now + 2 * 0.1, abs=1e-4)
     # Batches set aside whole take no time: they must not shrink the margin, or under a
     # heavy overload (most batches set aside) every event admitted would be late.
     for _ in range(60):
         pipeline.record_transit(0.0, Batch([], 2))
-    assert pipeline.shed_cutoff(100.0) == cutoff
+    assert pipeline.shed_cutoff(now) == cutoff
+    # A margin as long as the deadline would set aside fresh events too, and then no batch
+    # would run to shrink it: it is at most 90% of the deadline.
+    for _ in range(60):
+        pipeline.record_transit(0.8, ran)
+    now = time.time()
+    assert pipeline.shed_cutoff(now) == pytest.approx(now + 0.9)
+    # Nothing admitted for a whole deadline: the next read is admitted unless expired, so a
+    # batch runs and measures again how long one takes.
+    assert pipeline.shed_cutoff(now + 1.5) == now + 1.5
+
+
+class SlowFlushSink(RecordingSink):
+    """A sink whose results become visible only ``delay`` seconds into each flush."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def flush(self) -> None:
+        await asyncio.sleep(self.delay)
+        await super().flush()
+
+
+async def test_the_shedding_margin_counts_the_time_until_results_are_flushed() -> None:
+    # No stages: each batch is written at once, and its results wait 20 ms for the flush
+    # that makes them visible. That wait is what an event at the edge needs time for.
+    pipeline = Pipeline(
+        ListSource([payload(i) for i in range(40)]),
+        [],
+        [SlowFlushSink(0.02)],
+        read_size=2,
+        max_in_flight=1,
+        slo=10.0,
+        shed_expired=True,
+    )
+    summary = await asyncio.wait_for(pipeline.run(), SAFETY)
+    assert summary.events_out == 40
+    now = time.time()
+    margin = pipeline.shed_cutoff(now) - now
+    assert margin > 2 * 0.02 * 0.9  # twice the flush wait, once the average settled
+
+
+def test_a_skip_reaches_halfway_into_the_age_an_event_may_have() -> None:
+    from rtinfer.pipeline import _skip_before
+
+    # Deadline 50 ms, margin 10 ms: events up to 40 ms old are admitted; the skip takes
+    # those over 20 ms old.
+    assert _skip_before(100.0, 100.010, 0.050) == pytest.approx(100.0 - 0.020)
 
 
 @pytest.mark.parametrize("policy", ["dead_letter", "fallback", "late"])
