@@ -299,25 +299,25 @@ def test_shedding_keeps_twice_the_transit_of_the_batches_that_ran() -> None:
     assert pipeline.shed_cutoff(now + 1.5) == now + 1.5
 
 
-class SlowFlushSink(RecordingSink):
-    """A sink whose results become visible only ``delay`` seconds into each flush."""
+class SlowSink(RecordingSink):
+    """A sink that takes ``delay`` seconds to write each batch."""
 
     def __init__(self, delay: float) -> None:
         super().__init__()
         self.delay = delay
 
-    async def flush(self) -> None:
+    async def write(self, events: Sequence[Event]) -> None:
         await asyncio.sleep(self.delay)
-        await super().flush()
+        await super().write(events)
 
 
 async def test_the_shedding_margin_counts_the_time_until_results_are_flushed() -> None:
-    # No stages: each batch is written at once, and its results wait 20 ms for the flush
-    # that makes them visible. That wait is what an event at the edge needs time for.
+    # No stages: each batch is ready at once, and its results take 20 ms to be written,
+    # then flushed. That is time an event at the edge of a backlog needs left.
     pipeline = Pipeline(
         ListSource([payload(i) for i in range(40)]),
         [],
-        [SlowFlushSink(0.02)],
+        [SlowSink(0.02)],
         read_size=2,
         max_in_flight=1,
         slo=10.0,
@@ -327,7 +327,7 @@ async def test_the_shedding_margin_counts_the_time_until_results_are_flushed() -
     assert summary.events_out == 40
     now = time.time()
     margin = pipeline.shed_cutoff(now) - now
-    assert margin > 2 * 0.02 * 0.9  # twice the flush wait, once the average settled
+    assert margin > 2 * 0.02 * 0.9  # twice the write's time, once the average settled
 
 
 def test_a_skip_reaches_halfway_into_the_age_an_event_may_have() -> None:
