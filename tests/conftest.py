@@ -245,6 +245,13 @@ class RecordingSink:
         for position, result in pending:
             if position is not None:
                 self.flushed.add(position)
+                last = result.get("last_offset") if isinstance(result, dict) else None
+                if isinstance(last, int) and isinstance(position.offset, int):
+                    # a dead letter naming a range (slo.shed_by: range) stands for each
+                    self.flushed.update(
+                        Position(position.source, position.partition, o)
+                        for o in range(position.offset, last + 1)
+                    )
             self.flushed_results.append(result)
 
     async def aclose(self) -> None:

@@ -127,6 +127,7 @@ def test_run_writes_the_summary_json(
         "events_in",
         "events_out",
         "dead_letters",
+        "skipped",
         "duration_s",
         "throughput_eps",
         "latency_ms",

@@ -582,6 +582,7 @@ async def test_the_summary_counts_and_measures_the_run() -> None:
         "events_in",
         "events_out",
         "dead_letters",
+        "skipped",
         "duration_s",
         "throughput_eps",
         "latency_ms",
@@ -591,6 +592,7 @@ async def test_the_summary_counts_and_measures_the_run() -> None:
     latency = doc["latency_ms"]
     assert 0 < latency["p50"] <= latency["p99"] <= latency["p999"] <= latency["max"]
     assert summary.latency.count == 50
+    assert doc["skipped"] == 0
     assert doc["batch_size_mean"] > 0
     assert doc["throughput_eps"] > 0
     assert doc["duration_s"] >= 0

@@ -764,8 +764,13 @@ def test_the_resilience_keys_are_checked(model_file: Path) -> None:
     assert not shedding.shed_ranges
     assert "shed_by: range needs shed: true" in error("slo: {deadline_ms: 50, shed_by: range}")
     assert "use one of event, range" in error("slo: {deadline_ms: 50, shed_by: key}")
-    message = error("slo: {deadline_ms: 50, shed: true, shed_by: range}")
-    assert "memory://readings cannot: use shed_by: event" in message
+    ranges = "slo: {deadline_ms: 50, shed: true, shed_by: range}"
+    assert build_pipeline(parse_config(pipeline_yaml(model_file, ranges))).shed_ranges
+    on_a_file = pipeline_yaml(model_file, ranges).replace(
+        "{type: memory, topic: readings, group: g}", "{type: file, path: readings.jsonl}"
+    )
+    with pytest.raises(ConfigError, match=r"file://readings\.jsonl cannot: use shed_by: event"):
+        build_pipeline(parse_config(on_a_file))
     assert "runtime.priority" in error("runtime: {priority: urgent}")
     assert "'runtime.sink_retry': budget must" in error("runtime: {sink_retry: {budget: 2}}")
     assert "'model.breaker': open_s must" in error("", "  breaker: {open_s: 0}")

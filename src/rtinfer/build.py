@@ -158,7 +158,7 @@ def build_pipeline(
     if shed_ranges and getattr(source, "skip", None) is None:
         raise ConfigError(
             f"slo.shed_by: range needs a source that can move past a range of entries "
-            f"unread (redis); {source.name} cannot: use shed_by: event"
+            f"unread (redis, memory); {source.name} cannot: use shed_by: event"
         )
     sinks = [_sink(s, broker) for s in config.sinks]
     dead_letters = _sink(config.dead_letters, broker) if config.dead_letters else None

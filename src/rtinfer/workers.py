@@ -106,7 +106,8 @@ def _wait(process: subprocess.Popen[bytes]) -> int:
 
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary for all workers: counts added up, latency the worst worker's."""
-    total = {k: sum(s[k] for s in summaries) for k in ("events_in", "events_out", "dead_letters")}
+    counts = ("events_in", "events_out", "dead_letters", "skipped")
+    total = {k: sum(s.get(k, 0) for s in summaries) for k in counts}
     duration = max(s["duration_s"] for s in summaries)
     batches = [s["batch_size_mean"] for s in summaries if s["batch_size_mean"]]
     return {

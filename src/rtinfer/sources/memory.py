@@ -9,11 +9,11 @@ read again by the member that takes its partitions over.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import count
 
 from ..broker import Broker, Consumer
-from ..types import Event, Position
+from ..types import Event, Position, Skipped
 
 __all__ = ["BrokerSource"]
 
@@ -70,6 +70,31 @@ class BrokerSource:
                     )
                 )
         return events
+
+    async def skip(self, before: float, record: Callable[[list[Skipped]], Awaitable[None]]) -> int:
+        """Move past the records not yet read that were published before ``before``
+        (seconds since the epoch), unread; return how many.
+
+        ``record`` is awaited with the runs first; then each partition still owned is moved
+        forward to the end of its run (never back). Nothing is committed here: the commit
+        of a later record covers the run. The records stay in the topic for a replay,
+        within its retention.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        topic, source = self.topic, self.name
+        runs = {
+            p: bounds for (t, p), bounds in consumer.published_before(before).items() if t == topic
+        }
+        if not runs:
+            return 0
+        await record(
+            [Skipped(source, p, first, end - 1, end - first) for p, (first, end) in runs.items()]
+        )
+        for p, (_, end) in runs.items():
+            consumer.seek_forward((topic, p), end)
+        return sum(end - first for first, end in runs.values())
 
     async def lag(self) -> int | None:
         """Records of the topic the group has not committed yet."""
