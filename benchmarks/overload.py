@@ -778,8 +778,6 @@ def start_pipeline(
     path = tmp / f"{names['in']}.yaml"
     path.write_text(pipeline_config(args, redis_url, names, slo, tmp / "fraud.onnx"))
     command = [sys.executable, "-m", "rtinfer", "run", str(path), "--no-live"]
-    if args.loop_sched is not None:
-        command += ["--loop-sched", args.loop_sched]
     log = (tmp / f"{names['in']}.log").open("wb")
     return subprocess.Popen(  # noqa: S603
         pin(args.server_cpus, command), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
@@ -1261,9 +1259,7 @@ def main() -> None:
     )
     serving.add_argument("--max-concurrency", type=int, help="rtinfer serve's (default: its own)")
     serving.add_argument(
-        "--loop-sched",
-        choices=("batch", "normal"),
-        help="rtinfer serve's and rtinfer run's (default: their own)",
+        "--loop-sched", choices=("batch", "normal"), help="rtinfer serve's (default: its own)"
     )
     serving.add_argument("--capacity", type=float, help="requests/s: skip measuring it")
     serving.add_argument(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -184,16 +183,14 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 # -- signals, in a real process ------------------------------------------------------------
 
 
-def start(
-    path: Path, helpers_dir: Path, tmp_path: Path, delay: float, *options: str
-) -> subprocess.Popen[bytes]:
+def start(path: Path, helpers_dir: Path, tmp_path: Path, delay: float) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(helpers_dir), env.get("PYTHONPATH", "")])
     env["RTINFER_TEST_DELAY"] = str(delay)
     with (tmp_path / "stdout.txt").open("wb") as out, (tmp_path / "stderr.txt").open("wb") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "rtinfer", "run", str(path), "--no-live",
-             "--summary-json", str(tmp_path / "summary.json"), *options],
+             "--summary-json", str(tmp_path / "summary.json")],
             stdout=out,
             stderr=err,
             env=env,
@@ -246,29 +243,6 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, helpers_dir: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["events_in"] == summary["events_out"] == n  # every line read was written
     assert (tmp_path / "checkpoint").read_text().strip() == str(n)  # and acknowledged
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-@pytest.mark.parametrize(("how", "policy"), [("batch", "SCHED_BATCH"), ("normal", "SCHED_OTHER")])
-def test_run_schedules_its_event_loop_once_the_pipeline_runs(
-    tmp_path: Path, helpers_dir: Path, how: str, policy: str
-) -> None:
-    """``--loop-sched``: the event loop's thread (the main one) runs as it says once the
-    pipeline runs; the model's threads, started before, keep the normal policy."""
-    path = pipeline_file(tmp_path, "factory: rtinfer_testhelpers:slow_model", follow=True)
-    out = tmp_path / "out.jsonl"
-    process = start(path, helpers_dir, tmp_path, 0.0, "--loop-sched", how)
-    wait_for(process, lambda: len(read_jsonl(out)) == 20, "the results")
-    loop_policy = os.sched_getscheduler(process.pid)
-    others = set()
-    for task in os.listdir(f"/proc/{process.pid}/task"):
-        if int(task) != process.pid:
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                others.add(os.sched_getscheduler(int(task)))
-    process.send_signal(signal.SIGTERM)
-    assert finish(process, tmp_path) == 0
-    assert loop_policy == getattr(os, policy)
-    assert os.SCHED_OTHER in others
 
 
 def test_a_second_sigint_exits_at_once_with_130(tmp_path: Path, helpers_dir: Path) -> None:

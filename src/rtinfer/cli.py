@@ -2,8 +2,7 @@
 
 ::
 
-    rtinfer run PIPELINE.yaml [--workers N] [--loop-sched batch|normal] [--summary-json PATH]
-                [--metrics-port PORT]
+    rtinfer run PIPELINE.yaml [--workers N] [--summary-json PATH] [--metrics-port PORT]
     rtinfer check PIPELINE.yaml
     rtinfer demo [--events N] [--rate EVENTS_PER_S] [--summary-json PATH] [--metrics-port PORT]
     rtinfer demo generate --events N --out FILE.jsonl
@@ -34,7 +33,6 @@ from typing import Any
 
 from . import __version__
 from .exceptions import ConfigError, RtinferError
-from .loop import LOOP_SCHEDULES
 from .loop import run as _run
 
 __all__ = ["main"]
@@ -69,14 +67,6 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="processes in one consumer group (a broker source only); default 1",
-    )
-    run.add_argument(
-        "--loop-sched",
-        choices=LOOP_SCHEDULES,
-        default="batch",
-        help="once the pipeline runs, schedule its event loop as SCHED_BATCH (batch, the "
-        "default: on a core shared with the model, a read's wakeup waits for the model's "
-        "time slice instead of preempting it) or leave it be (normal)",
     )
     _add_run_options(run)
 
@@ -143,19 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run" and args.workers > 1:
             from .workers import run_workers
 
-            code, merged = run_workers(
-                args.pipeline,
-                args.workers,
-                metrics_port=args.metrics_port,
-                loop_sched=args.loop_sched,
-            )
+            code, merged = run_workers(args.pipeline, args.workers, metrics_port=args.metrics_port)
             if merged is not None:
                 _report(merged, args.summary_json)
             return code
         if args.command == "run":
-            summary = _run(
-                _run_pipeline(args.pipeline, args.metrics_port, args.live, args.loop_sched)
-            )
+            summary = _run(_run_pipeline(args.pipeline, args.metrics_port, args.live))
             _report(summary, args.summary_json)
         elif args.command == "check":
             from .build import load_pipeline
@@ -221,23 +204,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_pipeline(
-    path: Path, metrics_port: int | None, live: bool, loop_sched: str = "normal"
-) -> dict[str, Any]:
+async def _run_pipeline(path: Path, metrics_port: int | None, live: bool) -> dict[str, Any]:
     from .build import load_pipeline
-    from .loop import freeze_heap, schedule_loop
+    from .loop import freeze_heap
     from .observability.live import LiveView
     from .signals import handle_signals
 
     pipeline = load_pipeline(path)
     freeze_heap()  # everything is imported and configured: keep it out of the GC's walks
-
-    async def schedule_when_running() -> None:
-        # Once the stages started, so the model's threads keep the normal policy.
-        await pipeline.ready.wait()
-        schedule_loop(loop_sched)
-
-    scheduling = asyncio.create_task(schedule_when_running())
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -247,7 +221,6 @@ async def _run_pipeline(
     try:
         summary = await pipeline.run()
     finally:
-        scheduling.cancel()
         remove()
         if view is not None:
             view.cancel()

@@ -38,12 +38,10 @@ def run_workers(
     workers: int,
     *,
     metrics_port: int | None = None,
-    loop_sched: str = "batch",
 ) -> tuple[int, dict[str, Any] | None]:
     """Run ``workers`` copies of the pipeline at ``path``; return the exit status and summary.
 
-    Worker ``i`` serves its metrics on ``metrics_port + i``; each schedules its event loop
-    as ``loop_sched`` says (``rtinfer run --loop-sched``).
+    Worker ``i`` serves its metrics on ``metrics_port + i``.
     """
     config = load_config(path)
     if isinstance(config.source, MemorySourceConfig | FileSourceConfig):
@@ -61,7 +59,6 @@ def run_workers(
         processes = []
         for i in range(workers):
             command = [sys.executable, "-m", "rtinfer", "run", str(path), "--no-live"]
-            command += ["--loop-sched", loop_sched]
             command += ["--summary-json", str(summaries[i])]
             if metrics_port is not None:
                 command += ["--metrics-port", str(metrics_port + i)]
