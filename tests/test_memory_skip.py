@@ -1,6 +1,6 @@
-"""Shedding by range on the in-process broker: a consumer moves past the records published
-before an instant (``Consumer.published_before``, ``seek_forward``), ``BrokerSource.skip``
-records the runs first, and a pipeline with ``shed_ranges`` loses nothing."""
+"""Shedding by range on the in-process broker: a consumer seeks forward past records
+(``Consumer.seek_forward``), ``BrokerSource.skip`` records the runs it skips first, and a
+pipeline with ``shed_ranges`` loses nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import time
 
 import pytest
 
-from conftest import SAFETY, Ledger, Reading, RecordingSink, committed_positions, payload
+from conftest import (
+    SAFETY,
+    Ledger,
+    Reading,
+    RecordingSink,
+    committed_positions,
+    payload,
+    wait_until,
+)
 from conftest import python_model as linear_model
 from rtinfer.batching import MicroBatcher
 from rtinfer.broker import Broker
@@ -24,31 +32,26 @@ def stamped(broker: Broker, topic: str, stamps: list[float], partition: int = 0)
         broker.publish(topic, b"v%d" % i, timestamp=stamp, partition=partition)
 
 
-def test_a_consumer_finds_and_skips_the_run_published_before_an_instant() -> None:
+def test_a_consumer_seeks_forward_only_on_its_own_partitions() -> None:
     broker = Broker()
     broker.create_topic("t", partitions=2)
-    stamped(broker, "t", [1.0, 2.0, 3.0, 9.0, 4.0], partition=0)  # the run ends at 9.0
-    stamped(broker, "t", [8.0, 9.0], partition=1)
+    stamped(broker, "t", [1.0] * 5, partition=0)
     consumer = broker.consumer("t", "g")
-    # Partition 1 first (fewest records); from its position on, nothing of it is old.
-    assert [(r.partition, r.offset) for r in consumer.fetch_nowait(1)] == [(1, 0)]
-    assert consumer.published_before(5.0) == {("t", 0): (0, 3)}
     assert consumer.seek_forward(("t", 0), 3)
     assert not consumer.seek_forward(("t", 0), 2)  # never back
-    assert not consumer.seek_forward(("t", 7), 3)  # not owned
-    assert consumer.published_before(5.0) == {}
-    rest = consumer.fetch_nowait(10)
-    assert sorted((r.partition, r.offset) for r in rest) == [(0, 3), (0, 4), (1, 1)]
-    assert broker.committed("g", "t") == [0, 0]  # a skip commits nothing by itself
+    assert not consumer.seek_forward(("t", 7), 9)  # not owned
+    assert [(r.partition, r.offset) for r in consumer.fetch_nowait(10)] == [(0, 3), (0, 4)]
+    assert broker.committed("g", "t") == [0, 0]  # a seek commits nothing by itself
 
 
 async def test_the_source_records_the_runs_before_it_moves_past_them() -> None:
     broker = Broker()
     broker.create_topic("t", partitions=2)
-    stamped(broker, "t", [1.0, 1.0, 1.0, 50.0], partition=0)
-    stamped(broker, "t", [1.0, 50.0], partition=1)
+    stamped(broker, "t", [1.0] * 4, partition=0)
+    stamped(broker, "t", [1.0] * 2, partition=1)
     source = BrokerSource(broker, "t", group="g")
     await source.start()
+    held = await asyncio.wait_for(source.read(1), SAFETY)  # read, not yet acknowledged
     seen: list[list[Skipped]] = []
 
     async def record(ranges: list[Skipped]) -> None:
@@ -58,17 +61,19 @@ async def test_the_source_records_the_runs_before_it_moves_past_them() -> None:
         raise ConnectionError("the dead-letter sink is gone")
 
     with pytest.raises(ConnectionError):
-        await source.skip(10.0, fail)
+        await source.skip(fail)
     # Not recorded, not moved: the same runs are found again.
-    assert (await source.skip(10.0, record)) == 4
-    assert seen == [[Skipped("memory://t", 0, 0, 2, 3), Skipped("memory://t", 1, 0, 0, 1)]]
+    assert await source.skip(record) == 5
+    # What was read stays with the pipeline: partition 1's first record (fewest left).
+    assert [(e.position.partition, e.position.offset) for e in held if e.position] == [(1, 0)]
+    assert seen == [[Skipped("memory://t", 0, 0, 3, 4), Skipped("memory://t", 1, 1, 1, 1)]]
+    assert await source.skip(record) == 0  # nothing left to skip
+    broker.publish("t", b"fresh", partition=0)
     events = await asyncio.wait_for(source.read(10), SAFETY)
-    assert sorted((e.position.partition, e.position.offset) for e in events if e.position) == [
-        (0, 3),
-        (1, 1),
-    ]
-    await source.ack([e.position for e in events if e.position])
-    assert broker.committed("g", "t") == [4, 2]  # the later commit covers the runs
+    assert [(e.position.partition, e.position.offset) for e in events if e.position] == [(0, 4)]
+    await source.ack([e.position for e in [*held, *events] if e.position])
+    # A later commit covers a run: partition 0's; partition 1's waits for one.
+    assert broker.committed("g", "t") == [5, 1]
     await source.aclose()
 
 
@@ -79,9 +84,6 @@ async def test_a_pipeline_on_the_broker_sheds_a_late_backlog_by_range() -> None:
     old = time.time() - 60
     for i in range(n_old):
         broker.publish("readings", payload(i), timestamp=old)
-    for i in range(n_old, n_old + n_fresh):
-        broker.publish("readings", payload(i))
-    broker.end_topic("readings")
     source = BrokerSource(broker, "readings", group="g")
     ledger = Ledger(lambda: committed_positions(broker, "g", "readings"))
     sink = RecordingSink(ledger=ledger)
@@ -102,7 +104,14 @@ async def test_a_pipeline_on_the_broker_sheds_a_late_backlog_by_range() -> None:
         shed_expired=True,
         shed_ranges=True,
     )
-    summary = await asyncio.wait_for(pipeline.run(), SAFETY)
+    running = asyncio.create_task(pipeline.run())
+    # The first read is late: the rest of the backlog is skipped before the next one. What
+    # arrives after that is answered.
+    await wait_until(lambda: any(r["value"] is None for r in dead.flushed_results))
+    for i in range(n_old, n_old + n_fresh):
+        broker.publish("readings", payload(i))
+    broker.end_topic("readings")
+    summary = await asyncio.wait_for(running, SAFETY)
 
     assert summary.events_out == n_fresh
     assert summary.skipped == n_old - read_size

@@ -330,14 +330,6 @@ async def test_the_shedding_margin_counts_the_time_until_results_are_flushed() -
     assert margin > 2 * 0.02 * 0.9  # twice the write's time, once the average settled
 
 
-def test_a_skip_reaches_halfway_into_the_age_an_event_may_have() -> None:
-    from rtinfer.pipeline import _skip_before
-
-    # Deadline 50 ms, margin 10 ms: events up to 40 ms old are admitted; the skip takes
-    # those over 20 ms old.
-    assert _skip_before(100.0, 100.010, 0.050) == pytest.approx(100.0 - 0.020)
-
-
 @pytest.mark.parametrize("policy", ["dead_letter", "fallback", "late"])
 async def test_every_expired_event_ends_in_a_result_or_a_dead_letter_and_is_acknowledged(
     policy: str,

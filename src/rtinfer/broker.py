@@ -585,24 +585,6 @@ class Consumer:
         self._group.committed.update(accepted)
         return refused
 
-    def published_before(self, before: float) -> dict[TopicPartition, tuple[int, int]]:
-        """Per partition owned, the offsets ``[first, end)`` of the run of records not yet
-        fetched, from this member's position on, published before ``before`` (their
-        timestamp); a partition with none is left out."""
-        runs: dict[TopicPartition, tuple[int, int]] = {}
-        for tp, claim in self._claims.items():
-            log = claim.log
-            start = log.first + log.head
-            position = claim.position if claim.position > start else start
-            stamps = log.timestamps
-            i = lo = position - log.first
-            n = len(stamps)
-            while i < n and stamps[i] < before:
-                i += 1
-            if i > lo:
-                runs[tp] = (position, log.first + i)
-        return runs
-
     def seek_forward(self, tp: TopicPartition, offset: int) -> bool:
         """Fetch ``tp`` from ``offset`` on, skipping what lies before it; never moves back,
         and does nothing to a partition this member does not own. Commits nothing: the

@@ -224,13 +224,12 @@ class Source(Protocol):
     consumer group has not acknowledged yet (undelivered and in flight), when the
     broker can tell. The pipeline exports it as ``rtinfer_consumer_lag``.
 
-    A source may also have ``async def skip(self, before, record) -> int``: move its
-    consumer group past every entry not yet delivered to it that arrived before
-    ``before`` (seconds since the epoch), without delivering them. It first awaits
-    ``record(ranges)`` with what it will skip (a list of :class:`Skipped`), and moves
-    only once that returned, so a crash leaves the entries recorded or still unread;
-    it returns how many it skipped. A pipeline shedding by range (``slo.shed_by:
-    range``) calls it when a whole read was late.
+    A source may also have ``async def skip(self, record) -> int``: move its consumer
+    group past every entry not yet delivered to it, without delivering them. It first
+    awaits ``record(ranges)`` with what it will skip (a list of :class:`Skipped`), and
+    moves only once that returned, so a crash leaves the entries recorded or still
+    unread; it returns how many it skipped. A pipeline shedding by range (``slo.shed_by:
+    range``) calls it before a read when the last read held late events.
     """
 
     name: str

@@ -71,9 +71,8 @@ class BrokerSource:
                 )
         return events
 
-    async def skip(self, before: float, record: Callable[[list[Skipped]], Awaitable[None]]) -> int:
-        """Move past the records not yet read that were published before ``before``
-        (seconds since the epoch), unread; return how many.
+    async def skip(self, record: Callable[[list[Skipped]], Awaitable[None]]) -> int:
+        """Move past every record not yet read, unread; return how many.
 
         ``record`` is awaited with the runs first; then each partition still owned is moved
         forward to the end of its run (never back). Nothing is committed here: the commit
@@ -84,8 +83,11 @@ class BrokerSource:
         if consumer is None:
             return 0
         topic, source = self.topic, self.name
+        ends = self._broker.end_offsets(topic)
         runs = {
-            p: bounds for (t, p), bounds in consumer.published_before(before).items() if t == topic
+            p: (first, ends[p])
+            for t, p in consumer.assignment()
+            if t == topic and ends[p] > (first := consumer.position(t, p))
         }
         if not runs:
             return 0
