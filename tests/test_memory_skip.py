@@ -68,12 +68,20 @@ async def test_the_source_records_the_runs_before_it_moves_past_them() -> None:
     assert [(e.position.partition, e.position.offset) for e in held if e.position] == [(1, 0)]
     assert seen == [[Skipped("memory://t", 0, 0, 3, 4), Skipped("memory://t", 1, 1, 1, 1)]]
     assert await source.skip(record) == 0  # nothing left to skip
+    broker.publish("t", b"a", partition=0)
+    broker.publish("t", b"b", partition=0)
+    broker.publish("t", b"c", partition=0)
+    assert await source.skip(record, keep=2) == 2  # one a partition: the newest of 0
+    assert seen[-1] == [Skipped("memory://t", 0, 4, 5, 2)]
     broker.publish("t", b"fresh", partition=0)
     events = await asyncio.wait_for(source.read(10), SAFETY)
-    assert [(e.position.partition, e.position.offset) for e in events if e.position] == [(0, 4)]
+    assert [(e.position.partition, e.position.offset) for e in events if e.position] == [
+        (0, 6),
+        (0, 7),
+    ]
     await source.ack([e.position for e in [*held, *events] if e.position])
     # A later commit covers a run: partition 0's; partition 1's waits for one.
-    assert broker.committed("g", "t") == [5, 1]
+    assert broker.committed("g", "t") == [8, 1]
     await source.aclose()
 
 
@@ -105,23 +113,23 @@ async def test_a_pipeline_on_the_broker_sheds_a_late_backlog_by_range() -> None:
         shed_ranges=True,
     )
     running = asyncio.create_task(pipeline.run())
-    # The first read is late: the rest of the backlog is skipped before the next one. What
-    # arrives after that is answered.
-    await wait_until(lambda: any(r["value"] is None for r in dead.flushed_results))
+    # The first read is late: before the next one, the backlog is skipped but for one
+    # read's worth (read, late too); what arrives after that is answered.
+    await wait_until(lambda: len(dead.flushed_results) == 2 * read_size + 1)
     for i in range(n_old, n_old + n_fresh):
         broker.publish("readings", payload(i))
     broker.end_topic("readings")
     summary = await asyncio.wait_for(running, SAFETY)
 
     assert summary.events_out == n_fresh
-    assert summary.skipped == n_old - read_size
+    assert summary.skipped == n_old - 2 * read_size
     assert summary.dead_letters == n_old
     assert sorted(p.offset for p in sink.flushed) == list(range(n_old, n_old + n_fresh))
     one_by_one = [r for r in dead.flushed_results if r["value"] is not None]
     ranges = [r for r in dead.flushed_results if r["value"] is None]
-    assert len(one_by_one) == read_size
+    assert len(one_by_one) == 2 * read_size
     assert [(r["offset"], r["last_offset"], r["count"]) for r in ranges] == [
-        (read_size, n_old - 1, n_old - read_size)
+        (read_size, n_old - read_size - 1, n_old - 2 * read_size)
     ]
     # Every record is done: the commit covers the range too.
     assert broker.committed("g", "readings") == [n_old + n_fresh]

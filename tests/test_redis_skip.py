@@ -88,6 +88,23 @@ async def test_skip_moves_the_group_past_what_it_had_not_delivered_after_recordi
         await src.aclose()
 
 
+async def test_skip_keeps_the_newest_entries_it_is_asked_to(
+    redis: Redis, name: Callable[[str], str]
+) -> None:
+    stream = name("in")
+    ids = await add_at(redis, stream, 1_000, 10)
+    src = source(stream)
+    await src.start()
+    try:
+        recorder = Recorder(redis, stream)
+        assert await src.skip(recorder, keep=3) == 7
+        assert recorder.ranges == [Skipped(src.name, 0, ids[0], ids[6], 7)]
+        assert await src.skip(recorder, keep=3) == 0  # no more than 3 left
+        assert [str(e.position.offset) for e in await read(src) if e.position] == ids[7:]
+    finally:
+        await src.aclose()
+
+
 async def test_skip_counts_the_entries_where_redis_cannot_tell_the_lag(
     redis: Redis, name: Callable[[str], str]
 ) -> None:
@@ -205,9 +222,9 @@ async def test_a_pipeline_sheds_a_late_backlog_by_range_and_loses_nothing(
                 written = await redis.xlen(stream)
                 await asyncio.sleep(0.005)
 
-        # The first read is late: the rest of the backlog is skipped before the next one
-        # (one record after the read's own), and what arrives after that is answered.
-        await asyncio.wait_for(count(dead, read_size + 1), SAFETY)
+        # The first read is late: before the next one, the backlog is skipped but for one
+        # read's worth (read, late too); what arrives after that is answered.
+        await asyncio.wait_for(count(dead, 2 * read_size + 1), SAFETY)
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(n_old, n_old + n_fresh):
                 pipe.xadd(inbox, {"value": payload(i, key=f"k{i % 3}")})
@@ -222,24 +239,26 @@ async def test_a_pipeline_sheds_a_late_backlog_by_range_and_loses_nothing(
     letters = [msgspec.json.decode(f[b"value"]) for _, f in await redis.xrange(dead)]
     one_by_one = [d for d in letters if d["value"] is not None]
     ranges = [d for d in letters if d["value"] is None]
-    # The first read was late: set aside event by event, then the rest at once.
-    assert len(one_by_one) == read_size
+    # The first and the last read of the backlog were set aside event by event, the rest
+    # at once.
+    assert len(one_by_one) == 2 * read_size
     assert len(ranges) == 1
     (skipped,) = ranges
-    assert skipped["count"] == n_old - read_size
+    end = n_old - read_size - 1
+    assert skipped["count"] == n_old - 2 * read_size
     assert skipped["stage"] == "intake"
     assert skipped["offset"] == f"{old_ms}-{read_size}"
-    assert skipped["last_offset"] == f"{old_ms}-{n_old - 1}"
-    assert skipped["id"] == f"redis://{inbox}/0/{old_ms}-{read_size}..{old_ms}-{n_old - 1}"
+    assert skipped["last_offset"] == f"{old_ms}-{end}"
+    assert skipped["id"] == f"redis://{inbox}/0/{old_ms}-{read_size}..{old_ms}-{end}"
     # Each old entry is named once: by its own dead letter (with its payload) or by the
     # range, whose entries are still in the stream.
     in_range = await redis.xrange(inbox, skipped["offset"], skipped["last_offset"])
     named = [msgspec.json.decode(d["value"])["id"] for d in one_by_one]
     named += [msgspec.json.decode(f[b"value"])["id"] for _, f in in_range]
     assert sorted(named) == sorted(f"e{i}" for i in range(n_old))
-    assert summary.skipped == n_old - read_size
+    assert summary.skipped == n_old - 2 * read_size
     assert summary.dead_letters == n_old
-    assert summary.events_in == read_size + n_fresh
+    assert summary.events_in == 2 * read_size + n_fresh
     assert (await group_info(redis, inbox))["pending"] == 0
 
 

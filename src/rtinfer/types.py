@@ -224,8 +224,9 @@ class Source(Protocol):
     consumer group has not acknowledged yet (undelivered and in flight), when the
     broker can tell. The pipeline exports it as ``rtinfer_consumer_lag``.
 
-    A source may also have ``async def skip(self, record) -> int``: move its consumer
-    group past every entry not yet delivered to it, without delivering them. It first
+    A source may also have ``async def skip(self, record, keep=0) -> int``: move its
+    consumer group past every entry not yet delivered to it but the newest ``keep``,
+    without delivering them. It first
     awaits ``record(ranges)`` with what it will skip (a list of :class:`Skipped`), and
     moves only once that returned, so a crash leaves the entries recorded or still
     unread; it returns how many it skipped. A pipeline shedding by range (``slo.shed_by:

@@ -71,8 +71,9 @@ class BrokerSource:
                 )
         return events
 
-    async def skip(self, record: Callable[[list[Skipped]], Awaitable[None]]) -> int:
-        """Move past every record not yet read, unread; return how many.
+    async def skip(self, record: Callable[[list[Skipped]], Awaitable[None]], keep: int = 0) -> int:
+        """Move past every record not yet read but the newest ``keep`` (shared among the
+        partitions owned), unread; return how many.
 
         ``record`` is awaited with the runs first; then each partition still owned is moved
         forward to the end of its run (never back). Nothing is committed here: the commit
@@ -84,10 +85,12 @@ class BrokerSource:
             return 0
         topic, source = self.topic, self.name
         ends = self._broker.end_offsets(topic)
+        owned = [p for t, p in consumer.assignment() if t == topic]
+        kept = -(-keep // len(owned)) if owned and keep > 0 else 0
         runs = {
-            p: (first, ends[p])
-            for t, p in consumer.assignment()
-            if t == topic and ends[p] > (first := consumer.position(t, p))
+            p: (first, ends[p] - kept)
+            for p in owned
+            if ends[p] - kept > (first := consumer.position(topic, p))
         }
         if not runs:
             return 0

@@ -105,21 +105,24 @@ local function before(a, b)
 end
 """
 
-# KEYS[1] a stream, ARGV[1] a group: the entries not yet delivered to the group, as
-# {group's position, first id, last id, count}. The count is the group's lag, known in
-# O(1); counting the entries instead (when the lag is unknown) reads every one of them,
-# which took the core Redis shares with producers at 80,000 entries/s.
+# KEYS[1] a stream, ARGV[1] a group, ARGV[2] how many to keep: the entries not yet
+# delivered to the group but the newest ARGV[2], as {group's position, first id, last id,
+# count}. The count is the group's lag less those kept, in O(kept); counting the entries
+# instead (when the lag is unknown) reads every one of them, which took the core Redis
+# shares with producers at 80,000 entries/s.
 _FIND_SKIP = (
     _GROUP_STATE
     + """
 local last, read, lag = group_state(KEYS[1], ARGV[1])
 if type(last) == 'table' then return last end
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '(' .. last, 'COUNT', 1)
-if #newest == 0 then return {} end
+local keep = tonumber(ARGV[2])
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '(' .. last, 'COUNT', keep + 1)
+if #newest <= keep then return {} end
+local until_id = newest[keep + 1][1]
 local first = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
-local n = lag
-if not n then n = #redis.call('XRANGE', KEYS[1], '(' .. last, newest[1][1]) end
-return {last, first[1][1], newest[1][1], n}
+local n
+if lag then n = lag - keep else n = #redis.call('XRANGE', KEYS[1], '(' .. last, until_id) end
+return {last, first[1][1], until_id, n}
 """
 )
 
@@ -560,8 +563,9 @@ class RedisStreamSource:
         await retrying(self.name, send, give_up_after=self.reconnect_timeout_s)
         self._unacked.difference_update(entries)
 
-    async def skip(self, record: Callable[[list[Skipped]], Awaitable[None]]) -> int:
-        """Move the group past every entry not yet delivered to it, unread; return how many.
+    async def skip(self, record: Callable[[list[Skipped]], Awaitable[None]], keep: int = 0) -> int:
+        """Move the group past every entry not yet delivered to it but the newest ``keep``
+        (shared among the streams read), unread; return how many.
 
         Each stream's range (first and last id, and the count: the group's lag, or the
         entries counted where Redis does not know it) is found, then ``record`` is
@@ -576,8 +580,9 @@ class RedisStreamSource:
             return 0
         find, move = scripts
         found: list[tuple[str, str, Skipped]] = []
+        kept = _share(keep, len(self.streams)) if keep > 0 else 0
         for stream in self.streams:
-            reply = await find(keys=[stream], args=[self.group])
+            reply = await find(keys=[stream], args=[self.group, kept])
             if reply:
                 at, first, last, n = reply
                 skipped = Skipped(
