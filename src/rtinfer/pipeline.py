@@ -28,8 +28,8 @@ source positions of everything written before the flush. So:
   the cost of a write, and the pipeline catches up with the events it can still
   answer in time; with ``shed_ranges`` too, after a read that held late events the
   source is moved (:meth:`~rtinfer.types.Source.skip`) past every entry it has not
-  delivered, unread, and one dead letter per range names them: setting aside then costs
-  nothing per event;
+  delivered but the newest ``read_size``, unread, and one dead letter per range names
+  them: setting aside then costs nothing per event;
 - **failing sinks** (:class:`SinkResilience`): a sink's ``write``/``flush`` that
   fails with a transient error is retried with jittered backoff, paid from a
   retry budget (about 10% extra calls at most); one that keeps failing opens its
@@ -396,7 +396,8 @@ class Pipeline:
         #: Dead-letter events already past their deadline when read, unprocessed.
         self.shed_expired = shed_expired
         #: With ``shed_expired``: after a read that held late events, move the source past
-        #: every entry it has not delivered, unread (its ``skip``), a dead letter per range.
+        #: every entry it has not delivered but the newest ``read_size``, unread (its
+        #: ``skip``), a dead letter per range.
         self.shed_ranges = shed_ranges
         self._skip: Callable[..., Awaitable[int]] | None = getattr(source, "skip", None)
         if shed_ranges:
@@ -733,8 +734,8 @@ class Pipeline:
 
     def record_transit(self, seconds: float, batch: Batch) -> None:
         """Follow the time from read to written (smoothed) of batches that ran the stages,
-        up to the flush that made their results visible (a result waits for it up to
-        ``flush_interval``, as long as the model took, measured with a 1 ms model):
+        up to the flush that made their results visible (with a 1 ms model a result waited
+        for that flush about as long as the model took). Only batches that ran count:
         one set aside whole took none, and counted, such batches would drag the margin to
         nothing just when most batches are set aside (measured at ten times a stream's
         capacity: 0% goodput counting them, 68% without)."""
