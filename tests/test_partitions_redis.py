@@ -6,7 +6,6 @@ Against a real Redis (``REDIS_URL``); every test uses streams of its own, delete
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import SAFETY, service_missing
+from conftest import REDIS_URL, SAFETY
 from rtinfer.exceptions import ConfigError
 from rtinfer.types import Event, Position
 
@@ -23,24 +22,7 @@ if TYPE_CHECKING:
 
     from rtinfer.sources.redis import RedisStreamSource
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 P = 4
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    pytest.importorskip("redis")
-    from redis.asyncio import Redis
-    from redis.exceptions import RedisError
-
-    client = Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except (OSError, RedisError) as exc:
-        await client.aclose()
-        service_missing(f"no Redis at {REDIS_URL}: {exc}")
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

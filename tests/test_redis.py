@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pytest
 
-from conftest import SAFETY, Reading, payload, python_model, wait_until
+from conftest import REDIS_URL, SAFETY, Reading, payload, python_model, wait_until
 from rtinfer.batching import MicroBatcher
 from rtinfer.connectors.redis import connect
 from rtinfer.exceptions import ConfigError, MissingDependency
@@ -30,7 +29,6 @@ from rtinfer.types import Event, Position, Sink, Source
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 GROUP = "scoring"
 
 
