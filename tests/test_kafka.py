@@ -12,6 +12,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -21,13 +22,13 @@ import msgspec
 import pytest
 
 import kafka_broker
-from conftest import SAFETY, Reading, payload, python_model, wait_until
+from conftest import SAFETY, Reading, RecordingSink, payload, python_model, wait_until
 from kafka_broker import FAST_CONSUMER, create_topics, delete_topics
 from rtinfer.batching import MicroBatcher
 from rtinfer.exceptions import ConfigError
 from rtinfer.pipeline import Pipeline
 from rtinfer.stages import Decode, Outputs, Predict, Vectorize
-from rtinfer.types import DEAD_REASON_HEADER, Event, Position, Sink, Source
+from rtinfer.types import DEAD_REASON_HEADER, Event, Position, Sink, Skipped, Source
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
@@ -649,3 +650,82 @@ async def test_lag_counts_what_the_group_has_not_committed(kafka: str, topic: To
     finally:
         await src.aclose()
     assert await src.lag() is None  # closed: nothing to tell
+
+
+# -- shedding by range (slo.shed_by: range) ---------------------------------------------
+
+
+async def test_skip_seeks_past_what_was_not_handed_out_after_recording_it(
+    kafka: str, topic: Topics
+) -> None:
+    name, members = topic("in", partitions=1), group()
+    produce(kafka, name, spread(10, 1))
+    src = source(kafka, name, members)
+    await src.start()
+    try:
+        held = await read(src, 2, max_events=2)  # handed out, not acknowledged
+        assert where(held) == [(0, 0), (0, 1)]
+        seen: list[list[Skipped]] = []
+
+        async def record(ranges: list[Skipped]) -> None:
+            seen.append(ranges)
+
+        async def fail(ranges: list[Skipped]) -> None:
+            raise ConnectionError("the dead-letter sink is gone")
+
+        with pytest.raises(ConnectionError):
+            await src.skip(fail, keep=3)
+        # Not recorded, not moved: the same run is found again, the newest 3 kept.
+        assert await src.skip(record, keep=3) == 5
+        assert seen == [[Skipped(f"kafka://{name}", 0, 2, 6, 5)]]
+        rest = await read(src, 3)
+        assert where(rest) == [(0, 7), (0, 8), (0, 9)]
+        assert await src.skip(record, keep=3) == 0  # nothing left that is not handed out
+        # The commit of what came after covers the run.
+        await src.ack(positions([*held, *rest]))
+        await wait_committed(kafka, members, name, {0: 10})
+    finally:
+        await src.aclose()
+
+
+async def test_a_kafka_pipeline_sheds_a_late_backlog_by_range(kafka: str, topic: Topics) -> None:
+    name, members = topic("in", partitions=1), group()
+    n_old, n_fresh, read_size = 60, 12, 4
+    old_ms = int((time.time() - 60) * 1000)  # a minute behind: far past a 1 s deadline
+    produce(kafka, name, [{"value": payload(i), "timestamp": old_ms} for i in range(n_old)])
+    results, dead = RecordingSink(), RecordingSink("dead")
+    pipeline = Pipeline(
+        source(kafka, name, members),
+        [
+            Decode(Reading),
+            Vectorize(["x", "y"]),
+            Predict(MicroBatcher(python_model(), max_batch_size=8, max_delay=0)),
+            Outputs(),
+        ],
+        [results],
+        dead_letters=dead,
+        read_size=read_size,
+        max_in_flight=1,
+        slo=1.0,
+        shed_expired=True,
+        shed_ranges=True,
+    )
+    running = asyncio.create_task(pipeline.run())
+    try:
+        # The first read is late: before the next one the backlog is skipped but for one
+        # read's worth (read, late too); what arrives after that is answered.
+        await wait_until(lambda: len(dead.flushed_results) >= 2 * read_size + 1)
+        produce(kafka, name, [{"value": payload(i)} for i in range(n_old, n_old + n_fresh)])
+        await wait_until(lambda: len(results.flushed) == n_fresh)
+    finally:
+        pipeline.stop()
+        summary = await asyncio.wait_for(running, SAFETY)
+    letters = dead.flushed_results
+    ranges = [d for d in letters if d["value"] is None]
+    assert [(r["offset"], r["last_offset"], r["count"]) for r in ranges] == [
+        (read_size, n_old - read_size - 1, n_old - 2 * read_size)
+    ]
+    assert len(letters) - len(ranges) == 2 * read_size
+    assert summary.skipped == n_old - 2 * read_size
+    assert sorted(p.offset for p in results.flushed) == list(range(n_old, n_old + n_fresh))
+    await wait_committed(kafka, members, name, {0: n_old + n_fresh})

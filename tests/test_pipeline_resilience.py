@@ -763,6 +763,13 @@ def test_the_resilience_keys_are_checked(model_file: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"file://readings\.jsonl cannot: use shed_by: event"):
         build_pipeline(parse_config(on_a_file))
+    pytest.importorskip("confluent_kafka")
+    counting = pipeline_yaml(model_file, ranges).replace(
+        "{type: memory, topic: readings, group: g}",
+        "{type: kafka, bootstrap_servers: 127.0.0.1:9, topics: readings, max_deliveries: 3}",
+    )
+    with pytest.raises(ConfigError, match="cannot go with the Kafka source's max_deliveries"):
+        build_pipeline(parse_config(counting))
     assert "runtime.priority" in error("runtime: {priority: urgent}")
     assert "'runtime.sink_retry': budget must" in error("runtime: {sink_retry: {budget: 2}}")
     assert "'model.breaker': open_s must" in error("", "  breaker: {open_s: 0}")

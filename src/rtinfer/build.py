@@ -158,7 +158,16 @@ def build_pipeline(
     if shed_ranges and getattr(source, "skip", None) is None:
         raise ConfigError(
             f"slo.shed_by: range needs a source that can move past a range of entries "
-            f"unread (redis, memory); {source.name} cannot: use shed_by: event"
+            f"unread (redis, kafka, memory); {source.name} cannot: use shed_by: event"
+        )
+    if (
+        shed_ranges
+        and isinstance(source_config, KafkaSourceConfig)
+        and source_config.max_deliveries is not None
+    ):
+        raise ConfigError(
+            "slo.shed_by: range cannot go with the Kafka source's max_deliveries, whose "
+            "delivery counts follow every offset: use shed_by: event"
         )
     sinks = [_sink(s, broker) for s in config.sinks]
     dead_letters = _sink(config.dead_letters, broker) if config.dead_letters else None

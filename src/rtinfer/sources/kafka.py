@@ -33,13 +33,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..connectors.kafka import client_config, require_kafka
 from ..exceptions import ConfigError, RtinferError
-from ..types import DEAD_REASON_HEADER, Event, Position
+from ..types import DEAD_REASON_HEADER, Event, Position, Skipped
 from .kafka_deliveries import DeliveryLog, Start
 
 if TYPE_CHECKING:
@@ -726,6 +726,81 @@ class KafkaSource:
             taken.append(event)
         self._ready = kept
         return taken
+
+    async def skip(self, record: Callable[[list[Skipped]], Awaitable[None]], keep: int = 0) -> int:
+        """Move past every message of the assigned partitions not yet handed out but the
+        newest ``keep`` (shared among the partitions), unread; return how many.
+
+        On the consumer's thread: each partition's run, from the first message not handed
+        out (fetched and waiting here, or the consumer's position) to the high watermark
+        less those kept, is found; ``record`` is awaited with the runs; then what waits here
+        of them is dropped and the consumer seeks past each. Nothing is committed here: the
+        commit of a later message covers the run, and a member that dies first leaves it to
+        be read again. The messages stay in the topic within its retention. Not with
+        ``max_deliveries`` (its counts follow every offset): then nothing is skipped.
+        """
+        executor = self._executor
+        if executor is None or self._consumer is None or self._closed or self._log is not None:
+            return 0
+        runs = await asyncio.wrap_future(executor.submit(self._find_skip, keep))
+        if not runs:
+            return 0
+        await record(
+            [Skipped(k[0], k[1], first, end - 1, end - first) for k, (first, end) in runs.items()]
+        )
+        await asyncio.wrap_future(executor.submit(self._seek_past, runs))
+        return sum(end - first for first, end in runs.values())
+
+    def _find_skip(self, keep: int) -> dict[_Key, tuple[int, int]]:
+        """:meth:`skip`'s runs ``[first, end)`` per partition (consumer thread)."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        with self._cond:
+            keys = sorted(self._assigned)
+            waiting: dict[_Key, int] = {}
+            for event in self._ready:  # in offset order per partition
+                assert event.position is not None
+                offset = event.position.offset
+                assert isinstance(offset, int)
+                waiting.setdefault(_position_key(event.position), offset)
+        if not keys:
+            return {}
+        kept = -(-keep // len(keys)) if keep > 0 else 0
+        partitions = [self._topic_partition(key, 0) for key in keys]
+        runs: dict[_Key, tuple[int, int]] = {}
+        for key, tp in zip(keys, consumer.position(partitions), strict=True):
+            first = waiting.get(key, tp.offset)
+            if first < 0:  # nothing consumed yet: where it starts is not known here
+                continue
+            # The high watermark the last fetch reported (what a seek may skip is what was
+            # fetched; tansu's ListOffsets answers wrongly here), else asked of the broker.
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                _, high = consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            if high - kept > first:
+                runs[key] = (first, high - kept)
+        return runs
+
+    def _seek_past(self, runs: dict[_Key, tuple[int, int]]) -> None:
+        """Drop what waits here of ``runs`` and seek past them (consumer thread)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        with self._cond:
+            kept = []
+            for event in self._ready:
+                assert event.position is not None
+                run = runs.get(_position_key(event.position))
+                offset = event.position.offset
+                assert isinstance(offset, int)
+                if run is None or offset >= run[1]:
+                    kept.append(event)
+            self._ready = kept
+            assigned = set(self._assigned)
+        for key, (_, end) in runs.items():
+            if key in assigned:
+                consumer.seek(self._topic_partition(key, end))
 
     async def ack(self, positions: Sequence[Position]) -> None:
         """Record the highest acknowledged offset per partition; commit it in the background.
