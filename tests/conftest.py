@@ -33,7 +33,8 @@ import pytest
 
 from rtinfer.broker import Broker
 from rtinfer.models import PythonModel, tensor
-from rtinfer.types import Arrays, Event, Position
+from rtinfer.pipeline import Pipeline
+from rtinfer.types import Arrays, Event, Position, Sink, Source
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -124,6 +125,30 @@ def python_model(
         inputs=[tensor("features", "float32", [None, 2])],
         outputs=[tensor("probabilities", "float32", [None, 2])],
         name=name,
+    )
+
+
+def shedding_pipeline(source: Source, results: Sink, dead: Sink, read_size: int) -> Pipeline:
+    """The test scoring (decode, vectorize, the linear model, outputs) on ``source``, one
+    read in flight, a 1 s deadline, late events shed by range (``slo.shed_by: range``)."""
+    from rtinfer.batching import MicroBatcher
+    from rtinfer.stages import Decode, Outputs, Predict, Vectorize
+
+    return Pipeline(
+        source,
+        [
+            Decode(Reading),
+            Vectorize(["x", "y"]),
+            Predict(MicroBatcher(python_model(), max_batch_size=16, max_delay=0)),
+            Outputs(),
+        ],
+        [results],
+        dead_letters=dead,
+        read_size=read_size,
+        max_in_flight=1,
+        slo=1.0,
+        shed_expired=True,
+        shed_ranges=True,
     )
 
 

@@ -22,7 +22,15 @@ import msgspec
 import pytest
 
 import kafka_broker
-from conftest import SAFETY, Reading, RecordingSink, payload, python_model, wait_until
+from conftest import (
+    SAFETY,
+    Reading,
+    RecordingSink,
+    payload,
+    python_model,
+    shedding_pipeline,
+    wait_until,
+)
 from kafka_broker import FAST_CONSUMER, create_topics, delete_topics
 from rtinfer.batching import MicroBatcher
 from rtinfer.exceptions import ConfigError
@@ -694,22 +702,7 @@ async def test_a_kafka_pipeline_sheds_a_late_backlog_by_range(kafka: str, topic:
     old_ms = int((time.time() - 60) * 1000)  # a minute behind: far past a 1 s deadline
     produce(kafka, name, [{"value": payload(i), "timestamp": old_ms} for i in range(n_old)])
     results, dead = RecordingSink(), RecordingSink("dead")
-    pipeline = Pipeline(
-        source(kafka, name, members),
-        [
-            Decode(Reading),
-            Vectorize(["x", "y"]),
-            Predict(MicroBatcher(python_model(), max_batch_size=8, max_delay=0)),
-            Outputs(),
-        ],
-        [results],
-        dead_letters=dead,
-        read_size=read_size,
-        max_in_flight=1,
-        slo=1.0,
-        shed_expired=True,
-        shed_ranges=True,
-    )
+    pipeline = shedding_pipeline(source(kafka, name, members), results, dead, read_size)
     running = asyncio.create_task(pipeline.run())
     try:
         # The first read is late: before the next one the backlog is skipped but for one

@@ -12,18 +12,14 @@ import pytest
 from conftest import (
     SAFETY,
     Ledger,
-    Reading,
     RecordingSink,
     committed_positions,
     payload,
+    shedding_pipeline,
     wait_until,
 )
-from conftest import python_model as linear_model
-from rtinfer.batching import MicroBatcher
 from rtinfer.broker import Broker
-from rtinfer.pipeline import Pipeline
 from rtinfer.sources import BrokerSource
-from rtinfer.stages import Decode, Outputs, Predict, Vectorize
 from rtinfer.types import Skipped
 
 
@@ -96,22 +92,7 @@ async def test_a_pipeline_on_the_broker_sheds_a_late_backlog_by_range() -> None:
     ledger = Ledger(lambda: committed_positions(broker, "g", "readings"))
     sink = RecordingSink(ledger=ledger)
     dead = RecordingSink("dead", ledger=ledger, dead=True)
-    pipeline = Pipeline(
-        source,
-        [
-            Decode(Reading),
-            Vectorize(["x", "y"]),
-            Predict(MicroBatcher(linear_model(), max_batch_size=16, max_delay=0)),
-            Outputs(),
-        ],
-        [sink],
-        dead_letters=dead,
-        read_size=read_size,
-        max_in_flight=1,
-        slo=1.0,
-        shed_expired=True,
-        shed_ranges=True,
-    )
+    pipeline = shedding_pipeline(source, sink, dead, read_size)
     running = asyncio.create_task(pipeline.run())
     # The first read is late: before the next one, the backlog is skipped but for one
     # read's worth (read, late too); what arrives after that is answered.

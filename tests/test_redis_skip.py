@@ -14,12 +14,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pytest
 
-from conftest import REDIS_URL, SAFETY, Reading, payload, python_model
-from rtinfer.batching import MicroBatcher
-from rtinfer.pipeline import Pipeline
+from conftest import REDIS_URL, SAFETY, payload, shedding_pipeline
 from rtinfer.sinks.redis import RedisStreamSink
 from rtinfer.sources.redis import RedisStreamSource
-from rtinfer.stages import Decode, Outputs, Predict, Vectorize
 from rtinfer.types import Skipped
 from test_redis import GROUP, read, source
 
@@ -200,18 +197,12 @@ async def test_a_pipeline_sheds_a_late_backlog_by_range_and_loses_nothing(
     n_old, n_fresh = 200, 40
     old_ms = int((time.time() - 60) * 1000)  # a minute behind: far past a 1 s deadline
     await add_at(redis, inbox, old_ms, n_old)
-    batcher = MicroBatcher(python_model(), max_batch_size=64, max_delay=0.0005)
     read_size = 8
-    pipeline = Pipeline(
+    pipeline = shedding_pipeline(
         RedisStreamSource(REDIS_URL, inbox, group=GROUP, consumer="shed"),
-        [Decode(Reading), Vectorize(["x", "y"]), Predict(batcher), Outputs()],
-        [RedisStreamSink(REDIS_URL, outbox)],
-        dead_letters=RedisStreamSink(REDIS_URL, dead),
-        read_size=read_size,
-        max_in_flight=1,
-        slo=1.0,
-        shed_expired=True,
-        shed_ranges=True,
+        RedisStreamSink(REDIS_URL, outbox),
+        RedisStreamSink(REDIS_URL, dead),
+        read_size,
     )
     running = asyncio.create_task(pipeline.run())
     try:
