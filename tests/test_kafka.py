@@ -696,6 +696,38 @@ async def test_skip_seeks_past_what_was_not_handed_out_after_recording_it(
         await src.aclose()
 
 
+async def test_skip_drops_what_was_fetched_and_waits_in_the_source(
+    kafka: str, topic: Topics
+) -> None:
+    name, members = topic("in", partitions=1), group()
+    produce(kafka, name, spread(10, 1))
+    src = source(kafka, name, members)
+    await src.start()
+    try:
+        assert where(await read(src, 1, max_events=1)) == [(0, 0)]
+        await asyncio.sleep(0.5)  # the consumer fetches the rest meanwhile
+        # A read of 100 cancelled while it polls: the poll goes on, and what it takes
+        # waits in the source; the next read hands out only 2 of it.
+        reading = asyncio.ensure_future(src.read(100))
+        await asyncio.sleep(0)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        assert where(await read(src, 2, max_events=2)) == [(0, 1), (0, 2)]
+        waiting = len(src._ready)  # the case under test: fetched, not handed out
+        assert waiting > 0
+        seen: list[list[Skipped]] = []
+
+        async def record(ranges: list[Skipped]) -> None:
+            seen.append(ranges)
+
+        assert await src.skip(record, keep=2) == 5
+        assert seen == [[Skipped(f"kafka://{name}", 0, 3, 7, 5)]]
+        assert where(await read(src, 2)) == [(0, 8), (0, 9)]
+    finally:
+        await src.aclose()
+
+
 async def test_a_kafka_pipeline_sheds_a_late_backlog_by_range(kafka: str, topic: Topics) -> None:
     name, members = topic("in", partitions=1), group()
     n_old, n_fresh, read_size = 60, 12, 4
