@@ -34,7 +34,7 @@ import pytest
 from rtinfer.broker import Broker
 from rtinfer.models import PythonModel, tensor
 from rtinfer.pipeline import Pipeline
-from rtinfer.types import Arrays, Event, Position, Sink, Source
+from rtinfer.types import Arrays, Event, Position, Sink, Skipped, Source
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -126,6 +126,16 @@ def python_model(
         outputs=[tensor("probabilities", "float32", [None, 2])],
         name=name,
     )
+
+
+class RangeRecorder:
+    """A source ``skip``'s ``record``: keeps the ranges of each call, sorted, in ``seen``."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[Skipped]] = []
+
+    async def __call__(self, ranges: list[Skipped]) -> None:
+        self.seen.append(sorted(ranges))
 
 
 def shedding_pipeline(source: Source, results: Sink, dead: Sink, read_size: int) -> Pipeline:

@@ -24,6 +24,7 @@ import pytest
 import kafka_broker
 from conftest import (
     SAFETY,
+    RangeRecorder,
     Reading,
     RecordingSink,
     payload,
@@ -673,10 +674,7 @@ async def test_skip_seeks_past_what_was_not_handed_out_after_recording_it(
     try:
         held = await read(src, 2, max_events=2)  # handed out, not acknowledged
         assert where(held) == [(0, 0), (0, 1)]
-        seen: list[list[Skipped]] = []
-
-        async def record(ranges: list[Skipped]) -> None:
-            seen.append(ranges)
+        record = RangeRecorder()
 
         async def fail(ranges: list[Skipped]) -> None:
             raise ConnectionError("the dead-letter sink is gone")
@@ -685,7 +683,7 @@ async def test_skip_seeks_past_what_was_not_handed_out_after_recording_it(
             await src.skip(fail, keep=3)
         # Not recorded, not moved: the same run is found again, the newest 3 kept.
         assert await src.skip(record, keep=3) == 5
-        assert seen == [[Skipped(f"kafka://{name}", 0, 2, 6, 5)]]
+        assert record.seen == [[Skipped(f"kafka://{name}", 0, 2, 6, 5)]]
         rest = await read(src, 3)
         assert where(rest) == [(0, 7), (0, 8), (0, 9)]
         assert await src.skip(record, keep=3) == 0  # nothing left that is not handed out
@@ -716,13 +714,10 @@ async def test_skip_drops_what_was_fetched_and_waits_in_the_source(
         assert where(await read(src, 2, max_events=2)) == [(0, 1), (0, 2)]
         waiting = len(src._ready)  # the case under test: fetched, not handed out
         assert waiting > 0
-        seen: list[list[Skipped]] = []
-
-        async def record(ranges: list[Skipped]) -> None:
-            seen.append(ranges)
+        record = RangeRecorder()
 
         assert await src.skip(record, keep=2) == 5
-        assert seen == [[Skipped(f"kafka://{name}", 0, 3, 7, 5)]]
+        assert record.seen == [[Skipped(f"kafka://{name}", 0, 3, 7, 5)]]
         assert where(await read(src, 2)) == [(0, 8), (0, 9)]
     finally:
         await src.aclose()

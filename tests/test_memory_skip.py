@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     SAFETY,
     Ledger,
+    RangeRecorder,
     RecordingSink,
     committed_positions,
     payload,
@@ -48,10 +49,7 @@ async def test_the_source_records_the_runs_before_it_moves_past_them() -> None:
     source = BrokerSource(broker, "t", group="g")
     await source.start()
     held = await asyncio.wait_for(source.read(1), SAFETY)  # read, not yet acknowledged
-    seen: list[list[Skipped]] = []
-
-    async def record(ranges: list[Skipped]) -> None:
-        seen.append(sorted(ranges))
+    record = RangeRecorder()
 
     async def fail(ranges: list[Skipped]) -> None:
         raise ConnectionError("the dead-letter sink is gone")
@@ -62,13 +60,13 @@ async def test_the_source_records_the_runs_before_it_moves_past_them() -> None:
     assert await source.skip(record) == 5
     # What was read stays with the pipeline: partition 1's first record (fewest left).
     assert [(e.position.partition, e.position.offset) for e in held if e.position] == [(1, 0)]
-    assert seen == [[Skipped("memory://t", 0, 0, 3, 4), Skipped("memory://t", 1, 1, 1, 1)]]
+    assert record.seen == [[Skipped("memory://t", 0, 0, 3, 4), Skipped("memory://t", 1, 1, 1, 1)]]
     assert await source.skip(record) == 0  # nothing left to skip
     broker.publish("t", b"a", partition=0)
     broker.publish("t", b"b", partition=0)
     broker.publish("t", b"c", partition=0)
     assert await source.skip(record, keep=2) == 2  # one a partition: the newest of 0
-    assert seen[-1] == [Skipped("memory://t", 0, 4, 5, 2)]
+    assert record.seen[-1] == [Skipped("memory://t", 0, 4, 5, 2)]
     broker.publish("t", b"fresh", partition=0)
     events = await asyncio.wait_for(source.read(10), SAFETY)
     assert [(e.position.partition, e.position.offset) for e in events if e.position] == [
