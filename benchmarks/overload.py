@@ -12,7 +12,12 @@ calibrated at the start): with the demo's model (about a microsecond a row) an a
 costs little more than a refusal, which is all HTTP, so on one core refusing twice the
 capacity takes all of it; load shedding is for models that cost more than their
 request's HTTP; the load generator, this
-script in its own process, on CPU 1 (``--server-cpus`` / ``--client-cpus``).
+script in its own process, on CPU 1 (``--server-cpus`` / ``--client-cpus``). On a
+machine with more cores: ``--server-cpus 0,1`` gives the server's event loop and its
+model thread a core each, ``--serve-workers N`` runs ``rtinfer serve --workers N``, and
+``--client-processes K --client-cpus 8,9,...`` shares the schedule among K generator
+processes (one offers about 50,000 requests a second); ``--model-file PATH`` serves
+another ONNX file with the demo's inputs (the demo's model, where it cannot be trained).
 
 1. **capacity**: the best of closed loops over ``--capacity-connections`` (16 and 64)
    keep-alive connections (past its limiter's limit a server refuses, and a closed loop
@@ -41,7 +46,9 @@ minus due, p99) and the most connections it held; goodput/s (200s answered withi
 ``--slo-ms`` of their due time) and as % of capacity; p50/p99 of the 200s (from due);
 rejected/s (503/429) and the time to reject (from the request's write to its answer:
 the server's own reaction) p50/p99/max; timed out/s (504: the server's deadline);
-errors (other statuses, broken or unanswered connections).
+errors (other statuses, broken or unanswered connections); the cores the server's
+threads kept busy over the level (its main threads, which run the event loop and HTTP,
+and the others, which are the model's).
 
 **Stream.** The demo's scoring (decode, per-card features, the micro-batched model, or
 the stand-in of ``--model-ms``, decision) as ``rtinfer run`` with a Redis Streams source
@@ -187,6 +194,7 @@ class Generator:
         self.connect_errors = 0
         self.conns: set[Conn] = set()
         self.give_up = 0.0  # seconds a request may wait in the client before it is dropped
+        self.late_start = 0.0  # seconds its pool was ready after the common start
 
     def submit(self, i: int) -> None:
         if self.idle:
@@ -256,24 +264,34 @@ class Generator:
 
 
 async def open_loop(
-    gen: Generator, segments: list[tuple[float, float]], grace: float, pool: int
+    gen: Generator,
+    segments: list[tuple[float, float]],
+    grace: float,
+    pool: int,
+    start: float | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> float:
     """Requests due on the schedule of ``segments`` ((rate, seconds), ...); returns the start.
 
-    ``pool`` connections are opened first; more only while every one is busy.
+    ``pool`` connections are opened first; more only while every one is busy. Several
+    generator processes share one schedule: process ``i`` of ``k`` (``shard``) sends
+    every ``k``-th request from the ``i``-th, all from the same ``start``
+    (``time.perf_counter`` is the system's monotonic clock, the same in every process).
     """
     for _ in range(min(pool, gen.max_connections)):
         gen.connect()
     ready_by = time.perf_counter() + 5
     while len(gen.idle) < min(pool, gen.max_connections) and time.perf_counter() < ready_by:  # noqa: ASYNC110
         await asyncio.sleep(0.005)
-    start = time.perf_counter() + 0.05
+    if start is None:
+        start = time.perf_counter() + 0.05
+    gen.late_start = max(0.0, time.perf_counter() - start)
     dues, at = [], start
     for rate, seconds in segments:
         n = count(rate, seconds)
         dues.append(at + np.arange(n) / rate)
         at += seconds
-    due = np.concatenate(dues) if dues else np.zeros(0)
+    due = np.concatenate(dues)[shard[0] :: shard[1]] if dues else np.zeros(0)
     total = min(len(due), len(gen.due))
     gen.due[:total] = due[:total]
     schedule = due.tolist()
@@ -315,11 +333,14 @@ async def http_load(spec: dict[str, Any], out: Path) -> None:
         await closed_loop(gen, spec["connections"], spec["seconds"])
         start = float(gen.due[0]) if gen.count else time.perf_counter()
     else:
-        total = sum(count(r, s) for r, s in spec["segments"])
+        shard = tuple(spec.get("shard", (0, 1)))
+        total = -(-sum(count(r, s) for r, s in spec["segments"]) // shard[1])
         gen = Generator(spec["port"], total, spec["max_connections"])
         gen.give_up = spec["give_up_ms"] / 1e3
         segments = [tuple(s) for s in spec["segments"]]
-        start = await open_loop(gen, segments, spec["grace"], spec["pool"])
+        start = await open_loop(
+            gen, segments, spec["grace"], spec["pool"], spec.get("start"), shard
+        )
     n = gen.count
     gen.close()
     await asyncio.sleep(0.05)
@@ -336,6 +357,7 @@ async def http_load(spec: dict[str, Any], out: Path) -> None:
         "peak_connections": gen.peak,
         "connect_errors": gen.connect_errors,
         "client_cpu": cpu / max(1e-9, time.perf_counter() - wall),
+        "late_start_s": gen.late_start,
     }
     out.with_suffix(".json").write_text(json.dumps(meta))
 
@@ -415,19 +437,54 @@ def raise_fd_limit() -> None:
 
 
 def run_generator(args: argparse.Namespace, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """Run the load generator (pinned, its own process) on ``spec``; return its arrays."""
-    out = tmp / f"load-{uuid.uuid4().hex[:8]}.npz"
-    command = [sys.executable, __file__, "--http-load", json.dumps(spec), "--out", str(out)]
-    done = subprocess.run(  # noqa: S603
-        pin(args.client_cpus, command), cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the load generator failed:\n{done.stderr[-3000:]}")
-    with np.load(out) as data:
-        arrays = {k: data[k] for k in data.files}
-    arrays["meta"] = json.loads(out.with_suffix(".json").read_text())
-    out.unlink()
-    out.with_suffix(".json").unlink()
+    """Run the load generator (pinned, its own processes) on ``spec``; return its arrays.
+
+    With ``--client-processes K`` above 1, K processes share the load: each its share of
+    the connections and every K-th request of one schedule, and process ``j`` is pinned
+    to the ``j``-th of ``--client-cpus`` (round robin). Their arrays are merged.
+    """
+    k = args.client_processes
+    cpus = args.client_cpus.split(",")
+    runs = []
+    start = time.perf_counter() + args.client_start_s if k > 1 else None
+    for j in range(k):
+        part = dict(spec)
+        if k > 1:
+            part["shard"], part["start"] = (j, k), start
+            for key in ("connections", "max_connections", "pool"):
+                if key in part:
+                    part[key] = max(1, -(-part[key] // k))
+        out = tmp / f"load-{uuid.uuid4().hex[:8]}.npz"
+        command = [sys.executable, __file__, "--http-load", json.dumps(part), "--out", str(out)]
+        where = args.client_cpus if k == 1 else cpus[j % len(cpus)]
+        process = subprocess.Popen(  # noqa: S603
+            pin(where, command), cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        runs.append((process, out))
+    parts = []
+    for process, out in runs:
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"the load generator failed:\n{stderr[-3000:]}")
+        with np.load(out) as data:
+            arrays = {key: data[key] for key in data.files}
+        parts.append((arrays, json.loads(out.with_suffix(".json").read_text())))
+        out.unlink()
+        out.with_suffix(".json").unlink()
+    order = np.argsort(np.concatenate([a["due"] for a, _ in parts]), kind="stable")
+    arrays = {key: np.concatenate([a[key] for a, _ in parts])[order] for key in parts[0][0]}
+    arrays["meta"] = {
+        key: sum(meta[key] for _, meta in parts)
+        for key in ("peak_connections", "connect_errors", "client_cpu")
+    }
+    late = max((meta.get("late_start_s", 0.0) for _, meta in parts), default=0.0)
+    if late > 0:
+        print(
+            f"  a load generator was ready {late:.2f} s after the common start "
+            "(raise --client-start-s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return arrays
 
 
@@ -513,6 +570,33 @@ def http_level(data: dict[str, Any], begin: float, end: float, slo: float) -> di
     }
 
 
+def server_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's threads over its process tree, by role.
+
+    ``loop``: each process's main thread (its event loop and HTTP); ``other``: the rest,
+    which in ``rtinfer serve`` is the model's threads (Python before 3.14 gives threads
+    no name the system sees).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {"loop": 0.0, "other": 0.0}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stat = (task / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+                seconds["loop" if task.name == str(p) else "other"] += used
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return seconds
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Cores busy on average, by role, between two :func:`server_cpu` readings."""
+    return {f"cpu_{k}": (after[k] - before[k]) / wall for k in after}
+
+
 def slowness(data: dict[str, Any]) -> np.ndarray[Any, Any]:
     """Latency from due, infinite for a request not answered 200."""
     latency = data["done"] - data["due"]
@@ -528,7 +612,7 @@ def serve_repeat(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, 
         extra += ["--max-concurrency", str(args.max_concurrency)]
     if args.loop_sched is not None:
         extra += ["--loop-sched", args.loop_sched]
-    server = Server("rtinfer", model, tmp, args.server_cpus, 1, extra)
+    server = Server("rtinfer", model, tmp, args.server_cpus, args.serve_workers, extra)
     levels: dict[str, Any] = {}
     try:
         server.wait_ready()
@@ -565,9 +649,13 @@ def serve_repeat(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, 
             segments = [(rate, span)]
             if level == high:
                 segments.append((low * capacity, args.recover_seconds))
+            cpu_before = server_cpu(server.process.pid)
             data = run_generator(args, base | {"segments": segments, "grace": 10.0}, tmp)
             got = http_level(data, args.warmup, span, args.slo_ms)
             got["level"] = level
+            # over the whole schedule: the generator's start and grace are idle time here
+            wall = sum(seconds for _, seconds in segments)
+            got |= cpu_share(cpu_before, server_cpu(server.process.pid), wall)
             levels[str(level)] = got
             print(
                 f"  serve {level:g}x: offered {got['offered_rps']:,.0f}/s, "
@@ -1096,6 +1184,8 @@ def environment(args: argparse.Namespace, redis_version: str | None) -> dict[str
         "cpu": cpu,
         "server_cpus": args.server_cpus,
         "client_cpus": args.client_cpus,
+        "client_processes": args.client_processes,
+        "serve_workers": args.serve_workers,
         **versions,
     }
 
@@ -1108,6 +1198,7 @@ def show(label: str, values: list[float], fmt: str = "{:,.0f}", target: str = ""
 def report_serve(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     print(
         f"serving: rtinfer serve --slo-ms {args.slo_ms:g}"
+        + (f" --workers {args.serve_workers}" if args.serve_workers > 1 else "")
         + (f" --max-concurrency {args.max_concurrency}" if args.max_concurrency else "")
         + (f", a {args.model_ms:g} ms/row stand-in model" if args.model_ms else ", demo model")
         + f", {args.warmup:g} s warm-up + {args.seconds:g} s per level, "
@@ -1154,6 +1245,9 @@ def report_serve(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
         show("timed out (504) requests/s", col("timed_out_rps"))
         show("abandoned unsent by the client/s", col("abandoned_rps"))
         show("errors (other, broken, unanswered)", col("errors"))
+        if "cpu_loop" in got[0]:
+            show("server cores busy: main threads (loop)", col("cpu_loop"), "{:.2f}")
+            show("server cores busy: other threads (model)", col("cpu_other"), "{:.2f}")
     rec = [r["recovery"] for r in runs if r["recovery"]]
     if rec:
         print(
@@ -1243,6 +1337,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--client-cpus", default="1")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="load generator processes sharing one schedule, each on one of --client-cpus "
+        "(round robin); one process offers about 70,000 requests/s on a 2-core machine",
+    )
+    parser.add_argument(
+        "--client-start-s",
+        type=float,
+        default=1.5,
+        help="with several load generators: the common start this long after they are started",
+    )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--slo-ms", type=float, default=20.0)
     serving.add_argument(
@@ -1257,7 +1364,15 @@ def main() -> None:
         help="the stand-in's hidden layers, fixed (default: calibrated to --model-ms); "
         "give the same number to runs that are compared",
     )
+    serving.add_argument(
+        "--model-file",
+        type=Path,
+        help="serve this ONNX file (the demo's model, trained elsewhere; same inputs)",
+    )
     serving.add_argument("--max-concurrency", type=int, help="rtinfer serve's (default: its own)")
+    serving.add_argument(
+        "--serve-workers", type=int, default=1, help="rtinfer serve --workers (default 1)"
+    )
     serving.add_argument(
         "--loop-sched", choices=("batch", "normal"), help="rtinfer serve's (default: its own)"
     )
@@ -1333,7 +1448,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rtinfer-bench-overload-") as tmpdir:
         tmp = Path(tmpdir)
         model = tmp / "fraud.onnx"  # served under its file name: fraud
-        if args.model_ms:
+        if args.model_file:
+            shutil.copyfile(args.model_file, model)
+        elif args.model_ms:
             heavy_model(model, args.model_ms, args.model_layers)
         else:
             shutil.copyfile(ensure_model(), model)
