@@ -665,6 +665,61 @@ def test_inference_app_refuses_a_full_model_from_the_head(model_file: Path) -> N
     )
 
 
+def test_heads_read_in_one_turn_get_through_only_as_far_as_the_room(model_file: Path) -> None:
+    # Ten requests wait while the loop is held, so one turn reads all ten heads; two
+    # places are free. Two reach the app and are answered; eight are refused from the
+    # head, not let through to be refused later, each on a task of its own.
+    server = ModelServer(max_concurrency=4)
+    server.add(load_model(model_file, name="linear"))
+    app = InferenceApp(server, max_body_bytes=64 * 1024)
+    called: list[str] = []
+    dispatch = app._http
+
+    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+        called.append(scope["path"])
+        await dispatch(scope, receive, send)
+
+    app._http = counted  # type: ignore[method-assign]
+    infer = post("/v2/models/linear/infer", json.dumps(oip("r", 0.5)).encode())
+    with running(app, max_body_bytes=64 * 1024) as run:
+        socks = [dial(run.port) for _ in range(10)]
+        try:
+            for sock in socks:  # connected and idle before the loop is held
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert read_response(sock.makefile("rb"))[0] == 200
+            called.clear()
+            limiter = server.get("linear").limiter
+            assert limiter is not None
+
+            async def fill() -> list[Any]:
+                return [limiter.try_acquire() for _ in range(limiter.limit - 2)]
+
+            permits = run.call(fill())
+            held = threading.Event()
+
+            async def hold() -> None:
+                held.set()
+                time.sleep(0.3)  # the loop reads nothing meanwhile
+
+            future = asyncio.run_coroutine_threadsafe(hold(), run.loop)
+            assert held.wait(SAFETY)
+            for sock in socks:
+                sock.sendall(infer)
+            future.result(SAFETY)
+            statuses = sorted(read_response(sock.makefile("rb"))[0] for sock in socks)
+            assert statuses == [200, 200] + [503] * 8
+            assert called == ["/v2/models/linear/infer"] * 2
+
+            async def free() -> None:
+                for permit in permits:
+                    permit.release()
+
+            run.call(free())
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 async def test_websocket_round_trip_through_inference_app(inference: Running) -> None:
     base = f"ws://127.0.0.1:{inference.port}"
     async with connect(f"{base}/v2/models/linear/infer/stream") as ws:

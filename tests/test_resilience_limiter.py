@@ -73,6 +73,27 @@ def test_refuses_says_what_try_acquire_would_do_and_counts_the_refusal() -> None
     assert not lim.refuses(CRITICAL)
 
 
+async def test_heads_let_through_hold_their_place_until_the_next_turn() -> None:
+    lim = limiter(initial_limit=5, best_effort_share=0.8)
+    permits = [lim.try_acquire(CRITICAL) for _ in range(2)]
+    # One turn of the loop reads ten heads: three places are free, so three get through.
+    assert [lim.refuses_head(CRITICAL) for _ in range(10)] == [False] * 3 + [True] * 7
+    assert rejected(lim, "critical") == 7
+    assert lim.in_flight == 2  # holding a place admits nothing
+    # The requests behind those heads are admitted in the next turn, the places given
+    # back first; one more head read in that turn finds the rest taken.
+    await asyncio.sleep(0)
+    permits += [lim.try_acquire(CRITICAL) for _ in range(3)]
+    assert lim.refuses_head(CRITICAL)
+    # A head let through whose request never comes holds nothing past its turn.
+    for permit in permits:
+        permit.release(ok=False)
+    assert not lim.refuses_head(BEST_EFFORT)
+    await asyncio.sleep(0)
+    assert [lim.refuses_head(BEST_EFFORT) for _ in range(5)] == [False] * 4 + [True]
+    assert rejected(lim, "best_effort") == 1
+
+
 def rounds(lim: AdaptiveLimiter, clock: FakeClock, latency: float, n: int) -> None:
     """``n`` rounds of filling the limit with calls that each take ``latency``."""
     for _ in range(n):

@@ -211,7 +211,7 @@ class InferenceApp:
         except (ModelNotFound, ValueError):
             return None
         limiter = served.limiter
-        if limiter is None or not limiter.refuses(priority):
+        if limiter is None or not limiter.refuses_head(priority):
             return None
         self.stats.observe(route, 503, 0.0)
         key = (served.name, served.version, priority, limiter.retry_after)

@@ -174,6 +174,7 @@ class AdaptiveLimiter:
         self._clock = clock
         self._limit = float(initial_limit)
         self._in_flight = 0
+        self._heads = 0  # heads let through this turn of the loop (see refuses_head)
         self._long_rtt = 0.0
         self._samples = 0
         self._last_cut = -math.inf  # when a dropped call last cut the limit
@@ -206,10 +207,11 @@ class AdaptiveLimiter:
         """The long-term average call time, in seconds (0 before the first sample)."""
         return self._long_rtt
 
-    def _room(self, priority: Priority) -> bool:
+    def _room(self, priority: Priority, taken: int = 0) -> bool:
+        used = self._in_flight + taken
         if priority is Priority.CRITICAL:
-            return self._in_flight + 1 <= self._limit  # below floor(limit): room for one
-        return self._in_flight < self._limit * self.best_effort_share
+            return used + 1 <= self._limit  # below floor(limit): room for one
+        return used < self._limit * self.best_effort_share
 
     def _queued(self, priority: Priority) -> bool:
         """Whether callers of this priority or a higher one wait (they go first)."""
@@ -235,6 +237,26 @@ class AdaptiveLimiter:
             return False
         self._m_rejected[priority].inc()
         return True
+
+    def refuses_head(self, priority: Priority = Priority.CRITICAL) -> bool:
+        """As :meth:`refuses`, for a request of which only the head is read (call it on
+        the loop). One let through holds its place until the loop's next turn: every
+        head read in one turn comes before any of their requests is admitted (that
+        happens in their tasks, which the loop runs after its reads), so without it a
+        turn that read a hundred heads while one place was free would let all hundred
+        through, to be refused later at several times the cost. Its place is given back
+        when the loop next runs its callbacks, before the requests' tasks run, whether or
+        not its request is ever admitted: nothing is held longer."""
+        if self._room(priority, self._heads) and (self._no_waiters() or not self._queued(priority)):
+            if not self._heads:
+                asyncio.get_running_loop().call_soon(self._clear_heads)
+            self._heads += 1
+            return False
+        self._m_rejected[priority].inc()
+        return True
+
+    def _clear_heads(self) -> None:
+        self._heads = 0
 
     def try_acquire(self, priority: Priority = Priority.CRITICAL) -> Permit:
         """Admit a call now, or raise :class:`Overloaded` (with ``retry_after``) at once."""
