@@ -853,3 +853,46 @@ async def test_start_lowers_the_gil_switch_interval_unless_told_not_to() -> None
         await lowered.aclose()
     finally:
         sys.setswitchinterval(before)
+
+
+async def test_a_busy_loop_costs_one_turn_between_batches() -> None:
+    """Under overload the loop is never idle and its turns are long. A finished batch is
+    answered, and the next handed to the model's thread, in the loop's next turn (an
+    awaited future took three: its callback, the batch task's step, the next task's)."""
+    loop = asyncio.get_running_loop()
+    turns = 0
+    stop = False
+
+    def busy() -> None:  # one turn's other work: a millisecond of sockets, say
+        nonlocal turns
+        if stop:
+            return
+        turns += 1
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+        loop.call_soon(busy)
+
+    calls: list[tuple[int, int]] = []  # the turn each call started and ended in
+
+    def model(inputs: Arrays) -> npt.NDArray[np.float32]:
+        began = turns
+        time.sleep(0.0005)  # off the GIL, as a runtime computes
+        calls.append((began, turns))
+        return inputs["x"]
+
+    batcher = MicroBatcher(
+        PythonModel(model, inputs={"x": ("float32", [None, 1])}), max_batch_size=1, max_delay=0
+    )
+    await batcher.start()
+    calls.clear()
+    try:
+        loop.call_soon(busy)
+        one = {"x": np.ones((1, 1), np.float32)}
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(one) for _ in range(40))), SAFETY)
+    finally:
+        stop = True
+        await batcher.aclose()
+    gaps = sorted(calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1))
+    # The turn the answer is taken in, and at most one more while the thread wakes.
+    assert gaps[len(gaps) // 2] <= 2, gaps

@@ -695,17 +695,18 @@ def test_heads_read_in_one_turn_get_through_only_as_far_as_the_room(model_file: 
                 return [limiter.try_acquire() for _ in range(limiter.limit - 2)]
 
             permits = run.call(fill())
-            held = threading.Event()
+            held, released = threading.Event(), threading.Event()
 
-            async def hold() -> None:
+            def hold() -> None:  # a callback on the loop: it reads nothing meanwhile
                 held.set()
-                time.sleep(0.3)  # the loop reads nothing meanwhile
+                time.sleep(0.3)
+                released.set()
 
-            future = asyncio.run_coroutine_threadsafe(hold(), run.loop)
+            run.loop.call_soon_threadsafe(hold)
             assert held.wait(SAFETY)
             for sock in socks:
                 sock.sendall(infer)
-            future.result(SAFETY)
+            assert released.wait(SAFETY)
             statuses = sorted(read_response(sock.makefile("rb"))[0] for sock in socks)
             assert statuses == [200, 200] + [503] * 8
             assert called == ["/v2/models/linear/infer"] * 2

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,6 +158,11 @@ class CallCost:
         return max(0, int((seconds - fixed) / per_row))
 
 
+#: What a model thread calls on the loop when a call ends: ``done(key, result, error,
+#: seconds)``, ``seconds`` being the call's own time, taken on the thread.
+Done = Callable[[Any, Any, "BaseException | None", float], None]
+
+
 class ModelThreads:
     """The model's own threads: calls handed over on a queue, answered on the event loop.
 
@@ -165,14 +170,17 @@ class ModelThreads:
     batcher needs, at about half the cost per call (measured here: 24 µs against 42 µs
     a round trip on asyncio): a ``queue.SimpleQueue`` (C, lock-free for one consumer)
     instead of work items, futures and chaining callbacks, and one
-    ``call_soon_threadsafe`` per answer.
+    ``call_soon_threadsafe`` per answer. :meth:`call` answers with a plain callback, so a
+    finished batch is handled, and the next one handed over, in the loop's first turn
+    after the call ends (an awaited future costs two turns more: its callback, then the
+    task's step; under overload each turn waits behind every socket ready meanwhile).
     """
 
     __slots__ = ("_loop", "_queue", "_threads")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int, name: str) -> None:
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[Any, tuple[Any, ...], asyncio.Future[Any]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Any, tuple[Any, ...], Done, Any] | None] = (
             queue.SimpleQueue()
         )
         self._threads = [
@@ -185,25 +193,35 @@ class ModelThreads:
     def run(self, function: Any, *args: Any) -> asyncio.Future[Any]:
         """``function(*args)`` on one of the threads; its result or exception, on the loop."""
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((function, args, future))
+        self._queue.put((function, args, _settle, future))
         return future
 
+    def timed(self, function: Any, *args: Any) -> asyncio.Future[tuple[Any, float]]:
+        """As :meth:`run`, with the call's own time: ``(result, seconds)``."""
+        future: asyncio.Future[tuple[Any, float]] = self._loop.create_future()
+        self._queue.put((function, args, _settle_timed, future))
+        return future
+
+    def call(self, done: Done, key: Any, function: Any, *args: Any) -> None:
+        """``function(*args)`` on one of the threads, then ``done(key, result, error,
+        seconds)`` on the loop (``error``: what it raised, ``result`` then ``None``)."""
+        self._queue.put((function, args, done, key))
+
     def _work(self) -> None:
-        get, call = self._queue.get, self._loop.call_soon_threadsafe
+        get, call, clock = self._queue.get, self._loop.call_soon_threadsafe, time.perf_counter
         while (item := get()) is not None:
-            function, args, future = item
+            function, args, done, key = item
+            started = clock()
             try:
-                result = function(*args)
+                outcome: tuple[Any, BaseException | None] = (function(*args), None)
             except BaseException as exc:  # the caller's to handle, on the loop
-                try:
-                    call(_settle_error, future, exc)
-                except RuntimeError:  # the loop is closed: nobody is waiting
-                    return
-            else:
-                try:
-                    call(_settle, future, result)
-                except RuntimeError:
-                    return
+                outcome = (None, exc)
+            try:
+                call(done, key, *outcome, clock() - started)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                return
+            # Hold nothing of the call while waiting for the next (its requests, outputs).
+            del item, function, args, done, key, outcome
 
     def shutdown(self) -> None:
         """Let each thread finish its current call, then end (queued calls run first)."""
@@ -211,14 +229,21 @@ class ModelThreads:
             self._queue.put(None)
 
 
-def _settle(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
+def _settle(
+    future: asyncio.Future[Any], result: Any, error: BaseException | None, _seconds: float
+) -> None:
+    if future.done():
+        return
+    if error is None:
         future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
-def _settle_error(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+def _settle_timed(
+    future: asyncio.Future[Any], result: Any, error: BaseException | None, seconds: float
+) -> None:
+    _settle(future, (result, seconds), error, seconds)
 
 
 class MicroBatcher:
@@ -436,10 +461,7 @@ class MicroBatcher:
                     return
             batch = self._take()
             if batch:
-                self._in_flight += 1
-                task = self._loop.create_task(self._run(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._dispatch(batch)
         if not self._dated and not self._undated and self._in_flight == 0:
             self._idle.set()
 
@@ -547,9 +569,10 @@ class MicroBatcher:
             self._room.set()
         return batch
 
-    async def _run(self, batch: list[_Request]) -> None:
-        assert self._loop is not None
-        watch = self._watch(batch)
+    def _dispatch(self, batch: list[_Request]) -> None:
+        """Hand ``batch`` to a model thread; :meth:`_finished` takes it from there."""
+        assert self._threads is not None
+        self._in_flight += 1
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs
@@ -558,27 +581,64 @@ class MicroBatcher:
                     name: np.concatenate([r.inputs[name] for r in batch])
                     for name in batch[0].inputs
                 }
+        except Exception as exc:
+            for request in batch:
+                _fail(request, exc)
+            self._in_flight -= 1
+            return
+        watch = self._watch(batch)
+        self._threads.call(
+            self._finished, (batch, watch), batch[0].context.run, self.model.predict, inputs
+        )
+
+    def _finished(
+        self,
+        job: tuple[list[_Request], list[asyncio.TimerHandle | None] | None],
+        outputs: Arrays | None,
+        error: BaseException | None,
+        seconds: float,
+    ) -> None:
+        """A batch's call ended (on the loop): answer its requests, start the next batch."""
+        batch, watch = job
+        if watch is not None and watch[0] is not None:
+            watch[0].cancel()
+        if error is None:
             try:
-                outputs = await self._predict(inputs, batch[0].context)
-            except Exception as exc:
-                if len(batch) == 1:
-                    _fail(batch[0], exc)
-                else:
-                    await self._run_alone(batch)
-                return
+                error = self._accept(outputs, sum(r.rows for r in batch), seconds)
+            except Exception as exc:  # outputs of the wrong kind: no mapping of arrays
+                error = exc
+        if error is None:
+            assert outputs is not None
             offset = 0
             for request in batch:
                 end = offset + request.rows
                 if not request.future.done():
                     request.future.set_result({k: v[offset:end] for k, v in outputs.items()})
                 offset = end
+        elif len(batch) > 1 and isinstance(error, Exception):
+            # Each request alone, for its own answer or error: one poisonous request
+            # fails no other. Several calls, so a task; the slot is freed at its end.
+            assert self._loop is not None
+            task = self._loop.create_task(self._retry_alone(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            return
+        else:
+            if not isinstance(error, Exception):  # SystemExit and the like, from the model
+                error = ModelError(f"model {self.model.name!r} stopped the call: {error!r}")
+            for request in batch:
+                _fail(request, error)
+        self._in_flight -= 1
+        self._pump()
+
+    async def _retry_alone(self, batch: list[_Request]) -> None:
+        try:
+            await self._run_alone(batch)
         except BaseException as exc:  # never leave a caller waiting forever
             for request in batch:
                 _fail(request, exc if isinstance(exc, Exception) else Closed("batch cancelled"))
             raise
         finally:
-            if watch is not None and watch[0] is not None:
-                watch[0].cancel()
             self._in_flight -= 1
             self._pump()
 
@@ -637,25 +697,29 @@ class MicroBatcher:
                     request.future.set_result(outputs)
 
     async def _predict(self, inputs: Arrays, context: contextvars.Context) -> Arrays:
-        assert self._loop is not None
-        rows = rows_of(inputs)
-        started = time.perf_counter()
         assert self._threads is not None
-        outputs: Arrays = await self._threads.run(context.run, self.model.predict, inputs)
-        elapsed = time.perf_counter() - started
-        self._m_model.observe(elapsed)
-        self.cost.add(rows, elapsed)
+        outputs, seconds = await self._threads.timed(context.run, self.model.predict, inputs)
+        error = self._accept(outputs, rows_of(inputs), seconds)
+        if error is not None:
+            raise error
+        return outputs  # type: ignore[no-any-return]
+
+    def _accept(self, outputs: Any, rows: int, seconds: float) -> ModelError | None:
+        """Count a call of ``rows`` rows that took ``seconds`` (on its thread); the error
+        if its outputs do not hold one row per input row."""
+        self._m_model.observe(seconds)
+        self.cost.add(rows, seconds)
         self._m_size.observe(rows)
         self.batches += 1
         self.rows += rows
         for name, array in outputs.items():
             if not isinstance(array, np.ndarray) or array.shape[:1] != (rows,):
                 got: Any = getattr(array, "shape", type(array).__name__)
-                raise ModelError(
+                return ModelError(
                     f"model {self.model.name!r} output {name!r} has shape {got} for a batch of "
                     f"{rows} rows; every output needs one row per input row"
                 )
-        return outputs
+        return None
 
     # -- shutdown ---------------------------------------------------------------
 
