@@ -1200,7 +1200,15 @@ def report_serve(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
         f"serving: rtinfer serve --slo-ms {args.slo_ms:g}"
         + (f" --workers {args.serve_workers}" if args.serve_workers > 1 else "")
         + (f" --max-concurrency {args.max_concurrency}" if args.max_concurrency else "")
-        + (f", a {args.model_ms:g} ms/row stand-in model" if args.model_ms else ", demo model")
+        + (
+            f", model {args.model_file}"
+            if args.model_file
+            else f", a {args.model_layers}-layer stand-in model"
+            if args.model_layers
+            else f", a {args.model_ms:g} ms/row stand-in model"
+            if args.model_ms
+            else ", demo model"
+        )
         + f", {args.warmup:g} s warm-up + {args.seconds:g} s per level, "
         f"at most {args.max_connections} client connections"
     )
@@ -1361,7 +1369,8 @@ def main() -> None:
     serving.add_argument(
         "--model-layers",
         type=int,
-        help="the stand-in's hidden layers, fixed (default: calibrated to --model-ms); "
+        help="the stand-in's hidden layers, fixed (default: calibrated to --model-ms; "
+        "alone, it selects the stand-in); "
         "give the same number to runs that are compared",
     )
     serving.add_argument(
@@ -1450,8 +1459,8 @@ def main() -> None:
         model = tmp / "fraud.onnx"  # served under its file name: fraud
         if args.model_file:
             shutil.copyfile(args.model_file, model)
-        elif args.model_ms:
-            heavy_model(model, args.model_ms, args.model_layers)
+        elif args.model_ms or args.model_layers:
+            heavy_model(model, args.model_ms or 1.0, args.model_layers)
         else:
             shutil.copyfile(ensure_model(), model)
         redis = Redis(args, tmp) if args.only != "serve" else None
