@@ -19,9 +19,10 @@ model thread a core each, ``--serve-workers N`` runs ``rtinfer serve --workers N
 processes (one offers about 50,000 requests a second); ``--model-file PATH`` serves
 another ONNX file with the demo's inputs (the demo's model, where it cannot be trained).
 
-1. **capacity**: the best of closed loops over ``--capacity-connections`` (16 and 64)
+1. **capacity**: the best of closed loops over ``--capacity-connections`` (4, 16 and 64)
    keep-alive connections (past its limiter's limit a server refuses, and a closed loop
-   asks again at once: an unbounded rate that measures nothing),
+   asks again at once: an unbounded rate that measures nothing; a slow model's limit
+   can be under 16, so 4 too),
    each sending its next request when the last is answered, for ``--capacity-seconds``
    after a warm-up: capacity = answers with 200 per second (``--capacity RPS`` fixes
    it instead);
@@ -1389,8 +1390,8 @@ def main() -> None:
     serving.add_argument(
         "--capacity-connections",
         type=lambda text: [int(n) for n in text.split(",")],
-        default=[16, 64],
-        help="closed loops tried for capacity, the best kept (default 16,64)",
+        default=[4, 16, 64],
+        help="closed loops tried for capacity, the best kept (default 4,16,64)",
     )
     serving.add_argument("--capacity-seconds", type=float, default=3.0)
     serving.add_argument("--max-connections", type=int, default=1000)
