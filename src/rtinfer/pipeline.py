@@ -59,6 +59,7 @@ import numpy as np
 
 from .exceptions import CircuitOpen, RtinferError
 from .observability.latency import LatencyHistogram
+from .observability.looplag import LoopLag
 from .observability.metrics import Metrics
 from .resilience.breaker import CircuitBreaker
 from .resilience.retry import Backoff, Retry, RetryBudget, is_transient
@@ -418,6 +419,7 @@ class Pipeline:
         self._admitted_at = time.time()  # when a read last admitted an event
         self.sink_resilience = sink_resilience or SinkResilience()
         self.metrics = metrics or Metrics()
+        self._loop_lag = LoopLag(self.metrics.loop_lag)
         # Reading stops while any sink named here is failing (its breaker open).
         self._intake = asyncio.Event()
         self._intake.set()
@@ -526,9 +528,11 @@ class Pipeline:
             slots = asyncio.Semaphore(self.max_in_flight)
             self._reader = asyncio.create_task(self._read(handler, inflight, slots))
             lag = asyncio.create_task(self._report_lag())
+            self._loop_lag.start()
             try:
                 await self._write(inflight, slots)
             finally:
+                self._loop_lag.stop()
                 lag.cancel()
                 if not self._reader.done():
                     self._reader.cancel()

@@ -39,6 +39,7 @@ from .exceptions import (
     Overloaded,
     RtinferError,
 )
+from .observability.looplag import LoopLag
 from .observability.metrics import Metrics
 from .resilience import (
     AdaptiveLimiter,
@@ -384,6 +385,7 @@ class ModelServer:
                 f"max_concurrency must be 0 (no limiter) or more, got {max_concurrency}"
             )
         self.metrics = metrics or Metrics()
+        self._loop_lag = LoopLag(self.metrics.loop_lag)
         self.batching = dict(batching or {})
         self.max_concurrency = max_concurrency
         self.latency_target = latency_target
@@ -450,6 +452,7 @@ class ModelServer:
     async def start(self) -> None:
         """Load and warm up every model (concurrently, each on its own thread), then build
         each model's request path (limiter, breaker, cache, fallback chain) once."""
+        self._loop_lag.start()
         await asyncio.gather(*(s.batcher.start() for s in self.all()))
         for versions in self._models.values():
             for served in versions:
@@ -502,6 +505,7 @@ class ModelServer:
     async def aclose(self) -> None:
         """Finish the queued requests, then stop every model's threads."""
         self.started = False
+        self._loop_lag.stop()
         for scorer in self.pipelines.values():
             await scorer.aclose()
         await asyncio.gather(*(s.batcher.aclose() for s in self.all()))

@@ -24,6 +24,7 @@ LATENCY_BUCKETS = (
     2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _LatencyCollector(Collector):
@@ -175,6 +176,13 @@ class Metrics:
             "rtinfer_limiter_in_flight",
             "Calls admitted by a concurrency limiter and not yet finished.",
             ["limiter"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "rtinfer_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 0.1 s: the length of its turns. "
+            "High while the model's threads idle: the front is the bottleneck.",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
         self.limiter_rejected = Counter(
