@@ -665,6 +665,37 @@ def test_inference_app_refuses_a_full_model_from_the_head(model_file: Path) -> N
     )
 
 
+async def test_early_answers_keep_only_the_paths_of_models_served(model_file: Path) -> None:
+    server = ModelServer(max_concurrency=4)
+    server.add(load_model(model_file, name="linear"))
+    app = InferenceApp(server)
+    await server.start()
+    try:
+        limiter = server.get("linear").limiter
+        assert limiter is not None
+        permits = [limiter.try_acquire() for _ in range(limiter.limit)]
+
+        def scope(path: str) -> Scope:
+            return {"type": "http", "method": "POST", "path": path, "headers": []}
+
+        for i in range(50):  # made-up models: the usual way (404), and nothing kept
+            assert app.early_answer(scope(f"/v2/models/nope{i}/infer")) is None
+        for _ in range(3):
+            answer = app.early_answer(scope("/v2/models/linear/infer"))
+            assert answer is not None
+            assert answer[0] == 503
+        version = server.get("linear").version
+        assert app.early_answer(scope(f"/v2/models/linear/versions/{version}/infer")) is not None
+        assert list(app._infer_paths) == [
+            "/v2/models/linear/infer",
+            f"/v2/models/linear/versions/{version}/infer",
+        ]
+        for permit in permits:
+            permit.release()
+    finally:
+        await server.aclose()
+
+
 def test_heads_read_in_one_turn_get_through_only_as_far_as_the_room(model_file: Path) -> None:
     # Ten requests wait while the loop is held, so one turn reads all ten heads; two
     # places are free. Two reach the app and are answered; eight are refused from the

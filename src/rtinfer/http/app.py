@@ -41,6 +41,8 @@ TIMEOUT_HEADER = b"x-request-timeout-ms"
 ROUTING_HEADER = b"x-routing-key"  # a canary's sticky key
 PRIORITY_HEADER = b"x-priority"
 JSON = b"application/json"
+#: Infer paths ``early_answer`` keeps parsed (those whose model it found).
+EARLY_PATHS = 1024
 
 #: Every route: (method, path template, needs the API key when one is set).
 ROUTES: tuple[tuple[str, str, bool], ...] = (
@@ -156,7 +158,10 @@ class InferenceApp:
         self.on_shutdown = on_shutdown
         self._stop_companions: Stopper | None = None
         self.stats = HttpMetrics(server.metrics)
-        self._refusals: dict[tuple[str, str, Priority, float], bytes] = {}
+        self._refusals: dict[tuple[str, str, bool, float], bytes] = {}
+        # The infer paths early_answer met whose model was found: route, name, version
+        # (at most EARLY_PATHS of them, so that made-up paths cannot grow it).
+        self._infer_paths: dict[str, tuple[str, str, str | None]] = {}
         pipelines = {
             name: getattr(scorer.pipeline.stages[0], "schema", None)
             for name, scorer in server.pipelines.items()
@@ -187,14 +192,23 @@ class InferenceApp:
         503?), one draining, a model with a canary (its version may hang on the body), a
         wrong key (401), a bad ``X-Priority`` (400), an unknown model (404).
         """
-        if scope["method"] != "POST" or not scope["path"].endswith("/infer"):
+        if scope["method"] != "POST":
             return None
-        found = _match([p for p in scope["path"].split("/") if p])
+        path = scope["path"]
+        known = self._infer_paths.get(path)
+        if known is None:
+            if not path.endswith("/infer"):
+                return None
+            found = _match([p for p in path.split("/") if p])
+            if found is None:
+                return None
+            route, params = found
+            name, version = params["name"], params.get("version")
+        else:
+            route, name, version = known
         server = self.server
-        if found is None or server.quota is not None or server.draining:
+        if server.quota is not None or server.draining:
             return None
-        route, params = found
-        name, version = params["name"], params.get("version")
         if not version and name in server.canaries:
             return None
         raw_priority = authorization = None
@@ -210,11 +224,13 @@ class InferenceApp:
             priority = parse_priority(raw_priority, served.priority)
         except (ModelNotFound, ValueError):
             return None
+        if known is None and len(self._infer_paths) < EARLY_PATHS:
+            self._infer_paths[path] = (route, name, version)
         limiter = served.limiter
         if limiter is None or not limiter.refuses_head(priority):
             return None
         self.stats.observe(route, 503, 0.0)
-        key = (served.name, served.version, priority, limiter.retry_after)
+        key = (served.name, served.version, priority is Priority.CRITICAL, limiter.retry_after)
         refusal = self._refusals.get(key)
         if refusal is None:
             seconds = max(1, math.ceil(limiter.retry_after))

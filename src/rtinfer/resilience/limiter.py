@@ -191,6 +191,9 @@ class AdaptiveLimiter:
         self._m_rejected = {
             p: self.metrics.limiter_rejected.labels(name, p.value, "limit") for p in Priority
         }
+        # The same by name (see the waiters): counted on every refusal.
+        self._m_rejected_critical = self._m_rejected[Priority.CRITICAL]
+        self._m_rejected_best_effort = self._m_rejected[Priority.BEST_EFFORT]
 
     @property
     def limit(self) -> int:
@@ -252,7 +255,10 @@ class AdaptiveLimiter:
                 asyncio.get_running_loop().call_soon(self._clear_heads)
             self._heads += 1
             return False
-        self._m_rejected[priority].inc()
+        if priority is Priority.CRITICAL:
+            self._m_rejected_critical.inc()
+        else:
+            self._m_rejected_best_effort.inc()
         return True
 
     def _clear_heads(self) -> None:
