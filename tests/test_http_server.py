@@ -605,7 +605,8 @@ async def test_inference_app_over_http(inference: Running) -> None:
         assert "unknown model" in missing.json()["error"]
 
 
-def test_inference_app_refuses_a_full_model_from_the_head(model_file: Path) -> None:
+def counted_app(model_file: Path) -> tuple[ModelServer, InferenceApp, list[str]]:
+    """A linear model served at most 4 calls at once, and the paths its app was called for."""
     server = ModelServer(max_concurrency=4)
     server.add(load_model(model_file, name="linear"))
     app = InferenceApp(server, max_body_bytes=64 * 1024)
@@ -617,6 +618,11 @@ def test_inference_app_refuses_a_full_model_from_the_head(model_file: Path) -> N
         await dispatch(scope, receive, send)
 
     app._http = counted  # type: ignore[method-assign]
+    return server, app, called
+
+
+def test_inference_app_refuses_a_full_model_from_the_head(model_file: Path) -> None:
+    server, app, called = counted_app(model_file)
     body = json.dumps(oip("r1", 0.5)).encode()
     infer = post("/v2/models/linear/infer", body, "Content-Type: application/json\r\n")
     with running(app, max_body_bytes=64 * 1024) as run, dial(run.port) as sock:
@@ -700,17 +706,7 @@ def test_heads_read_in_one_turn_get_through_only_as_far_as_the_room(model_file: 
     # Ten requests wait while the loop is held, so one turn reads all ten heads; two
     # places are free. Two reach the app and are answered; eight are refused from the
     # head, not let through to be refused later, each on a task of its own.
-    server = ModelServer(max_concurrency=4)
-    server.add(load_model(model_file, name="linear"))
-    app = InferenceApp(server, max_body_bytes=64 * 1024)
-    called: list[str] = []
-    dispatch = app._http
-
-    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
-        called.append(scope["path"])
-        await dispatch(scope, receive, send)
-
-    app._http = counted  # type: ignore[method-assign]
+    server, app, called = counted_app(model_file)
     infer = post("/v2/models/linear/infer", json.dumps(oip("r", 0.5)).encode())
     with running(app, max_body_bytes=64 * 1024) as run:
         socks = [dial(run.port) for _ in range(10)]
