@@ -22,6 +22,11 @@ Per turn length: batches/s and rows/s run, mean rows per batch, the model's use 
 calls' time over the wall time), and the turns between two batches. The baseline is the
 model called back to back on one thread with no loop: its use is 100%, its batches/s
 ``1000 / --model-ms``. Medians over ``--repeats`` with the range.
+
+``--server``: the requests go through ``ModelServer.infer`` as a server's do, behind the
+model's adaptive limiter (its latency target a third of ``--slo-ms``) with a deadline of
+``--slo-ms``; also reported: answers within the SLO a second, refusals a second, and the
+limiter's limit (median of a sample every 0.1 s).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ import numpy as np
 from common import spread
 
 from rtinfer.batching import MicroBatcher
-from rtinfer.exceptions import Overloaded
+from rtinfer.exceptions import DeadlineExceeded, Overloaded
 from rtinfer.models.python import PythonModel
+from rtinfer.serving import ModelServer
 
 
 class Sleeper:
@@ -60,11 +66,22 @@ class Sleeper:
 async def one_run(args: argparse.Namespace, turn_ms: float) -> dict[str, float]:
     sleeper = Sleeper(args.model_ms / 1e3)
     model = PythonModel(sleeper, inputs={"x": ("float32", [None, 1])}, name="sleeper")
-    batcher = MicroBatcher(
-        model, max_batch_size=args.batch, max_delay=0.0, max_queue_rows=8 * args.batch
-    )
-    await batcher.start()
+    batching = {"max_batch_size": args.batch, "max_delay": 0.0, "max_queue_rows": 8 * args.batch}
+    slo = args.slo_ms / 1e3
+    server = None
+    if args.server:
+        server = ModelServer(batching=batching, latency_target=slo / 3)
+        server.add(model)
+        await server.start()
+        batcher = server.get("sleeper").batcher
+        limiter = server.get("sleeper").limiter
+        assert limiter is not None
+    else:
+        batcher = MicroBatcher(model, **batching)
+        await batcher.start()
     loop = asyncio.get_running_loop()
+    answered = refused = 0  # --server: answers within the SLO, refusals
+    limits: list[int] = []
     inputs = {"x": np.ones((1, 1), np.float32)}
     per_turn = args.rows_per_turn or 4 * args.batch
     pending: set[asyncio.Task[Any]] = set()
@@ -83,15 +100,33 @@ async def one_run(args: argparse.Namespace, turn_ms: float) -> dict[str, float]:
         finally:
             waiting -= 1
 
+    async def serve() -> None:
+        nonlocal answered, refused
+        assert server is not None
+        due = time.perf_counter()
+        try:
+            await server.infer("sleeper", inputs, deadline=time.time() + slo)
+        except Overloaded:
+            refused += 1
+            return
+        except DeadlineExceeded:
+            return
+        answered += time.perf_counter() - due <= slo
+
+    def sample() -> None:
+        if not stop:
+            limits.append(limiter.limit)
+            loop.call_later(0.1, sample)
+
     def turn() -> None:
         nonlocal turns
         if stop:
             return
         turns += 1
         for _ in range(per_turn):
-            if waiting >= batcher.max_queue_rows:  # what a front would refuse
+            if server is None and waiting >= batcher.max_queue_rows:  # a front refuses
                 break
-            task = loop.create_task(ask())
+            task = loop.create_task(serve() if server is not None else ask())
             pending.add(task)
             task.add_done_callback(pending.discard)
         end = time.perf_counter() + turn_ms / 1e3
@@ -102,20 +137,27 @@ async def one_run(args: argparse.Namespace, turn_ms: float) -> dict[str, float]:
     loop.call_soon(turn)
     await asyncio.sleep(0.3)  # settle
     batches, rows, busy, turns0 = batcher.batches, batcher.rows, sleeper.busy, turns
+    answered = refused = 0
+    if server is not None:
+        loop.call_soon(sample)
     began = time.perf_counter()
     await asyncio.sleep(args.seconds)
     wall = time.perf_counter() - began
     batches, rows = batcher.batches - batches, batcher.rows - rows
     busy, turns = sleeper.busy - busy, turns - turns0
+    in_time, shed = answered, refused
     stop = True
     await asyncio.gather(*pending, return_exceptions=True)
-    await batcher.aclose()
+    await (server.aclose() if server is not None else batcher.aclose())
     return {
         "batches_s": batches / wall,
         "rows_s": rows / wall,
         "rows_per_batch": rows / max(batches, 1),
         "model_use": busy / wall,
         "turns_per_batch": turns / max(batches, 1),
+        "in_time_s": in_time / wall,
+        "refused_s": shed / wall,
+        "limit": float(np.median(limits)) if limits else float("nan"),
     }
 
 
@@ -139,6 +181,8 @@ def main() -> None:
     parser.add_argument("--rows-per-turn", type=int, help="default: 4 full batches")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--server", action="store_true", help="through ModelServer.infer")
+    parser.add_argument("--slo-ms", type=float, default=50.0, help="--server: the deadline")
     args = parser.parse_args()
     with contextlib.suppress(ImportError):
         import uvloop
@@ -151,6 +195,8 @@ def main() -> None:
     )
     print(f"  {'alone, back to back: batches/s':44} {spread(base):>24}   use 100%")
     header = ("batches/s", "rows/s", "rows/batch", "model use %", "turns/batch")
+    if args.server:
+        header += ("in SLO/s", "refused/s", "limit")
     print(f"  {'loop busy a turn':18}" + "".join(f"{h:>24}" for h in header))
     for turn_ms in (float(t) for t in args.turns_ms.split(",")):
         runs = [asyncio.run(one_run(args, turn_ms)) for _ in range(args.repeats)]
@@ -161,6 +207,12 @@ def main() -> None:
             spread([100 * r["model_use"] for r in runs]),
             spread([r["turns_per_batch"] for r in runs], "{:.2f}"),
         ]
+        if args.server:
+            cells += [
+                spread([r["in_time_s"] for r in runs]),
+                spread([r["refused_s"] for r in runs]),
+                spread([r["limit"] for r in runs]),
+            ]
         print(f"  {f'{turn_ms:g} ms':18}" + "".join(f"{c:>24}" for c in cells))
 
 

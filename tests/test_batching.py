@@ -896,3 +896,27 @@ async def test_a_busy_loop_costs_one_turn_between_batches() -> None:
     gaps = sorted(calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1))
     # The turn the answer is taken in, and at most one more while the thread wakes.
     assert gaps[len(gaps) // 2] <= 2, gaps
+
+
+async def test_a_caller_can_learn_its_time_in_front_of_and_in_the_model() -> None:
+    from rtinfer.batching import SERVICE_TIME, ServiceTime
+
+    def slow(inputs: Arrays) -> npt.NDArray[np.float32]:
+        time.sleep(0.005)
+        return inputs["x"]
+
+    batcher = MicroBatcher(PythonModel(slow, inputs={"x": ("float32", [None, 1])}), max_delay=0)
+    await batcher.start()
+    try:
+        one = {"x": np.ones((1, 1), np.float32)}
+        service = ServiceTime()
+        token = SERVICE_TIME.set(service)
+        try:
+            await asyncio.wait_for(batcher.submit(one), SAFETY)
+        finally:
+            SERVICE_TIME.reset(token)
+        assert service.seconds is not None
+        assert service.seconds >= 0.005  # the call itself, at least
+        await asyncio.wait_for(batcher.submit(one), SAFETY)  # none set: nothing written
+    finally:
+        await batcher.aclose()

@@ -133,6 +133,23 @@ def test_latency_under_the_target_never_shrinks_the_limit() -> None:
         limiter(latency_target=0)
 
 
+def test_a_calls_service_time_is_the_sample_when_its_caller_knows_it() -> None:
+    # Each call takes 300 ms from admission to release (a busy loop's turns), of which
+    # 10 ms in front of and in the model: with the service time, no reason to shed.
+    clock = FakeClock()
+    lim = limiter(clock, initial_limit=10, max_limit=200, latency_target=0.060)
+    for _ in range(20):
+        permits = [lim.try_acquire() for _ in range(lim.limit)]
+        clock.advance(0.300)
+        for permit in permits:
+            permit.service = 0.010
+            permit.release()
+    assert lim.long_rtt == pytest.approx(0.010)
+    assert lim.limit > 10
+    rounds(lim, clock, 0.300, 5)  # the same calls without it: the limit shrinks
+    assert lim.limit < 10
+
+
 def test_latency_past_the_target_keeps_the_limit_down_however_long_it_lasts() -> None:
     clock = FakeClock()
     lim = limiter(clock, initial_limit=50, min_limit=2, max_limit=200, latency_target=0.060)

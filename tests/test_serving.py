@@ -64,3 +64,25 @@ def test_datatypes_round_trip() -> None:
         assert oip_datatype(numpy_dtype(name)) == name
     with pytest.raises(ValueError, match="unknown datatype 'FP8'"):
         numpy_dtype("FP8")
+
+
+async def test_the_limiter_samples_the_time_in_front_of_and_in_the_model() -> None:
+    # A clock that moves a whole second between admission and release, as a loop busy
+    # for seconds would: the limiter samples the batcher's time instead (queue and call).
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 0.5
+        return now[0]
+
+    server = ModelServer(clock=clock)
+    server.add(python_model(delay=0.005), name="linear")
+    await server.start()
+    try:
+        for _ in range(3):
+            await server.infer("linear", {"features": np.array([[0.5, 0.0]], np.float32)})
+        limiter = server.get("linear").limiter
+        assert limiter is not None
+        assert 0.005 <= limiter.long_rtt < 0.5
+    finally:
+        await server.aclose()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from .batching import MicroBatcher
+from .batching import SERVICE_TIME, MicroBatcher, ServiceTime
 from .exceptions import (
     Closed,
     ConfigError,
@@ -726,11 +726,20 @@ class ModelServer:
         else:
             admission.done = True
             permit = admission.permit
+        service = token = None
+        if permit is not None:
+            service = ServiceTime()
+            token = SERVICE_TIME.set(service)
         try:
             outputs, step = await served.call(inputs, deadline)
         except BaseException as exc:
             self._finish(permit, exc)
             raise
+        finally:
+            if token is not None:
+                SERVICE_TIME.reset(token)
+        if permit is not None and service is not None:
+            permit.service = service.seconds
         self._finish(permit, None)
         if self.shadows:
             self._mirror(served, inputs, outputs, step)

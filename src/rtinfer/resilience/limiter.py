@@ -14,6 +14,12 @@ and shedding calls that would meet the SLO only loses work), and a slower one sh
 by ``target / rtt`` at least, even once the long-term average has followed a lasting
 overload up.
 
+A call's sample is its time since admission, or, when its caller knows it
+(:attr:`Permit.service`, what ``rtinfer serve`` sets from the batcher), its time in front
+of and in the model alone: under overload a busy event loop's turns are most of a
+request's time, and a limit that shrank for them would starve the model while admitting
+fewer shortens none of them.
+
 Two traffic classes: ``critical`` calls are admitted up to the limit,
 ``best_effort`` ones only up to ``best_effort_share`` of it (default 80%), so under
 load best-effort traffic is shed first and critical traffic keeps its room.
@@ -87,7 +93,7 @@ def parse_priority(value: str | bytes | None, default: Priority = Priority.CRITI
 class Permit:
     """One admitted call. Call :meth:`release` exactly once when it ends."""
 
-    __slots__ = ("_limiter", "in_flight", "priority", "released", "started")
+    __slots__ = ("_limiter", "in_flight", "priority", "released", "service", "started")
 
     def __init__(
         self, limiter: AdaptiveLimiter, priority: Priority, started: float, in_flight: int
@@ -98,6 +104,11 @@ class Permit:
         #: Calls in flight when this one was admitted, itself included.
         self.in_flight = in_flight
         self.released = False
+        #: The call's time in front of and in the model alone, when its caller knows it
+        #: (seconds; the batcher's :class:`~rtinfer.batching.ServiceTime`): the sample
+        #: instead of the time since admission, which also counts the turns a busy event
+        #: loop takes to read, hand over and answer the call, and that no limit shortens.
+        self.service: float | None = None
 
     def release(self, *, ok: bool = True, dropped: bool = False) -> None:
         """End the call. ``ok``: it succeeded, so its time is a latency sample.
@@ -321,7 +332,9 @@ class AdaptiveLimiter:
                 self._last_cut = now
                 self._limit = max(self.min_limit, self._limit * self.backoff_ratio)
         elif ok:
-            self._sample(self._clock() - permit.started, permit.in_flight)
+            service = permit.service
+            rtt = self._clock() - permit.started if service is None else service
+            self._sample(rtt, permit.in_flight)
         self._wake()
 
     def _sample(self, rtt: float, in_flight: int) -> None:
