@@ -452,13 +452,13 @@ class ModelServer:
     async def start(self) -> None:
         """Load and warm up every model (concurrently, each on its own thread), then build
         each model's request path (limiter, breaker, cache, fallback chain) once."""
-        self._loop_lag.start()
         await asyncio.gather(*(s.batcher.start() for s in self.all()))
         for versions in self._models.values():
             for served in versions:
                 self._protect(served, several=len(versions) > 1)
         for scorer in self.pipelines.values():
             await scorer.start()
+        self._loop_lag.start()
         self.started = True
 
     def _protect(self, served: ServedModel, *, several: bool) -> None:
@@ -738,8 +738,8 @@ class ModelServer:
         finally:
             if token is not None:
                 SERVICE_TIME.reset(token)
-        if permit is not None and service is not None:
-            permit.service = service.seconds
+        if permit is not None and service is not None and step in (None, "model"):
+            permit.service = service.seconds  # the model's own answer (not a fallback's)
         self._finish(permit, None)
         if self.shadows:
             self._mirror(served, inputs, outputs, step)

@@ -249,8 +249,7 @@ class AdaptiveLimiter:
         builds the request: rtinfer's HTTP server asks with only the request's head read."""
         if self._room(priority) and (self._no_waiters() or not self._queued(priority)):
             return False
-        self._m_rejected[priority].inc()
-        return True
+        return self._refused(priority)
 
     def refuses_head(self, priority: Priority = Priority.CRITICAL) -> bool:
         """As :meth:`refuses`, for a request of which only the head is read (call it on
@@ -266,14 +265,18 @@ class AdaptiveLimiter:
                 asyncio.get_running_loop().call_soon(self._clear_heads)
             self._heads += 1
             return False
+        return self._refused(priority)
+
+    def _clear_heads(self) -> None:
+        self._heads = 0
+
+    def _refused(self, priority: Priority) -> bool:
+        """Count a refusal (``True``)."""
         if priority is Priority.CRITICAL:
             self._m_rejected_critical.inc()
         else:
             self._m_rejected_best_effort.inc()
         return True
-
-    def _clear_heads(self) -> None:
-        self._heads = 0
 
     def try_acquire(self, priority: Priority = Priority.CRITICAL) -> Permit:
         """Admit a call now, or raise :class:`Overloaded` (with ``retry_after``) at once."""
