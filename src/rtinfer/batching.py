@@ -327,7 +327,7 @@ class MicroBatcher:
         self._queued_rows = 0
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Task[None]] = set()  # strong references to batch tasks
+        self._running: set[asyncio.Task[None]] = set()  # strong references to retry-alone tasks
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
