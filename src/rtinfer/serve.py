@@ -59,6 +59,7 @@ from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
 from .http.stats import summarize
 from .loop import LOOP_SCHEDULES, freeze_heap, schedule_loop
 from .models import load_model
+from .models.host import HostedModel, HostProcess
 from .resilience import ClientQuota, MemoryStore, PredictionCache, Priority, RedisStore
 from .resilience import parse_priority as _parse_priority
 from .serving import ModelPolicy, ModelServer
@@ -83,6 +84,8 @@ _ENV_API_KEY = "RTINFER_API_KEY"
 _ENV_POLICY = "RTINFER_SERVE_POLICY"  # JSON: the protections' server-wide settings
 _ENV_WATCH = "RTINFER_SERVE_WATCH"  # seconds between polls of a repository TARGET
 _ENV_LOOP_SCHED = "RTINFER_SERVE_LOOP_SCHED"  # batch or normal: the event loop's scheduling
+_ENV_MODEL_HOST = "RTINFER_SERVE_MODEL_HOST"  # the model host's socket, with --model-process
+_ENV_MODEL_HOST_KEY = "RTINFER_SERVE_MODEL_HOST_KEY"  # its key, in hex
 
 log = logging.getLogger("rtinfer.serve")
 
@@ -110,6 +113,7 @@ def build_server(
     cache_size: int = 0,
     cache_ttl_s: float = 60.0,
     cache_redis: str | None = None,
+    model: Model | None = None,
     **batching: Any,
 ) -> ModelServer:
     """A ModelServer (not started) for a model file, a pipeline file or a model repository.
@@ -126,8 +130,17 @@ def build_server(
     ``"RATE[/BURST]"`` calls per second per client (429 past it); a prediction cache of
     ``cache_size`` rows in memory, or in Redis at ``cache_redis``, each kept ``cache_ttl_s``
     seconds.
+
+    ``model``: for a model file TARGET, the model to serve in place of loading the file
+    here (``rtinfer serve --model-process`` passes each worker a
+    :class:`~rtinfer.models.host.HostedModel`).
     """
     path = Path(target)
+    if model is not None and not _is_model_file(path):
+        raise ConfigError(
+            f"--model-process serves one model file; {str(path)!r} is not one (a pipeline or a "
+            f"repository loads its models in each worker)"
+        )
     server = ModelServer(
         batching={"max_delay": 0.0, **batching},
         max_concurrency=max_concurrency,
@@ -158,7 +171,7 @@ def build_server(
     elif path.is_dir():
         _add_repository(server, path)
     elif path.is_file():
-        server.add(load_model(path, allow_pickle=allow_pickle))
+        server.add(model or load_model(path, allow_pickle=allow_pickle))
     else:
         raise ConfigError(f"{str(path)!r} is neither a model file nor a model repository folder")
     if not server.all():
@@ -167,6 +180,10 @@ def build_server(
             f"<model>/<version>/model.onnx"
         )
     return server
+
+
+def _is_model_file(path: Path) -> bool:
+    return path.is_file() and path.suffix not in (".yaml", ".yml")
 
 
 def _version_key(name: str) -> tuple[int, int, str]:
@@ -366,10 +383,18 @@ def app_from_env() -> InferenceApp:
         raise ConfigError(f"{_ENV_TARGET} is not set; start the server with rtinfer serve")
     settings = _policy_settings()
     drain_s = settings.pop("drain_s", DEFAULT_DRAIN_S)
+    host = os.environ.get(_ENV_MODEL_HOST)
     server = build_server(
         target,
         allow_pickle=os.environ.get(_ENV_PICKLE) == "1",
         stream=os.environ.get(_ENV_STREAM) == "1",
+        model=(
+            HostedModel(
+                host, bytes.fromhex(os.environ[_ENV_MODEL_HOST_KEY]), name=Path(target).stem
+            )
+            if host
+            else None
+        ),
         **settings,
     )
     timeout = os.environ.get(_ENV_TIMEOUT, "30")
@@ -525,6 +550,8 @@ def run_server(
     watch_s: float | None = None,
     http_server: str = "rtinfer",
     loop_sched: str = "batch",
+    model_process: bool = False,
+    model_threads: int = 1,
 ) -> dict[str, Any]:
     """Serve ``target`` over HTTP until SIGINT/SIGTERM; return (and write) the run summary.
 
@@ -536,6 +563,11 @@ def run_server(
     :mod:`rtinfer.http.server` (see :func:`_run_rtinfer`), or ``"uvicorn"``.
     ``loop_sched``: how each worker's event loop is scheduled once its models are loaded
     (:func:`rtinfer.loop.schedule_loop`: ``"batch"`` or ``"normal"``).
+
+    ``model_process``: load a model file TARGET once, in a process of its own (a
+    :class:`~rtinfer.models.host.HostProcess`) that runs ``model_threads`` batches at once,
+    and have every worker call it. The workers then only serve: size them for the
+    requests (and the refusals), and the model's threads for its answers.
     """
     if http_server not in _HTTP_SERVERS:
         raise ConfigError(
@@ -547,6 +579,13 @@ def run_server(
         )
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if model_threads < 1:
+        raise ConfigError(f"--model-threads must be at least 1, got {model_threads}")
+    if model_process and not _is_model_file(Path(target)):
+        raise ConfigError(
+            f"--model-process serves one model file; {str(target)!r} is not one (a pipeline "
+            f"or a repository loads its models in each worker)"
+        )
     api_key = api_key or os.environ.get(_ENV_API_KEY) or None
     management_key = _check_management(target, workers, api_key, management_key, watch_s)
     if not _is_loopback(host) and api_key is None and not insecure:
@@ -567,42 +606,60 @@ def run_server(
         "cache_redis": cache_redis,
     }
     build_server(target, allow_pickle=allow_pickle, **policy)  # fail here, not in every worker
-    with tempfile.TemporaryDirectory(prefix="rtinfer-serve-") as snapshots:
-        os.environ.update(
-            {
-                _ENV_TARGET: str(Path(target).resolve()),
-                _ENV_MAX_BODY: str(max_body_bytes),
-                _ENV_TIMEOUT: "" if timeout_s is None else str(timeout_s),
-                _ENV_PICKLE: "1" if allow_pickle else "0",
-                _ENV_STREAM: "1" if stream else "0",
-                _ENV_SNAPSHOTS: snapshots,
-                _ENV_GRPC: "" if grpc_port is None else f"{host}:{grpc_port}",
-                _ENV_POLICY: json.dumps({**policy, "drain_s": drain_s}),
-            }
-        )
-        if api_key is not None:
-            os.environ[_ENV_API_KEY] = api_key
-        os.environ[_ENV_WATCH] = "" if watch_s is None else str(watch_s)
-        os.environ[_ENV_LOOP_SCHED] = loop_sched
-        if management_key is not None:
-            os.environ[_MANAGEMENT_KEY] = management_key
-        # uvicorn raises the signal that stopped it again once it has finished, under the
-        # handler found before it started: by default that kills this process before the
-        # summary is written. A handler that only notes it lets the run end normally.
-        main = threading.current_thread() is threading.main_thread()
-        before = signal.signal(signal.SIGTERM, _stopped) if main else None
-        try:
-            if http_server == "rtinfer":
-                _run_rtinfer(host, port, workers, log_level, max_body_bytes, drain_s)
-            else:
-                _run_uvicorn(host, port, workers, log_level, max_body_bytes, drain_s)
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, before)
-        summary = summarize(
-            json.loads(p.read_text()) for p in sorted(Path(snapshots).glob("*.json"))
-        )
+    model_host = (
+        HostProcess(target, allow_pickle=allow_pickle, threads=model_threads)
+        if model_process
+        else None
+    )
+    if model_host is not None:
+        model_host.start()  # the model is loaded before a worker asks for it
+    try:
+        with tempfile.TemporaryDirectory(prefix="rtinfer-serve-") as snapshots:
+            os.environ.update(
+                {
+                    _ENV_TARGET: str(Path(target).resolve()),
+                    _ENV_MAX_BODY: str(max_body_bytes),
+                    _ENV_TIMEOUT: "" if timeout_s is None else str(timeout_s),
+                    _ENV_PICKLE: "1" if allow_pickle else "0",
+                    _ENV_STREAM: "1" if stream else "0",
+                    _ENV_SNAPSHOTS: snapshots,
+                    _ENV_GRPC: "" if grpc_port is None else f"{host}:{grpc_port}",
+                    _ENV_POLICY: json.dumps({**policy, "drain_s": drain_s}),
+                }
+            )
+            if api_key is not None:
+                os.environ[_ENV_API_KEY] = api_key
+            os.environ[_ENV_WATCH] = "" if watch_s is None else str(watch_s)
+            os.environ[_ENV_LOOP_SCHED] = loop_sched
+            if model_host is not None:
+                os.environ[_ENV_MODEL_HOST] = model_host.address
+                os.environ[_ENV_MODEL_HOST_KEY] = model_host.authkey.hex()
+            else:  # a host of an earlier run in this process is gone
+                os.environ.pop(_ENV_MODEL_HOST, None)
+            if management_key is not None:
+                os.environ[_MANAGEMENT_KEY] = management_key
+            # uvicorn raises the signal that stopped it again once it has finished, under the
+            # handler found before it started: by default that kills this process before the
+            # summary is written. A handler that only notes it lets the run end normally.
+            main = threading.current_thread() is threading.main_thread()
+            before = signal.signal(signal.SIGTERM, _stopped) if main else None
+            try:
+                if http_server == "rtinfer":
+                    _run_rtinfer(host, port, workers, log_level, max_body_bytes, drain_s)
+                else:
+                    _run_uvicorn(host, port, workers, log_level, max_body_bytes, drain_s)
+            finally:
+                if main:
+                    signal.signal(signal.SIGTERM, before)
+            summary = summarize(
+                json.loads(p.read_text()) for p in sorted(Path(snapshots).glob("*.json"))
+            )
+    finally:
+        if model_host is not None:  # after the workers: they drained through it
+            model_host.stop()
     summary["workers"] = workers
+    if model_host is not None:
+        summary["model_process"] = {"threads": model_threads, "restarts": model_host.restarts}
     if summary_json is not None:
         out = Path(summary_json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -783,6 +840,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="server processes; default 1")
     parser.add_argument(
+        "--model-process",
+        action="store_true",
+        help="with a model file TARGET: load the model once, in a process of its own that "
+        "every worker calls, so that the workers (the fronts) and the model's threads are "
+        "sized apart",
+    )
+    parser.add_argument(
+        "--model-threads",
+        type=int,
+        default=1,
+        help="with --model-process: batches the model runs at once; default 1",
+    )
+    parser.add_argument(
         "--http-server",
         choices=_HTTP_SERVERS,
         default=_HTTP_SERVERS[0],
@@ -872,6 +942,8 @@ def serve_command(args: argparse.Namespace) -> int:
         watch_s=args.watch_interval_s if args.watch else None,
         http_server=args.http_server,
         loop_sched=args.loop_sched,
+        model_process=args.model_process,
+        model_threads=args.model_threads,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,0 +1,421 @@
+"""A model in a process of its own, called by the serving workers: the model host.
+
+``rtinfer serve MODEL --workers N --model-process`` loads the model once, in a host
+process, and every worker calls it through a :class:`HostedModel`. The workers keep
+all the serving: HTTP, admission, deadlines, batching. Only their batches cross to
+the host, one message each way, so the crossing's cost is shared by a batch's rows.
+
+Why: a worker's front can refuse only so many requests a second (each costs tens of
+microseconds of its event loop), and a worker per model thread ties the fronts'
+number to the model's. With a host the two are sized apart: enough fronts to refuse
+ten times what the model answers, and ``threads`` batches running in the model at
+once. It also keeps one copy of a large model, and one user of an accelerator.
+
+The wire: a Unix socket in a private folder, through
+:mod:`multiprocessing.connection` (length-prefixed messages; the ``authkey``'s HMAC
+handshake when a worker connects). Messages are msgpack: a tensor is its name, dtype,
+shape and raw bytes (strings as a list). Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ..exceptions import ModelError, ModelInputError, ModelLoadError
+from ..types import Arrays, Model, TensorSpec
+from .base import example_inputs
+
+__all__ = ["HostProcess", "HostedModel", "ModelHost"]
+
+log = logging.getLogger("rtinfer.models.host")
+
+
+class _Tensor(msgspec.Struct, array_like=True):
+    name: str
+    dtype: str
+    shape: list[int]
+    data: bytes | list[str]  # raw bytes; the items of a string tensor
+
+
+class _Spec(msgspec.Struct, array_like=True):
+    name: str
+    dtype: str
+    shape: list[int | None]
+
+
+class _Hello(msgspec.Struct, array_like=True):
+    """What the host says first on every connection: the model it runs."""
+
+    name: str
+    version: str
+    inputs: list[_Spec]
+    outputs: list[_Spec]
+
+
+class _Answer(msgspec.Struct, array_like=True):
+    tensors: list[_Tensor] = []
+    error: str | None = None
+    input_error: bool = False
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_call = msgspec.msgpack.Decoder(list[_Tensor]).decode
+_decode_answer = msgspec.msgpack.Decoder(_Answer).decode
+_decode_hello = msgspec.msgpack.Decoder(_Hello).decode
+
+
+def _tensors(arrays: Arrays) -> list[_Tensor]:
+    out = []
+    for name, array in arrays.items():
+        if array.dtype.kind == "O":
+            data: bytes | list[Any] = array.ravel().tolist()
+        else:
+            data = np.ascontiguousarray(array).tobytes()
+        out.append(_Tensor(name, array.dtype.str, list(array.shape), data))
+    return out
+
+
+def _arrays(tensors: list[_Tensor]) -> Arrays:
+    """Writable arrays (one copy of each buffer), as the model would get them in-process."""
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for t in tensors:
+        if isinstance(t.data, list):
+            array = np.empty(len(t.data), dtype=object)
+            array[:] = t.data
+        else:
+            array = np.frombuffer(bytearray(t.data), dtype=np.dtype(t.dtype))
+        out[t.name] = array.reshape(t.shape)
+    return out
+
+
+def _spec_out(spec: TensorSpec) -> _Spec:
+    return _Spec(spec.name, spec.dtype.str, list(spec.shape))
+
+
+def _spec_in(spec: _Spec) -> TensorSpec:
+    return TensorSpec(spec.name, np.dtype(spec.dtype), tuple(spec.shape))
+
+
+class ModelHost:
+    """Serves one loaded model on a Unix socket at ``address`` to :class:`HostedModel` s.
+
+    Each connection (a worker's model thread) gets a thread here; at most ``threads``
+    calls run in the model at once, the others wait their turn. ONNX Runtime releases
+    the GIL while it runs, so ``threads`` above 1 uses as many cores.
+    """
+
+    def __init__(self, model: Model, address: str, authkey: bytes, *, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"a model host runs at least one call at once, got {threads}")
+        self.model = model
+        self.address = address
+        self._authkey = authkey
+        self._slots = threading.Semaphore(threads)
+        self._hello = _encode(
+            _Hello(
+                model.name,
+                model.version,
+                [_spec_out(s) for s in model.inputs],
+                [_spec_out(s) for s in model.outputs],
+            )
+        )
+        self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        self._closed = threading.Event()
+        self._connections: set[Connection] = set()
+        self._lock = threading.Lock()
+
+    def serve_forever(self) -> None:
+        """Accept workers until :meth:`close`; each is served on a thread of its own."""
+        while not self._closed.is_set():
+            try:
+                connection = self._listener.accept()
+            except Exception as exc:  # a caller without the key, or one that hung up early
+                if self._closed.is_set():
+                    return
+                log.warning("refused a connection to the model host: %s", exc)
+                continue
+            with self._lock:
+                self._connections.add(connection)
+            threading.Thread(
+                target=self._serve, args=(connection,), name="rtinfer-host-call", daemon=True
+            ).start()
+
+    def start(self) -> threading.Thread:
+        """:meth:`serve_forever` on a daemon thread, returned."""
+        thread = threading.Thread(target=self.serve_forever, name="rtinfer-host", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        """Stop accepting and hang up on every worker (their calls fail and reconnect)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._listener.close()  # and removes the socket's file
+        with self._lock:
+            for connection in self._connections:
+                # Shut down, not closed: its thread, blocked reading it, reads the end
+                # and closes it (a Connection closed under a reader breaks the reader).
+                with (
+                    contextlib.suppress(OSError),
+                    socket.socket(fileno=os.dup(connection.fileno())) as sock,
+                ):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _serve(self, connection: Connection) -> None:
+        predict = self.model.predict
+        try:
+            connection.send_bytes(self._hello)
+            while True:
+                message = connection.recv_bytes()
+                try:
+                    inputs = _arrays(_decode_call(message))
+                    with self._slots:
+                        outputs = predict(inputs)
+                    answer = _encode(_Answer(_tensors(outputs)))
+                except ModelInputError as exc:
+                    answer = _encode(_Answer(error=str(exc), input_error=True))
+                except Exception as exc:  # the worker's breaker and fallback decide
+                    answer = _encode(_Answer(error=f"{type(exc).__name__}: {exc}"))
+                connection.send_bytes(answer)
+        except (EOFError, OSError):  # the worker went away
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
+class HostedModel:
+    """The model a :class:`ModelHost` runs, called from this process.
+
+    It is a :data:`~rtinfer.types.Model` like any other: the batcher calls
+    :meth:`predict` on its model threads, each of which keeps a connection of its own.
+    :meth:`load` connects and learns the model's name, version and tensors from the
+    host. A call that cannot reach the host raises :class:`ModelError` (the breaker
+    and the fallback chain see a failing model), and the next call connects again.
+    """
+
+    def __init__(self, address: str, authkey: bytes, *, name: str = "hosted") -> None:
+        self.address = address
+        self._authkey = authkey
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._name = name  # what the host says replaces it; known before, for the routes
+        self._version = "unloaded"
+        self._local = threading.local()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def load(self) -> None:
+        try:
+            self._connection()
+        except ModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        for rows in batch_sizes:
+            self.predict(example_inputs(self.inputs, rows))
+
+    def predict(self, inputs: Arrays) -> Arrays:
+        connection = self._connection()
+        try:
+            connection.send_bytes(_encode(_tensors(inputs)))
+            answer = _decode_answer(connection.recv_bytes())
+        except (EOFError, OSError) as exc:
+            self._hang_up()
+            raise ModelError(
+                f"model {self._name!r}: the model host at {self.address} hung up "
+                f"({type(exc).__name__}); the next call connects again"
+            ) from exc
+        if answer.error is not None:
+            kind = ModelInputError if answer.input_error else ModelError
+            raise kind(f"model {self._name!r} failed in its host: {answer.error}")
+        return _arrays(answer.tensors)
+
+    def close(self) -> None:
+        """Hang up this thread's connection (the others close with their threads)."""
+        self._hang_up()
+
+    def _connection(self) -> Connection:
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            return connection
+        try:
+            connection = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+            hello = _decode_hello(connection.recv_bytes())
+        except (OSError, EOFError) as exc:
+            raise ModelError(
+                f"cannot reach the model host at {self.address}: {exc}; is it running?"
+            ) from exc
+        except Exception as exc:  # multiprocessing's AuthenticationError, a foreign peer
+            raise ModelError(
+                f"the model host at {self.address} refused this process ({exc}); "
+                f"the key must be the host's"
+            ) from exc
+        self._name, self._version = hello.name, hello.version
+        self.inputs = [_spec_in(s) for s in hello.inputs]
+        self.outputs = [_spec_in(s) for s in hello.outputs]
+        self._local.connection = connection
+        return connection
+
+    def _hang_up(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def __repr__(self) -> str:
+        return f"<HostedModel {self._name!r} version={self._version!r} at {self.address!r}>"
+
+
+#: A host that ran at least this long before it died is started again at once; one that
+#: died sooner waits this long first, so a model that cannot run does not spin.
+STEADY_S = 10.0
+
+
+class HostProcess:
+    """A :class:`ModelHost` for a model file, in a child process: started, kept, stopped.
+
+    The socket lies in a private temporary folder, and the ``authkey`` is random: only
+    this process and its children (which inherit :attr:`address` and :attr:`authkey`)
+    can call the model. The host ignores SIGINT and SIGTERM, so that the workers can
+    finish their requests through it while they drain; it exits when :meth:`stop` is
+    called or this process ends. A host that dies meanwhile is started again (the
+    workers' calls fail until it is back, and their next calls connect to the new one).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, allow_pickle: bool = False, threads: int = 1
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"a model host runs at least one call at once, got {threads}")
+        self.path = str(path)
+        self.allow_pickle = allow_pickle
+        self.threads = threads
+        self.authkey = os.urandom(32)
+        self._folder = tempfile.mkdtemp(prefix="rtinfer-host-")  # mode 0700
+        self.address = str(Path(self._folder, "model.sock"))
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._pipe: Connection | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.restarts = 0
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Start the host and wait until its model is loaded; :class:`ModelLoadError` if
+        it cannot be."""
+        self._spawn(timeout_s)
+        self._watcher = threading.Thread(target=self._watch, name="rtinfer-host-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the host (after the workers are done with it) and remove its socket."""
+        self._stopping.set()
+        process, pipe = self._process, self._pipe
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()  # the host's end reads EOF: it closes and exits
+        if process is not None:
+            process.join(timeout_s)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        if self._watcher is not None:
+            self._watcher.join(timeout_s)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _spawn(self, timeout_s: float) -> None:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=_host_main,
+            args=(self.path, self.allow_pickle, self.address, self.authkey, self.threads, theirs),
+            name="rtinfer-model-host",
+        )
+        process.start()
+        theirs.close()
+        said = ours.recv() if ours.poll(timeout_s) else None
+        if said != "ready":
+            ours.close()
+            process.kill()
+            process.join()
+            if said is None:
+                said = f"it did not load the model within {timeout_s:.0f} s"
+            raise ModelLoadError(f"the model host could not serve {self.path!r}: {said}")
+        self._process, self._pipe = process, ours
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            process = self._process
+            started = time.monotonic()
+            process.join()
+            if self._stopping.is_set():
+                return
+            ran = time.monotonic() - started
+            log.error(
+                "the model host exited with %s after %.0f s; starting another",
+                process.exitcode,
+                ran,
+            )
+            if self._pipe is not None:
+                self._pipe.close()
+            if ran < STEADY_S and self._stopping.wait(STEADY_S - ran):
+                return
+            try:
+                self._spawn(300.0)
+            except ModelLoadError as exc:
+                log.error("%s", exc)
+                continue
+            self.restarts += 1
+
+
+def _host_main(
+    path: str, allow_pickle: bool, address: str, authkey: bytes, threads: int, parent: Connection
+) -> None:
+    """The host process: load, serve, and exit when the parent hangs up."""
+    # The workers drain through the host: a terminal's Ctrl-C or a SIGTERM to the whole
+    # group must not take the model away from them. The parent ends it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from . import load_model
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)  # a host that died left its socket
+    try:
+        model = load_model(path, allow_pickle=allow_pickle)
+        model.load()
+        model.warmup([1])
+        host = ModelHost(model, address, authkey, threads=threads)
+    except Exception as exc:
+        parent.send(f"{type(exc).__name__}: {exc}")
+        return
+    host.start()
+    parent.send("ready")
+    with contextlib.suppress(EOFError, OSError):
+        parent.recv()  # nothing is sent: this returns when the parent closes or dies
+    host.close()

@@ -1,0 +1,293 @@
+"""The model host: one model in a process of its own, called by every serving worker.
+
+The host and its callers talk over a real Unix socket; the end-to-end test runs
+``rtinfer serve --workers 2 --model-process`` and sends it HTTP requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import SAFETY
+from faults_helpers import free_port
+from rtinfer.exceptions import ConfigError, ModelError, ModelInputError, ModelLoadError
+from rtinfer.models import OnnxModel, PythonModel, tensor
+from rtinfer.models import host as host_module
+from rtinfer.models.host import HostedModel, HostProcess, ModelHost
+from rtinfer.serve import run_server
+from rtinfer.types import Arrays, Model
+from test_http_server import worker_pids
+
+KEY = b"k" * 32
+
+
+@pytest.fixture
+def address(tmp_path: Path) -> str:
+    return str(tmp_path / "model.sock")
+
+
+@pytest.fixture
+def hosting(address: str) -> Iterator[Any]:
+    """Start a ModelHost on a thread for a loaded model; every host is closed after."""
+    hosts: list[ModelHost] = []
+
+    def start(model: Model, *, threads: int = 1) -> ModelHost:
+        model.load()
+        served = ModelHost(model, address, KEY, threads=threads)
+        served.start()
+        hosts.append(served)
+        return served
+
+    yield start
+    for served in hosts:
+        served.close()
+
+
+def test_a_hosted_model_answers_as_the_model_itself(
+    model_file: Path, address: str, hosting: Any
+) -> None:
+    local = OnnxModel(model_file)
+    local.load()
+    hosting(OnnxModel(model_file))
+    remote = HostedModel(address, KEY, name="linear")
+    remote.load()
+    assert (remote.name, remote.version) == (local.name, local.version)
+    assert remote.inputs == local.inputs
+    assert remote.outputs == local.outputs
+    features = np.array([[0.25, 0.5], [0.75, 0.0], [1.0, 1.0]], np.float32)
+    answer = remote.predict({"features": features})
+    expected = local.predict({"features": features})
+    np.testing.assert_array_equal(answer["probabilities"], expected["probabilities"])
+    assert answer["probabilities"].dtype == np.float32
+    answer["probabilities"][0, 0] = 9.0  # writable, as an answer in-process is
+
+
+def test_string_tensors_cross_both_ways(address: str, hosting: Any) -> None:
+    def shout(inputs: Arrays) -> Arrays:
+        words = inputs["words"]
+        return {"loud": np.array([w.upper() for w in words.ravel()], dtype=object)}
+
+    hosting(PythonModel(shout, inputs=[tensor("words", object, [None])], name="shout"))
+    remote = HostedModel(address, KEY)
+    remote.load()
+    assert remote.name == "shout"
+    answer = remote.predict({"words": np.array(["a", "élan", ""], dtype=object)})
+    assert answer["loud"].dtype == object
+    assert answer["loud"].tolist() == ["A", "ÉLAN", ""]
+
+
+def _picky(inputs: Arrays) -> Arrays:
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ModelInputError("negative x")
+    if (x > 100).any():
+        raise RuntimeError("x out of range")
+    return {"y": x * 2}
+
+
+def test_a_failing_call_fails_alone(address: str, hosting: Any) -> None:
+    hosting(PythonModel(_picky, inputs=[tensor("x", "float64", [None])], name="picky"))
+    remote = HostedModel(address, KEY)
+    remote.load()
+    with pytest.raises(ModelInputError, match="negative x"):
+        remote.predict({"x": np.array([-1.0])})
+    with pytest.raises(ModelError, match="RuntimeError: x out of range"):
+        remote.predict({"x": np.array([101.0])})
+    np.testing.assert_array_equal(remote.predict({"x": np.array([1.5])})["y"], [3.0])
+
+
+def test_a_caller_without_the_key_is_refused_and_others_go_on(
+    model_file: Path, address: str, hosting: Any
+) -> None:
+    hosting(OnnxModel(model_file))
+    with pytest.raises(ModelLoadError, match="refused this process"):
+        HostedModel(address, b"x" * 32).load()
+    remote = HostedModel(address, KEY)
+    remote.load()
+    assert remote.predict({"features": np.zeros((1, 2), np.float32)})["probabilities"].shape == (
+        1,
+        2,
+    )
+
+
+def test_no_host_is_a_load_error_that_says_so(address: str) -> None:
+    with pytest.raises(ModelLoadError, match=r"cannot reach the model host.*is it running"):
+        HostedModel(address, KEY).load()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_host_runs_at_most_its_threads_at_once(
+    address: str, hosting: Any, threads: int
+) -> None:
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+
+    def slow(inputs: Arrays) -> Arrays:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return {"y": inputs["x"]}
+
+    hosting(
+        PythonModel(slow, inputs=[tensor("x", "float64", [None])], name="slow"), threads=threads
+    )
+    remote = HostedModel(address, KEY)
+    remote.load()  # one warm-up call in load: the count starts after it
+    most[0] = 0
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            for _ in range(3):
+                remote.predict({"x": np.ones(2)})  # each thread has its own connection
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(SAFETY)
+    assert not errors
+    assert most[0] == threads
+
+
+def test_calls_fail_while_the_host_is_gone_and_reconnect_when_it_is_back(
+    model_file: Path, address: str, hosting: Any
+) -> None:
+    first = hosting(OnnxModel(model_file))
+    remote = HostedModel(address, KEY)
+    remote.load()
+    features = {"features": np.array([[0.25, 0.0]], np.float32)}
+    remote.predict(features)
+    first.close()
+    with pytest.raises(ModelError, match=r"hung up|cannot reach"):
+        remote.predict(features)
+    hosting(OnnxModel(model_file))
+    np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.75, 0.25]])
+
+
+def test_a_host_process_serves_is_restarted_and_cleans_up(
+    model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host_module, "STEADY_S", 0.0)  # no pause before the restart
+    hosted = HostProcess(model_file)
+    hosted.start()
+    try:
+        remote = HostedModel(hosted.address, hosted.authkey)
+        remote.load()
+        features = {"features": np.array([[0.5, 0.0]], np.float32)}
+        np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.5, 0.5]])
+        os.kill(hosted._process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + SAFETY * 3
+        while hosted.restarts == 0:
+            assert time.monotonic() < deadline, "the host was not started again"
+            time.sleep(0.02)
+        with pytest.raises(ModelError, match="hung up"):  # the old connection is dead
+            remote.predict(features)
+        np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.5, 0.5]])
+    finally:
+        hosted.stop()
+    assert not Path(hosted.address).parent.exists()
+    assert hosted._process.exitcode is not None
+
+
+def test_a_host_process_that_cannot_load_says_why(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    hosted = HostProcess(broken)
+    try:
+        with pytest.raises(ModelLoadError, match=r"could not serve .*broken\.onnx.*ModelLoadError"):
+            hosted.start()
+    finally:
+        hosted.stop()
+
+
+def test_model_process_serves_a_model_file_only(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--model-process serves one model file"):
+        run_server(tmp_path, model_process=True)
+    with pytest.raises(ConfigError, match="--model-threads must be at least 1"):
+        run_server(tmp_path, model_process=True, model_threads=0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def infer_body(x: float) -> dict[str, Any]:
+    return {"inputs": [{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [x, 0]}]}
+
+
+@pytest.mark.timeout(120)
+async def test_rtinfer_serve_workers_call_one_model_process(
+    model_file: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    spawned: set[int] = set()
+    command = [
+        sys.executable, "-m", "rtinfer", "serve", str(model_file), "--port", str(port),
+        "--workers", "2", "--model-process", "--model-threads", "2",
+        "--summary-json", str(tmp_path / "summary.json"),
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env={**os.environ, "RTINFER_API_KEY": ""},
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY) as c:
+            for _ in range(int(SAFETY * 6 / 0.05)):
+                try:
+                    if (await c.get("/v2/health/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.returncode is None, log.read_text()
+                await asyncio.sleep(0.05)
+            answers = await asyncio.gather(
+                *(c.post("/v2/models/linear/infer", json=infer_body(i / 20)) for i in range(20))
+            )
+            assert [a.status_code for a in answers] == [200] * 20, answers[0].text
+            for i, answer in enumerate(answers):
+                data = answer.json()["outputs"][0]["data"]
+                assert data == pytest.approx([1 - i / 20, i / 20], abs=1e-6)
+            spawned = worker_pids(process.pid)
+            assert len(spawned) == 3, spawned  # two workers and the host
+        # SIGTERM to the whole group, as a terminal or a service manager sends it: the
+        # workers drain, the host waits for them, the server exits cleanly.
+        os.killpg(process.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert not [pid for pid in spawned if _alive(pid)], "a worker or the host outlived the server"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["workers"] == 2
+    assert summary["model_process"] == {"threads": 2, "restarts": 0}
+    assert summary["requests"] >= 20
