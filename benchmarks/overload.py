@@ -18,6 +18,8 @@ model thread a core each, ``--serve-workers N`` runs ``rtinfer serve --workers N
 ``--client-processes K --client-cpus 8,9,...`` shares the schedule among K generator
 processes (one offers about 50,000 requests a second); ``--model-file PATH`` serves
 another ONNX file with the demo's inputs (the demo's model, where it cannot be trained).
+``--model-process [--model-threads T]`` has the ``--serve-workers`` call one model
+process: fronts enough to refuse ten times what T model threads answer.
 
 1. **capacity**: the best of closed loops over ``--capacity-connections`` (4, 16 and 64)
    keep-alive connections (past its limiter's limit a server refuses, and a closed loop
@@ -613,6 +615,8 @@ def serve_repeat(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, 
         extra += ["--max-concurrency", str(args.max_concurrency)]
     if args.loop_sched is not None:
         extra += ["--loop-sched", args.loop_sched]
+    if args.model_process:
+        extra += ["--model-process", "--model-threads", str(args.model_threads)]
     server = Server("rtinfer", model, tmp, args.server_cpus, args.serve_workers, extra)
     levels: dict[str, Any] = {}
     try:
@@ -1187,6 +1191,7 @@ def environment(args: argparse.Namespace, redis_version: str | None) -> dict[str
         "client_cpus": args.client_cpus,
         "client_processes": args.client_processes,
         "serve_workers": args.serve_workers,
+        "model_process": args.model_threads if args.model_process else None,
         **versions,
     }
 
@@ -1200,6 +1205,7 @@ def report_serve(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     print(
         f"serving: rtinfer serve --slo-ms {args.slo_ms:g}"
         + (f" --workers {args.serve_workers}" if args.serve_workers > 1 else "")
+        + (f" --model-process --model-threads {args.model_threads}" if args.model_process else "")
         + (f" --max-concurrency {args.max_concurrency}" if args.max_concurrency else "")
         + (
             f", model {args.model_file}"
@@ -1384,14 +1390,25 @@ def main() -> None:
         "--serve-workers", type=int, default=1, help="rtinfer serve --workers (default 1)"
     )
     serving.add_argument(
+        "--model-process",
+        action="store_true",
+        help="rtinfer serve --model-process: the workers call one model process",
+    )
+    serving.add_argument(
+        "--model-threads",
+        type=int,
+        default=1,
+        help="with --model-process: rtinfer serve --model-threads (default 1)",
+    )
+    serving.add_argument(
         "--loop-sched", choices=("batch", "normal"), help="rtinfer serve's (default: its own)"
     )
     serving.add_argument("--capacity", type=float, help="requests/s: skip measuring it")
     serving.add_argument(
         "--capacity-connections",
         type=lambda text: [int(n) for n in text.split(",")],
-        default=[4, 16, 64],
-        help="closed loops tried for capacity, the best kept (default 4,16,64)",
+        help="closed loops tried for capacity, the best kept (default 4,16,64, and 64 per "
+        "worker with --serve-workers: fewer leave several fronts short of work)",
     )
     serving.add_argument("--capacity-seconds", type=float, default=3.0)
     serving.add_argument("--max-connections", type=int, default=1000)
@@ -1445,6 +1462,10 @@ def main() -> None:
         args.stream_capacity_events = min(args.stream_capacity_events, 20_000)
         args.levels = "0.5,2,10"
     args.levels = sorted(float(x) for x in args.levels.split(",") if x)
+    if args.capacity_connections is None:
+        args.capacity_connections = [4, 16, 64] + (
+            [64 * args.serve_workers] if args.serve_workers > 1 else []
+        )
 
     import signal
 

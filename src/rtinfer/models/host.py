@@ -29,6 +29,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 
 from ..exceptions import ModelError, ModelInputError, ModelLoadError
 from ..types import Arrays, Model, TensorSpec
-from .base import example_inputs
+from .base import example_inputs, rows_of
 
 __all__ = ["HostProcess", "HostedModel", "ModelHost"]
 
@@ -116,17 +117,38 @@ class ModelHost:
     """Serves one loaded model on a Unix socket at ``address`` to :class:`HostedModel` s.
 
     Each connection (a worker's model thread) gets a thread here; at most ``threads``
-    calls run in the model at once, the others wait their turn. ONNX Runtime releases
-    the GIL while it runs, so ``threads`` above 1 uses as many cores.
+    calls run in the model at once. ONNX Runtime releases the GIL while it runs, so
+    ``threads`` above 1 uses as many cores. Calls that wait meanwhile are run as one
+    (``merge``, up to ``max_rows`` rows): each worker batches its own requests, and
+    several workers' batches would otherwise reach the model smaller than one worker's
+    did. A merged call that fails is run again call by call, so a failure stays with the
+    worker whose rows caused it.
     """
 
-    def __init__(self, model: Model, address: str, authkey: bytes, *, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: Model,
+        address: str,
+        authkey: bytes,
+        *,
+        threads: int = 1,
+        merge: bool = True,
+        max_rows: int = 256,
+    ) -> None:
         if threads < 1:
             raise ValueError(f"a model host runs at least one call at once, got {threads}")
         self.model = model
         self.address = address
         self._authkey = authkey
-        self._slots = threading.Semaphore(threads)
+        self._threads = threads
+        self._merge = merge
+        self._max_rows = max_rows
+        self._ready = threading.Condition(threading.Lock())
+        self._waiting: deque[_Call] = deque()
+        self._running = 0
+        #: Model calls run, and the callers' calls they answered (merged: more of these).
+        self.runs = 0
+        self.calls = 0
         self._hello = _encode(
             _Hello(
                 model.name,
@@ -178,16 +200,82 @@ class ModelHost:
                 ):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    def _serve(self, connection: Connection) -> None:
+    def predict(self, inputs: Arrays) -> Arrays:
+        """The model's answer to ``inputs``, run alone or merged with other waiting calls."""
+        call = _Call(inputs)
+        ready = self._ready
+        with ready:
+            self._waiting.append(call)
+            while not call.done:
+                if call.taken or self._running >= self._threads:
+                    ready.wait()  # for its answer, or a free slot
+                    continue
+                # A free slot: this thread runs what waits, its own call among the first.
+                calls = self._take()
+                self._running += 1
+                ready.release()
+                try:
+                    self._run(calls)
+                finally:
+                    ready.acquire()
+                    self._running -= 1
+                    for done in calls:
+                        done.done = True
+                    ready.notify_all()
+        if call.error is not None:
+            raise call.error
+        assert call.outputs is not None
+        return call.outputs
+
+    def _take(self) -> list[_Call]:
+        """The first waiting call and, merging, those after it of the same tensors."""
+        waiting = self._waiting
+        first = waiting.popleft()
+        calls = [first]
+        if self._merge:
+            rows = first.rows
+            while waiting and waiting[0].kind == first.kind:
+                if rows + waiting[0].rows > self._max_rows:
+                    break
+                rows += waiting[0].rows
+                calls.append(waiting.popleft())
+        for call in calls:
+            call.taken = True
+        return calls
+
+    def _run(self, calls: list[_Call]) -> None:
         predict = self.model.predict
+        self.runs += 1
+        self.calls += len(calls)
+        if len(calls) > 1:
+            names = list(calls[0].inputs)
+            merged = {n: np.concatenate([c.inputs[n] for c in calls]) for n in names}
+            try:
+                outputs = predict(merged)
+                total = sum(c.rows for c in calls)
+                if any(a.shape[:1] != (total,) for a in outputs.values()):
+                    raise ModelError("the model's outputs are not one row per input row")
+            except Exception:  # run each alone: the error, if any, is its own caller's
+                self.runs += len(calls)
+                for call in calls:
+                    _answer(call, predict)
+                return
+            start = 0
+            for call in calls:
+                end = start + call.rows
+                call.outputs = {name: array[start:end] for name, array in outputs.items()}
+                start = end
+            return
+        _answer(calls[0], predict)
+
+    def _serve(self, connection: Connection) -> None:
+        predict = self.predict
         try:
             connection.send_bytes(self._hello)
             while True:
                 message = connection.recv_bytes()
                 try:
-                    inputs = _arrays(_decode_call(message))
-                    with self._slots:
-                        outputs = predict(inputs)
+                    outputs = predict(_arrays(_decode_call(message)))
                     answer = _encode(_Answer(_tensors(outputs)))
                 except ModelInputError as exc:
                     answer = _encode(_Answer(error=str(exc), input_error=True))
@@ -201,6 +289,29 @@ class ModelHost:
                 self._connections.discard(connection)
             with contextlib.suppress(OSError):
                 connection.close()
+
+
+class _Call:
+    """One caller's inputs waiting for the model, and then its answer."""
+
+    __slots__ = ("done", "error", "inputs", "kind", "outputs", "rows", "taken")
+
+    def __init__(self, inputs: Arrays) -> None:
+        self.inputs = inputs
+        self.rows = rows_of(inputs)
+        # Calls merge only with the same tensors: names, dtypes, shapes past the rows.
+        self.kind = tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())
+        self.outputs: Arrays | None = None
+        self.error: BaseException | None = None
+        self.taken = False  # by a thread that runs it
+        self.done = False
+
+
+def _answer(call: _Call, predict: Any) -> None:
+    try:
+        call.outputs = predict(call.inputs)
+    except Exception as exc:
+        call.error = exc
 
 
 class HostedModel:
