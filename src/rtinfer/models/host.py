@@ -200,6 +200,11 @@ class ModelHost:
                 ):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for the model now."""
+        return len(self._waiting)
+
     def predict(self, inputs: Arrays) -> Arrays:
         """The model's answer to ``inputs``, run alone or merged with other waiting calls."""
         call = _Call(inputs)
