@@ -3,7 +3,8 @@
 ``rtinfer serve MODEL --workers N --model-process`` loads the model once, in a host
 process, and every worker calls it through a :class:`HostedModel`. The workers keep
 all the serving: HTTP, admission, deadlines, batching. Only their batches cross to
-the host, one message each way, so the crossing's cost is shared by a batch's rows.
+the host, one message each way, so the crossing's cost is shared by a batch's rows,
+and the batches that wait while the model runs are merged into one call.
 
 Why: a worker's front can refuse only so many requests a second (each costs tens of
 microseconds of its event loop), and a worker per model thread ties the fronts'
@@ -139,7 +140,6 @@ class ModelHost:
             raise ValueError(f"a model host runs at least one call at once, got {threads}")
         self.model = model
         self.address = address
-        self._authkey = authkey
         self._threads = threads
         self._merge = merge
         self._max_rows = max_rows
@@ -218,12 +218,15 @@ class ModelHost:
                 # A free slot: this thread runs what waits, its own call among the first.
                 calls = self._take()
                 self._running += 1
+                self.calls += len(calls)
+                runs = 1
                 ready.release()
                 try:
-                    self._run(calls)
+                    runs = self._run(calls)
                 finally:
                     ready.acquire()
                     self._running -= 1
+                    self.runs += runs
                     for done in calls:
                         done.done = True
                     ready.notify_all()
@@ -248,10 +251,9 @@ class ModelHost:
             call.taken = True
         return calls
 
-    def _run(self, calls: list[_Call]) -> None:
+    def _run(self, calls: list[_Call]) -> int:
+        """Answer ``calls``, merged if several; how many model calls that took."""
         predict = self.model.predict
-        self.runs += 1
-        self.calls += len(calls)
         if len(calls) > 1:
             names = list(calls[0].inputs)
             merged = {n: np.concatenate([c.inputs[n] for c in calls]) for n in names}
@@ -261,17 +263,17 @@ class ModelHost:
                 if any(a.shape[:1] != (total,) for a in outputs.values()):
                     raise ModelError("the model's outputs are not one row per input row")
             except Exception:  # run each alone: the error, if any, is its own caller's
-                self.runs += len(calls)
                 for call in calls:
                     _answer(call, predict)
-                return
+                return 1 + len(calls)
             start = 0
             for call in calls:
                 end = start + call.rows
                 call.outputs = {name: array[start:end] for name, array in outputs.items()}
                 start = end
-            return
+            return 1
         _answer(calls[0], predict)
+        return 1
 
     def _serve(self, connection: Connection) -> None:
         predict = self.predict
