@@ -269,7 +269,7 @@ def test_calls_fail_while_the_host_is_gone_and_reconnect_when_it_is_back(
     np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.75, 0.25]])
 
 
-def test_a_host_process_serves_is_restarted_and_cleans_up(
+def test_a_host_process_serves_restarts_and_cleans_up(
     model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(host_module, "STEADY_S", 0.0)  # no pause before the restart
@@ -290,6 +290,7 @@ def test_a_host_process_serves_is_restarted_and_cleans_up(
         np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.5, 0.5]])
     finally:
         hosted.stop()
+    assert hosted.calls == 1  # the new host's one call: the killed one's are lost with it
     assert not Path(hosted.address).parent.exists()
     assert hosted._process.exitcode is not None
 
@@ -325,14 +326,15 @@ def infer_body(x: float) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("http_server", ["rtinfer", "uvicorn"])
 async def test_rtinfer_serve_workers_call_one_model_process(
-    model_file: Path, tmp_path: Path
+    model_file: Path, tmp_path: Path, http_server: str
 ) -> None:
     port = free_port()
     spawned: set[int] = set()
     command = [
         sys.executable, "-m", "rtinfer", "serve", str(model_file), "--port", str(port),
-        "--workers", "2", "--model-process", "--model-threads", "2",
+        "--workers", "2", "--model-process", "--model-threads", "2", "--http-server", http_server,
         "--summary-json", str(tmp_path / "summary.json"),
     ]  # fmt: skip
     log = tmp_path / "serve.log"
@@ -374,5 +376,9 @@ async def test_rtinfer_serve_workers_call_one_model_process(
     assert not [pid for pid in spawned if _alive(pid)], "a worker or the host outlived the server"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["workers"] == 2
-    assert summary["model_process"] == {"threads": 2, "restarts": 0}
+    hosted = summary["model_process"]
+    assert (hosted["threads"], hosted["restarts"]) == (2, 0)
+    # Every batch of both workers, warm-ups included, and at most one model call each.
+    assert hosted["worker_calls"] >= 20
+    assert 1 <= hosted["model_calls"] <= hosted["worker_calls"]
     assert summary["requests"] >= 20

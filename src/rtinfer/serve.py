@@ -659,7 +659,12 @@ def run_server(
             model_host.stop()
     summary["workers"] = workers
     if model_host is not None:
-        summary["model_process"] = {"threads": model_threads, "restarts": model_host.restarts}
+        summary["model_process"] = {
+            "threads": model_threads,
+            "restarts": model_host.restarts,
+            "model_calls": model_host.runs,
+            "worker_calls": model_host.calls,
+        }
     if summary_json is not None:
         out = Path(summary_json)
         out.parent.mkdir(parents=True, exist_ok=True)

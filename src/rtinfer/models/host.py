@@ -444,6 +444,10 @@ class HostProcess:
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self.restarts = 0
+        #: Model calls the host ran, and the workers' calls they answered (more, where
+        #: calls were merged); counted when it stops (a host that died is not).
+        self.runs = 0
+        self.calls = 0
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Start the host and wait until its model is loaded; :class:`ModelLoadError` if
@@ -457,8 +461,13 @@ class HostProcess:
         self._stopping.set()
         process, pipe = self._process, self._pipe
         if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()  # the host's end reads EOF: it closes and exits
+            with contextlib.suppress(OSError, EOFError):
+                pipe.send("stop")
+                if pipe.poll(timeout_s):
+                    counts = pipe.recv()
+                    self.runs += counts["runs"]
+                    self.calls += counts["calls"]
+            pipe.close()
         if process is not None:
             process.join(timeout_s)
             if process.exitcode is None:
@@ -535,5 +544,7 @@ def _host_main(
     host.start()
     parent.send("ready")
     with contextlib.suppress(EOFError, OSError):
-        parent.recv()  # nothing is sent: this returns when the parent closes or dies
+        parent.recv()  # "stop", or the end of the pipe when the parent dies
     host.close()
+    with contextlib.suppress(OSError):
+        parent.send({"runs": host.runs, "calls": host.calls})
