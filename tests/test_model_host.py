@@ -288,11 +288,40 @@ def test_a_host_process_serves_restarts_and_cleans_up(
         with pytest.raises(ModelError, match="hung up"):  # the old connection is dead
             remote.predict(features)
         np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.5, 0.5]])
+        process = hosted._process
     finally:
         hosted.stop()
+    assert process.exitcode is not None
     assert hosted.calls == 1  # the new host's one call: the killed one's are lost with it
     assert not Path(hosted.address).parent.exists()
-    assert hosted._process.exitcode is not None
+
+
+def test_a_host_that_cannot_be_started_again_is_retried_until_it_can(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setattr(host_module, "STEADY_S", 0.2)  # the pause between two tries
+    model = tmp_path / "linear.onnx"
+    model.write_bytes(model_file.read_bytes())
+    hosted = HostProcess(model)
+    hosted.start()
+    try:
+        model.rename(tmp_path / "away.onnx")  # a restart cannot load it now
+        os.kill(hosted._process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + SAFETY * 3
+        while "could not serve" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        assert hosted.restarts == 0
+        (tmp_path / "away.onnx").rename(model)
+        while hosted.restarts == 0:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        remote = HostedModel(hosted.address, hosted.authkey)
+        remote.load()
+        answer = remote.predict({"features": np.array([[0.5, 0.0]], np.float32)})
+        np.testing.assert_allclose(answer["probabilities"], [[0.5, 0.5]])
+    finally:
+        hosted.stop()
 
 
 def test_a_host_process_that_cannot_load_says_why(tmp_path: Path) -> None:

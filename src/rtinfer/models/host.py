@@ -442,6 +442,7 @@ class HostProcess:
         self._process: Any = None
         self._pipe: Connection | None = None
         self._stopping = threading.Event()
+        self._ending = threading.Lock()  # stop() and the watcher take the process apart
         self._watcher: threading.Thread | None = None
         self.restarts = 0
         #: Model calls the host ran, and the workers' calls they answered (more, where
@@ -459,7 +460,16 @@ class HostProcess:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the host (after the workers are done with it) and remove its socket."""
         self._stopping.set()
-        process, pipe = self._process, self._pipe
+        self._end(timeout_s)
+        if self._watcher is not None:
+            self._watcher.join(timeout_s)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _end(self, timeout_s: float) -> None:
+        """Stop the host process now running, and add up its counts."""
+        with self._ending:
+            process, pipe = self._process, self._pipe
+            self._process = self._pipe = None
         if pipe is not None:
             with contextlib.suppress(OSError, EOFError):
                 pipe.send("stop")
@@ -473,9 +483,6 @@ class HostProcess:
             if process.exitcode is None:
                 process.kill()
                 process.join()
-        if self._watcher is not None:
-            self._watcher.join(timeout_s)
-        shutil.rmtree(self._folder, ignore_errors=True)
 
     def _spawn(self, timeout_s: float) -> None:
         ours, theirs = self._context.Pipe()
@@ -497,28 +504,35 @@ class HostProcess:
         self._process, self._pipe = process, ours
 
     def _watch(self) -> None:
+        started = time.monotonic()
         while not self._stopping.is_set():
             process = self._process
-            started = time.monotonic()
-            process.join()
-            if self._stopping.is_set():
-                return
+            if process is not None:
+                process.join()
+                if self._stopping.is_set():
+                    return
+                log.error(
+                    "the model host exited with %s after %.0f s; starting another",
+                    process.exitcode,
+                    time.monotonic() - started,
+                )
+                with self._ending:
+                    if self._pipe is not None:
+                        self._pipe.close()
+                    self._process = self._pipe = None
             ran = time.monotonic() - started
-            log.error(
-                "the model host exited with %s after %.0f s; starting another",
-                process.exitcode,
-                ran,
-            )
-            if self._pipe is not None:
-                self._pipe.close()
             if ran < STEADY_S and self._stopping.wait(STEADY_S - ran):
                 return
+            started = time.monotonic()
             try:
                 self._spawn(300.0)
             except ModelLoadError as exc:
                 log.error("%s", exc)
                 continue
             self.restarts += 1
+            if self._stopping.is_set():  # stopped while this one started: stop it too
+                self._end(10.0)
+                return
 
 
 def _host_main(
