@@ -340,6 +340,12 @@ def test_model_process_serves_a_model_file_only(tmp_path: Path) -> None:
         run_server(tmp_path, model_process=True)
     with pytest.raises(ConfigError, match="--model-threads must be at least 1"):
         run_server(tmp_path, model_process=True, model_threads=0)
+    with pytest.raises(ConfigError, match="add --model-process"):
+        run_server(tmp_path, model_threads=2)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("name: p\n")
+    with pytest.raises(ConfigError, match="--model-process serves one model file"):
+        run_server(pipeline, model_process=True)
 
 
 def _alive(pid: int) -> bool:

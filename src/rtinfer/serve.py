@@ -24,7 +24,9 @@ reach the workers through ``RTINFER_SERVE_*`` environment variables (and
 ``RTINFER_API_KEY``), read by :func:`app_from_env`, the factory each worker calls. On
 exit (SIGINT or SIGTERM: the server finishes the requests in flight, then the models
 drain their queues) every worker leaves a snapshot of its request metrics, and the
-summary of all of them is returned and written to ``summary_json``.
+summary of all of them is returned and written to ``summary_json``. With
+``model_process`` (``--model-process``), a model file TARGET is loaded once, in a process
+of its own that every worker calls (:mod:`rtinfer.models.host`).
 
 SIGTERM drains first: readiness turns false at once, new requests are refused (503
 with ``Retry-After``, gRPC ``UNAVAILABLE``), the requests in flight finish (at most
@@ -136,11 +138,8 @@ def build_server(
     :class:`~rtinfer.models.host.HostedModel`).
     """
     path = Path(target)
-    if model is not None and not _is_model_file(path):
-        raise ConfigError(
-            f"--model-process serves one model file; {str(path)!r} is not one (a pipeline or a "
-            f"repository loads its models in each worker)"
-        )
+    if model is not None:
+        _check_model_process(path)
     server = ModelServer(
         batching={"max_delay": 0.0, **batching},
         max_concurrency=max_concurrency,
@@ -182,8 +181,13 @@ def build_server(
     return server
 
 
-def _is_model_file(path: Path) -> bool:
-    return path.is_file() and path.suffix not in (".yaml", ".yml")
+def _check_model_process(path: Path) -> None:
+    """``--model-process`` serves a model file TARGET (not a pipeline, not a repository)."""
+    if not path.is_file() or path.suffix in (".yaml", ".yml"):
+        raise ConfigError(
+            f"--model-process serves one model file; {str(path)!r} is not one (a pipeline or a "
+            f"repository loads its models in each worker)"
+        )
 
 
 def _version_key(name: str) -> tuple[int, int, str]:
@@ -581,11 +585,10 @@ def run_server(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if model_threads < 1:
         raise ConfigError(f"--model-threads must be at least 1, got {model_threads}")
-    if model_process and not _is_model_file(Path(target)):
-        raise ConfigError(
-            f"--model-process serves one model file; {str(target)!r} is not one (a pipeline "
-            f"or a repository loads its models in each worker)"
-        )
+    if model_threads > 1 and not model_process:
+        raise ConfigError("--model-threads sizes the model process: add --model-process")
+    if model_process:
+        _check_model_process(Path(target))
     api_key = api_key or os.environ.get(_ENV_API_KEY) or None
     management_key = _check_management(target, workers, api_key, management_key, watch_s)
     if not _is_loopback(host) and api_key is None and not insecure:
