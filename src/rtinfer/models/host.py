@@ -412,7 +412,7 @@ class HostedModel:
 
 
 #: A host that ran at least this long before it died is started again at once; one that
-#: died sooner waits this long first, so a model that cannot run does not spin.
+#: died sooner is started this long after its start, so a model that cannot run does not spin.
 STEADY_S = 10.0
 
 
