@@ -169,9 +169,31 @@ def test_the_host_runs_at_most_its_threads_at_once(
     assert most[0] == threads
 
 
-def _held_calls(host: ModelHost, gate: threading.Event, inputs: list[float]) -> list[Any]:
-    """Call ``host`` with each of ``inputs`` (a row each) on threads of their own, while its
-    model is held by a first call until all of them wait; what each got back."""
+def _held_calls(
+    address: str, inputs: list[float], *, merge: bool = True
+) -> tuple[list[Any], ModelHost]:
+    """Call a host with each of ``inputs`` (a row each) on threads of their own, while its
+    model is held by a first call until all of them wait: what each got back, and the host.
+
+    The model answers ``y = 10 x`` and fails a call that holds a negative ``x``."""
+    gate = threading.Event()
+    running = threading.Event()
+
+    def predict(batch: Arrays) -> Arrays:
+        x = batch["x"]
+        running.set()
+        gate.wait(SAFETY)
+        if (x < 0).any():
+            raise RuntimeError(f"negative x in a call of {len(x)} rows")
+        return {"y": x * 10}
+
+    model = PythonModel(
+        predict,
+        inputs=[tensor("x", "float64", [None])],
+        outputs=[tensor("y", "float64", [None])],
+        name="gated",
+    )
+    host = ModelHost(model, address, KEY, merge=merge)
     results: list[Any] = [None] * (len(inputs) + 1)  # the first call's last
 
     def call(i: int, x: float) -> None:
@@ -180,76 +202,44 @@ def _held_calls(host: ModelHost, gate: threading.Event, inputs: list[float]) -> 
         except RuntimeError as exc:  # the model's own error (the wire wraps it)
             results[i] = exc
 
-    first = threading.Thread(target=call, args=(len(inputs), 0.0))
-    first.start()  # runs at once, held by the gate
-    others = [threading.Thread(target=call, args=(i, x)) for i, x in enumerate(inputs)]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + SAFETY
-    while host.waiting < len(inputs):
-        assert time.monotonic() < deadline, "the calls never queued"
-        time.sleep(0.001)
-    gate.set()
-    for t in [first, *others]:
-        t.join(SAFETY)
+    try:
+        first = threading.Thread(target=call, args=(len(inputs), 0.0))
+        first.start()
+        assert running.wait(SAFETY)  # the first call holds the model: the others queue
+        others = [threading.Thread(target=call, args=(i, x)) for i, x in enumerate(inputs)]
+        for t in others:
+            t.start()
+        deadline = time.monotonic() + SAFETY
+        while host.waiting < len(inputs):
+            assert time.monotonic() < deadline, "the calls never queued"
+            time.sleep(0.001)
+        gate.set()
+        for t in [first, *others]:
+            t.join(SAFETY)
+    finally:
+        gate.set()
+        host.close()
     assert results[-1] == [0.0]
-    return results[:-1]
-
-
-def _gated(gate: threading.Event) -> PythonModel:
-    def predict(inputs: Arrays) -> Arrays:
-        x = inputs["x"]
-        gate.wait(SAFETY)
-        if (x < 0).any():
-            raise RuntimeError(f"negative x in a call of {len(x)} rows")
-        return {"y": x * 10}
-
-    return PythonModel(predict, inputs=[tensor("x", "float64", [None])], name="gated")
+    return results[:-1], host
 
 
 def test_calls_waiting_for_the_model_run_as_one_and_each_gets_its_rows(address: str) -> None:
-    gate = threading.Event()
-    model = _gated(gate)
-    gate.set()
-    model.load()
-    gate.clear()
-    host = ModelHost(model, address, KEY)
-    try:
-        results = _held_calls(host, gate, [1.0, 2.0, 3.0, 4.0])
-    finally:
-        host.close()
+    results, host = _held_calls(address, [1.0, 2.0, 3.0, 4.0])
     assert results == [[10.0], [20.0], [30.0], [40.0]]
     assert (host.runs, host.calls) == (2, 5)  # the first alone, then four as one
 
 
 def test_a_merged_call_that_fails_is_run_call_by_call(address: str) -> None:
-    gate = threading.Event()
-    model = _gated(gate)
-    gate.set()
-    model.load()
-    gate.clear()
-    host = ModelHost(model, address, KEY)
-    try:
-        results = _held_calls(host, gate, [1.0, -2.0, 3.0])
-    finally:
-        host.close()
+    results, host = _held_calls(address, [1.0, -2.0, 3.0])
     assert results[0] == [10.0]
     assert isinstance(results[1], RuntimeError)
     assert str(results[1]) == "negative x in a call of 1 rows"  # its own call, alone
     assert results[2] == [30.0]
+    assert (host.runs, host.calls) == (5, 4)  # one alone, three as one, then one by one
 
 
 def test_without_merging_each_call_runs_alone(address: str) -> None:
-    gate = threading.Event()
-    model = _gated(gate)
-    gate.set()
-    model.load()
-    gate.clear()
-    host = ModelHost(model, address, KEY, merge=False)
-    try:
-        results = _held_calls(host, gate, [1.0, 2.0, 3.0])
-    finally:
-        host.close()
+    results, host = _held_calls(address, [1.0, 2.0, 3.0], merge=False)
     assert results == [[10.0], [20.0], [30.0]]
     assert (host.runs, host.calls) == (4, 4)
 
