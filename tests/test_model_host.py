@@ -28,6 +28,7 @@ from rtinfer.models import OnnxModel, PythonModel, tensor
 from rtinfer.models import host as host_module
 from rtinfer.models.host import HostedModel, HostProcess, ModelHost
 from rtinfer.serve import run_server
+from rtinfer.serving import ModelPolicy, ModelServer
 from rtinfer.types import Arrays, Model
 from test_http_server import worker_pids
 
@@ -257,6 +258,31 @@ def test_calls_fail_while_the_host_is_gone_and_reconnect_when_it_is_back(
         remote.predict(features)
     hosting(OnnxModel(model_file))
     np.testing.assert_allclose(remote.predict(features)["probabilities"], [[0.75, 0.25]])
+
+
+async def test_a_served_hosted_model_falls_back_while_its_host_is_gone(
+    model_file: Path, address: str, hosting: Any
+) -> None:
+    first = hosting(OnnxModel(model_file))
+    server = ModelServer()
+    policy = ModelPolicy(breaker_failures=100, default={"probabilities": [1.0, 0.0]})
+    server.add(HostedModel(address, KEY, name="linear"), policy=policy)
+    await server.start()
+    features = {"features": np.array([[0.25, 0.0]], np.float32)}
+    try:
+        answer = await server.infer("linear", features)
+        assert answer.step == "model"
+        np.testing.assert_allclose(answer.outputs["probabilities"], [[0.75, 0.25]])
+        first.close()  # the host goes away: the model fails, its fallback answers
+        answer = await server.infer("linear", features)
+        assert answer.step == "default"
+        np.testing.assert_allclose(answer.outputs["probabilities"], [[1.0, 0.0]])
+        hosting(OnnxModel(model_file))  # back: the next call reconnects
+        answer = await server.infer("linear", features)
+        assert answer.step == "model"
+        np.testing.assert_allclose(answer.outputs["probabilities"], [[0.75, 0.25]])
+    finally:
+        await server.aclose()
 
 
 def test_a_host_process_serves_restarts_and_cleans_up(
