@@ -345,3 +345,48 @@ def test_an_unknown_priority_names_the_accepted_ones() -> None:
 def test_bad_settings_are_refused_with_the_value(options: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdaptiveLimiter("x", **options)  # type: ignore[arg-type]
+
+
+def busy(lim: AdaptiveLimiter, clock: FakeClock, seconds: float, answers_per_s: float) -> None:
+    """Calls admitted up to the limit, answered at ``answers_per_s`` (1 ms in the model
+    each: no reason to shed by their samples), for ``seconds`` of the fake clock."""
+    held: list[Permit] = []
+    for _ in range(round(seconds * answers_per_s)):
+        while True:
+            try:
+                held.append(lim.try_acquire())
+            except Overloaded:
+                break
+        clock.advance(1 / answers_per_s)
+        permit = held.pop(0)
+        permit.service = 0.001
+        permit.release()
+    for permit in held:
+        permit.release(ok=False)
+
+
+def test_calls_in_flight_stay_within_what_the_answers_allow() -> None:
+    # 5,000 answers a second and a 10 ms target: Little's law allows 2 x 0.010 x 5,000
+    # = 100 in flight within twice the target; the samples alone would let it grow.
+    clock = FakeClock()
+    lim = limiter(clock, initial_limit=200, max_limit=1000, latency_target=0.010)
+    busy(lim, clock, 1.0, 5000)
+    assert 90 <= lim.limit <= 100
+    unbounded = limiter(clock, initial_limit=200, max_limit=1000)  # no target, no ceiling
+    busy(unbounded, clock, 1.0, 5000)
+    assert unbounded.limit > 200
+
+
+def test_a_quiet_spell_leaves_the_ceiling_where_a_busy_one_put_it() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial_limit=200, max_limit=1000, latency_target=0.010)
+    busy(lim, clock, 1.0, 5000)
+    settled = lim.limit
+    for _ in range(100):  # a second of one call at a time: a burst may follow
+        permit = lim.try_acquire()
+        clock.advance(0.010)
+        permit.service = 0.001
+        permit.release()
+    assert lim.limit == settled
+    busy(lim, clock, 1.0, 20_000)  # busier: the ceiling rises with the answers
+    assert lim.limit > settled

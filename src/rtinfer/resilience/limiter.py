@@ -14,6 +14,16 @@ and shedding calls that would meet the SLO only loses work), and a slower one sh
 by ``target / rtt`` at least, even once the long-term average has followed a lasting
 overload up.
 
+With a ``latency_target``, the limit also has a ceiling from Little's law: twice the
+target times the calls answered a second (over the last :data:`CEILING_WINDOW_S`, and
+never under :data:`CEILING_FLOOR`). More calls in flight than that wait, on average,
+longer than twice the target, wherever they wait. It matters where the samples cannot
+see the wait: a model cheaper than its request's HTTP keeps its call time short while
+the requests queue in front of the event loop, and the gradient alone would let the
+limit grow with them (measured: three times the answers in time at 1.5 and 2 times
+capacity). A window that ends with less than half the limit in flight only raises it,
+so a quiet spell does not leave a burst a low ceiling.
+
 A call's sample is its time since admission, or, when its caller knows it
 (:attr:`Permit.service`, what ``rtinfer serve`` sets from the batcher), its time in front
 of and in the model alone: under overload a busy event loop's turns are most of a
@@ -62,6 +72,11 @@ from ..observability.metrics import Metrics
 __all__ = ["AdaptiveLimiter", "ClientQuota", "Permit", "Priority", "parse_priority"]
 
 Clock = Callable[[], float]
+
+#: Seconds of answers behind each new ceiling (see the module).
+CEILING_WINDOW_S = 0.1
+#: The ceiling never goes below this many calls in flight.
+CEILING_FLOOR = 20.0
 
 
 class Priority(enum.Enum):
@@ -189,6 +204,11 @@ class AdaptiveLimiter:
         self._long_rtt = 0.0
         self._samples = 0
         self._last_cut = -math.inf  # when a dropped call last cut the limit
+        # The ceiling from Little's law (see the module): calls answered since the window
+        # began, when it began, and the ceiling they gave.
+        self._answered = 0
+        self._window = clock()
+        self._ceiling = self.max_limit
         self._waiters: dict[Priority, deque[asyncio.Future[Permit]]] = {
             Priority.CRITICAL: deque(),
             Priority.BEST_EFFORT: deque(),
@@ -336,9 +356,29 @@ class AdaptiveLimiter:
                 self._limit = max(self.min_limit, self._limit * self.backoff_ratio)
         elif ok:
             service = permit.service
-            rtt = self._clock() - permit.started if service is None else service
-            self._sample(rtt, permit.in_flight)
+            now = self._clock()
+            if self.latency_target is not None:
+                self._count_answer(now)
+            self._sample(now - permit.started if service is None else service, permit.in_flight)
         self._wake()
+
+    def _count_answer(self, now: float) -> None:
+        """Every :data:`CEILING_WINDOW_S`: the most calls in flight that the answers of the
+        window allow within twice the latency target, on average (Little's law)."""
+        self._answered += 1
+        elapsed = now - self._window
+        if elapsed < CEILING_WINDOW_S:
+            return
+        assert self.latency_target is not None
+        ceiling = max(CEILING_FLOOR, 2.0 * self.latency_target * self._answered / elapsed)
+        self._answered = 0
+        self._window = now
+        # A window that left most of the limit unused says nothing about what a busy one
+        # allows: it only raises the ceiling.
+        if ceiling > self._ceiling or self._in_flight >= self._limit / 2:
+            self._ceiling = ceiling
+            if self._limit > ceiling:
+                self._limit = max(self.min_limit, ceiling)
 
     def _sample(self, rtt: float, in_flight: int) -> None:
         rtt = max(rtt, 1e-9)
@@ -362,7 +402,7 @@ class AdaptiveLimiter:
         gradient = max(0.5, gradient)
         target = self._limit * gradient + self.queue_size(self._limit)
         limit = self._limit * (1 - self.smoothing) + target * self.smoothing
-        self._limit = max(self.min_limit, min(self.max_limit, limit))
+        self._limit = max(self.min_limit, min(self.max_limit, self._ceiling, limit))
 
     def _no_waiters(self) -> bool:
         return not self._critical_waiters and not self._best_effort_waiters
