@@ -374,10 +374,6 @@ class HostedModel:
             raise kind(f"model {self._name!r} failed in its host: {answer.error}")
         return _arrays(answer.tensors)
 
-    def close(self) -> None:
-        """Hang up this thread's connection (the others close with their threads)."""
-        self._hang_up()
-
     def _connection(self) -> Connection:
         connection: Connection | None = getattr(self._local, "connection", None)
         if connection is not None:
