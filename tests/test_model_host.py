@@ -7,13 +7,14 @@ The host and its callers talk over a real Unix socket; the end-to-end test runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,20 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SAFETY
+from conftest import SAFETY, wait_until
 from faults_helpers import free_port
 from rtinfer.exceptions import ConfigError, ModelError, ModelInputError, ModelLoadError
-from rtinfer.models import OnnxModel, PythonModel, tensor
+from rtinfer.http import InferenceApp
+from rtinfer.models import OnnxModel, PythonModel, load_model, tensor
 from rtinfer.models import host as host_module
-from rtinfer.models.host import HostedModel, HostProcess, ModelHost
-from rtinfer.serve import run_server
+from rtinfer.models.host import HostedModel, HostProcess, ModelHost, hosted_loader
+from rtinfer.repository import ModelManager, ModelRepository
+from rtinfer.serve import build_server, run_server
 from rtinfer.serving import ModelPolicy, ModelServer
 from rtinfer.types import Arrays, Model
+from test_http import serving
 from test_http_server import worker_pids
+from test_repository import MKEY, Load, add_version, expected, make_repo
 
 KEY = b"k" * 32
 
@@ -324,7 +329,7 @@ def test_a_host_that_cannot_be_started_again_is_retried_until_it_can(
         model.rename(tmp_path / "away.onnx")  # a restart cannot load it now
         os.kill(hosted._process.pid, signal.SIGKILL)
         deadline = time.monotonic() + SAFETY * 3
-        while "could not serve" not in caplog.text:
+        while "could not load" not in caplog.text:
             assert time.monotonic() < deadline, caplog.text
             time.sleep(0.02)
         assert hosted.restarts == 0
@@ -345,23 +350,23 @@ def test_a_host_process_that_cannot_load_says_why(tmp_path: Path) -> None:
     broken.write_bytes(b"not a model")
     hosted = HostProcess(broken)
     try:
-        with pytest.raises(ModelLoadError, match=r"could not serve .*broken\.onnx.*ModelLoadError"):
+        with pytest.raises(ModelLoadError, match=r"could not load .*broken\.onnx.*ModelLoadError"):
             hosted.start()
     finally:
         hosted.stop()
 
 
-def test_model_process_serves_a_model_file_only(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--model-process serves one model file"):
-        run_server(tmp_path, model_process=True)
+def test_model_process_serves_a_model_file_or_a_repository(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--model-threads must be at least 1"):
         run_server(tmp_path, model_process=True, model_threads=0)
     with pytest.raises(ConfigError, match="add --model-process"):
         run_server(tmp_path, model_threads=2)
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text("name: p\n")
-    with pytest.raises(ConfigError, match="--model-process serves one model file"):
+    with pytest.raises(ConfigError, match="is a pipeline, which loads its models in each"):
         run_server(pipeline, model_process=True)
+    with pytest.raises(ModelLoadError, match="no model file or repository folder there"):
+        HostProcess(tmp_path / "nothing.onnx")
 
 
 def _alive(pid: int) -> bool:
@@ -376,17 +381,20 @@ def infer_body(x: float) -> dict[str, Any]:
     return {"inputs": [{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [x, 0]}]}
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("http_server", ["rtinfer", "uvicorn"])
-async def test_rtinfer_serve_workers_call_one_model_process(
-    model_file: Path, tmp_path: Path, http_server: str
-) -> None:
+@contextlib.asynccontextmanager
+async def serve_process(
+    tmp_path: Path, target: Path, *options: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, set[int]]]:
+    """``rtinfer serve TARGET --workers 2 --model-process OPTIONS`` in a process group: a
+    client once it is ready, and the pids of its workers and host (filled in by the
+    caller). Stopped as a service manager stops it: SIGTERM to the whole group, after
+    which it must exit cleanly, leaving no worker or host behind."""
     port = free_port()
     spawned: set[int] = set()
     command = [
-        sys.executable, "-m", "rtinfer", "serve", str(model_file), "--port", str(port),
-        "--workers", "2", "--model-process", "--model-threads", "2", "--http-server", http_server,
-        "--summary-json", str(tmp_path / "summary.json"),
+        sys.executable, "-m", "rtinfer", "serve", str(target), "--port", str(port),
+        "--workers", "2", "--model-process", "--summary-json", str(tmp_path / "summary.json"),
+        *options,
     ]  # fmt: skip
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -407,15 +415,9 @@ async def test_rtinfer_serve_workers_call_one_model_process(
                     pass
                 assert process.returncode is None, log.read_text()
                 await asyncio.sleep(0.05)
-            answers = await asyncio.gather(
-                *(c.post("/v2/models/linear/infer", json=infer_body(i / 20)) for i in range(20))
-            )
-            assert [a.status_code for a in answers] == [200] * 20, answers[0].text
-            for i, answer in enumerate(answers):
-                data = answer.json()["outputs"][0]["data"]
-                assert data == pytest.approx([1 - i / 20, i / 20], abs=1e-6)
-            spawned = worker_pids(process.pid)
+            spawned.update(worker_pids(process.pid))
             assert len(spawned) == 3, spawned  # two workers and the host
+            yield c, spawned
         # SIGTERM to the whole group, as a terminal or a service manager sends it: the
         # workers drain, the host waits for them, the server exits cleanly.
         os.killpg(process.pid, signal.SIGTERM)
@@ -425,11 +427,212 @@ async def test_rtinfer_serve_workers_call_one_model_process(
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
     assert not [pid for pid in spawned if _alive(pid)], "a worker or the host outlived the server"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("http_server", ["rtinfer", "uvicorn"])
+async def test_rtinfer_serve_workers_call_one_model_process(
+    model_file: Path, tmp_path: Path, http_server: str
+) -> None:
+    options = ("--model-threads", "2", "--http-server", http_server)
+    async with serve_process(tmp_path, model_file, *options) as (client, _):
+        answers = await asyncio.gather(
+            *(client.post("/v2/models/linear/infer", json=infer_body(i / 20)) for i in range(20))
+        )
+        assert [a.status_code for a in answers] == [200] * 20, answers[0].text
+        for i, answer in enumerate(answers):
+            data = answer.json()["outputs"][0]["data"]
+            assert data == pytest.approx([1 - i / 20, i / 20], abs=1e-6)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["workers"] == 2
     hosted = summary["model_process"]
-    assert (hosted["threads"], hosted["restarts"]) == (2, 0)
+    assert (hosted["threads"], hosted["restarts"], hosted["model_loads"]) == (2, 0, 1)
     # Every batch of both workers, warm-ups included, and at most one model call each.
     assert hosted["worker_calls"] >= 20
     assert 1 <= hosted["model_calls"] <= hosted["worker_calls"]
     assert summary["requests"] >= 20
+
+
+@pytest.mark.timeout(120)
+async def test_rtinfer_serve_a_repository_through_one_model_process(tmp_path: Path) -> None:
+    """Both workers serve the repository's versions from the host, and follow a new
+    version through it (``--watch``)."""
+    repo = make_repo(tmp_path / "repo", "1")
+    async with serve_process(tmp_path, repo, "--watch", "--watch-interval-s", "0.1") as (client, _):
+        body = infer_body(0.25)
+        answers = await asyncio.gather(
+            *(client.post("/v2/models/linear/infer", json=body) for _ in range(20))
+        )
+        for answer in answers:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model_version"] == "1"
+        add_version(repo, "2")
+        seen: set[str] = set()
+        for _ in range(int(SAFETY * 3 / 0.05)):
+            # Both workers answer from version 2 (connections land on either).
+            answers = await asyncio.gather(
+                *(client.post("/v2/models/linear/infer", json=body) for _ in range(8))
+            )
+            seen = {a.json()["model_version"] for a in answers if a.status_code == 200}
+            if seen == {"2"} and all(a.status_code == 200 for a in answers):
+                break
+            await asyncio.sleep(0.05)
+        assert seen == {"2"}
+        data = answers[0].json()["outputs"][0]["data"]
+        np.testing.assert_allclose(data, expected("2"), rtol=1e-6)
+    hosted = json.loads((tmp_path / "summary.json").read_text())["model_process"]
+    assert hosted["restarts"] == 0
+    assert hosted["worker_calls"] >= 28
+    # Each version loaded once for both workers, and let go once both had let go of it
+    # (version 1 when they retired it, version 2 when they exited).
+    assert (hosted["model_loads"], hosted["model_unloads"]) == (2, 2)
+
+
+# -- a repository: files named by the workers ----------------------------------------------
+
+
+def _call_on_thread(model: HostedModel, inputs: Arrays) -> Arrays:
+    """``model.predict`` on a thread that then ends: its connection closes with it, as a
+    batcher's model thread's does when the batcher closes."""
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(model.predict(inputs)))
+    thread.start()
+    thread.join(SAFETY)
+    assert got, "the call did not return"
+    return dict(got[0])
+
+
+def test_a_host_loads_a_file_once_for_its_callers_and_lets_it_go_after_the_last(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path / "repo", "1", "2")
+    host = ModelHost(None, str(tmp_path / "h.sock"), KEY, load=load_model, root=repo)
+    host.start()
+    try:
+        one = repo / "linear" / "1" / "model.onnx"
+        workers = [HostedModel(host.address, KEY, path=one, name="linear", version="1")] * 2
+        workers[1] = HostedModel(host.address, KEY, path=one, name="linear", version="1")
+        for remote in workers:
+            remote.load()  # each opens the file: loaded once
+            assert (remote.name, remote.version) == ("linear", "1")
+        two = HostedModel(
+            host.address, KEY, path=repo / "linear" / "2" / "model.onnx", name="linear", version="2"
+        )
+        two.load()
+        assert (host.loads, sorted(host.models)) == (2, [("linear", "1"), ("linear", "2")])
+        x = {"features": np.array([[0.25, 0.0]], np.float32)}
+        for remote, version in [(workers[0], "1"), (two, "2"), (workers[1], "1")]:
+            answer = _call_on_thread(remote, x)["probabilities"]
+            np.testing.assert_allclose(answer, [expected(version)], rtol=1e-6)
+        assert host.loads == 2
+        # Version 2's last connection closes (its caller's thread is gone): let go.
+        two._hang_up()
+        wait_for(lambda: host.models == [("linear", "1")], "version 2 let go")
+        for remote in workers:
+            remote._hang_up()
+        wait_for(lambda: host.models == [], "version 1 let go")
+        assert host.unloads == 2
+        # Named again, it is loaded again.
+        np.testing.assert_allclose(
+            _call_on_thread(workers[0], x)["probabilities"], [expected("1")], rtol=1e-6
+        )
+        assert host.loads == 3
+        # Only files under the root, and ones that load.
+        with pytest.raises(ModelLoadError, match="lies outside"):
+            HostedModel(host.address, KEY, path=tmp_path / "elsewhere.onnx").load()
+        with pytest.raises(ModelLoadError, match=r"could not load .*nothing\.onnx"):
+            HostedModel(host.address, KEY, path=repo / "nothing.onnx").load()
+        (repo / "broken.onnx").write_bytes(b"not a model")
+        with pytest.raises(ModelLoadError, match=r"could not load .*broken\.onnx.*ModelLoadError"):
+            HostedModel(host.address, KEY, path=repo / "broken.onnx").load()
+        with pytest.raises(ModelLoadError, match="no model of its own"):
+            HostedModel(host.address, KEY).load()
+    finally:
+        host.close()
+
+
+def test_waiting_calls_merge_per_model_only(tmp_path: Path) -> None:
+    """Two models with the same tensors: calls queued in turn to each are merged with the
+    calls to their own model, never with the other's, and each gets its own answer."""
+    gate = threading.Event()
+    running = threading.Event()
+
+    def build(path: Path, **_: Any) -> PythonModel:
+        scale = float(path.stem)
+
+        def predict(batch: Arrays) -> Arrays:
+            running.set()
+            gate.wait(SAFETY)
+            return {"y": batch["x"] * scale}
+
+        return PythonModel(predict, inputs=[tensor("x", "float64", [None])], name=path.stem)
+
+    for name in ("10", "100"):
+        (tmp_path / f"{name}.model").touch()
+    gate.set()  # the loads' warm-ups run freely
+    host = ModelHost(None, str(tmp_path / "h.sock"), KEY, load=build, root=tmp_path)
+    ten = host.open(host_module._Open(str(tmp_path / "10.model")))
+    hundred = host.open(host_module._Open(str(tmp_path / "100.model")))
+    gate.clear()
+    results: dict[int, Any] = {}
+
+    def call(i: int, slot: Any) -> None:
+        results[i] = host.predict({"x": np.array([float(i)])}, slot)["y"].tolist()
+
+    try:
+        first = threading.Thread(target=call, args=(0, ten))
+        first.start()
+        assert running.wait(SAFETY)  # the first call holds the model thread: the rest queue
+        others = [
+            threading.Thread(target=call, args=(i, ten if i % 2 else hundred)) for i in range(1, 7)
+        ]
+        for t in others:
+            t.start()
+        wait_for(lambda: host.waiting == 6, "the calls queueing")
+        gate.set()
+        for t in [first, *others]:
+            t.join(SAFETY)
+    finally:
+        gate.set()
+        host.close()
+    assert results == {i: [i * (10.0 if i % 2 or i == 0 else 100.0)] for i in range(7)}
+    assert (host.runs, host.calls) == (3, 7)  # the first, then each model's three as one
+
+
+def wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + SAFETY
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+async def test_a_repository_through_the_host_reloads_under_load_with_no_failure(
+    tmp_path: Path,
+) -> None:
+    """The watch loads a new version through the host, promotes it with no failed
+    request, and the host lets the old one go once its batcher has closed."""
+    repo = make_repo(tmp_path / "repo", "1")
+    host = ModelHost(None, str(tmp_path / "h.sock"), KEY, load=load_model, root=repo)
+    host.start()
+    load = hosted_loader(host.address, KEY)
+    server = build_server(repo, load=load)
+    manager = ModelManager(
+        server, ModelRepository(repo, load=load), retire_grace_s=0.05, watch_s=0.05
+    )
+    app = InferenceApp(server, manager=manager, management_key=MKEY)
+    try:
+        with serving(app) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=SAFETY) as client:
+                assert host.models == [("linear", "1")]
+                old = server.get("linear")
+                traffic = Load(client)
+                await wait_until(lambda: traffic.count("1") >= 20, "requests on version 1")
+                add_version(repo, "2")
+                await wait_until(lambda: traffic.count("2") >= 40, "version 2 promoted")
+                await wait_until(lambda: not old.batcher.ready, "the old version closed")
+                await traffic.stop()
+                traffic.check("1", "2")
+                await wait_until(lambda: host.models == [("linear", "2")], "version 1 let go")
+                assert (host.loads, host.unloads) == (2, 1)
+    finally:
+        host.close()

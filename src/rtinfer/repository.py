@@ -54,7 +54,7 @@ from .batching import MicroBatcher
 from .exceptions import ConfigError, DeadlineExceeded, Overloaded, RtinferError
 from .observability.metrics import Metrics
 from .serving import ModelNotFound, ModelPolicy, ModelServer, ServedModel
-from .types import Arrays, Model
+from .types import Arrays, Loader, Model
 
 __all__ = [
     "Canary",
@@ -108,9 +108,16 @@ class ModelRepository:
     and rename it, and the watch never sees it half written.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        allow_pickle: bool = False,
+        load: Loader | None = None,
+    ) -> None:
         self.path = Path(path)
         self.allow_pickle = allow_pickle
+        self._load = load  # how a version's model is built (load_model's signature)
         if not self.path.is_dir():
             raise ConfigError(f"model repository {str(self.path)!r} is not a folder")
 
@@ -171,6 +178,7 @@ class ModelRepository:
         call it on a thread), and its model's settings."""
         from .models import load_model
 
+        load = self._load or load_model
         folder = self.path / name / version
         file = _model_file(folder) if folder.is_dir() else None
         if file is None:
@@ -180,7 +188,7 @@ class ModelRepository:
                 f"{' or '.join(MODEL_FILES)} in {str(folder)!r}); it has {have}"
             )
         settings = self.settings(name)
-        model = load_model(
+        model = load(
             file, name=name, version=version, allow_pickle=self.allow_pickle, **settings.onnx
         )
         return model, settings

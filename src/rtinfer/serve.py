@@ -61,11 +61,11 @@ from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
 from .http.stats import summarize
 from .loop import LOOP_SCHEDULES, freeze_heap, schedule_loop
 from .models import load_model
-from .models.host import HostedModel, HostProcess
+from .models.host import HostProcess, hosted_loader
 from .resilience import ClientQuota, MemoryStore, PredictionCache, Priority, RedisStore
 from .resilience import parse_priority as _parse_priority
 from .serving import ModelPolicy, ModelServer
-from .types import Model
+from .types import Loader, Model
 
 __all__ = [
     "add_serve_arguments",
@@ -115,7 +115,7 @@ def build_server(
     cache_size: int = 0,
     cache_ttl_s: float = 60.0,
     cache_redis: str | None = None,
-    model: Model | None = None,
+    load: Loader = load_model,
     **batching: Any,
 ) -> ModelServer:
     """A ModelServer (not started) for a model file, a pipeline file or a model repository.
@@ -133,13 +133,11 @@ def build_server(
     ``cache_size`` rows in memory, or in Redis at ``cache_redis``, each kept ``cache_ttl_s``
     seconds.
 
-    ``model``: for a model file TARGET, the model to serve in place of loading the file
-    here (``rtinfer serve --model-process`` passes each worker a
-    :class:`~rtinfer.models.host.HostedModel`).
+    ``load``: how each model file is built (:func:`~rtinfer.models.load_model`'s
+    signature; ``rtinfer serve --model-process`` passes each worker a
+    :func:`~rtinfer.models.host.hosted_loader`, whose models run in the model process).
     """
     path = Path(target)
-    if model is not None:
-        _check_model_process(path)
     server = ModelServer(
         batching={"max_delay": 0.0, **batching},
         max_concurrency=max_concurrency,
@@ -168,9 +166,9 @@ def build_server(
         pipeline = load_pipeline(path, metrics=server.metrics)
         server.add_pipeline(PipelineScorer(pipeline, stream=stream))
     elif path.is_dir():
-        _add_repository(server, path)
+        _add_repository(server, path, load)
     elif path.is_file():
-        server.add(model or load_model(path, allow_pickle=allow_pickle))
+        server.add(load(path, allow_pickle=allow_pickle))
     else:
         raise ConfigError(f"{str(path)!r} is neither a model file nor a model repository folder")
     if not server.all():
@@ -182,11 +180,11 @@ def build_server(
 
 
 def _check_model_process(path: Path) -> None:
-    """``--model-process`` serves a model file TARGET (not a pipeline, not a repository)."""
-    if not path.is_file() or path.suffix in (".yaml", ".yml"):
+    """``--model-process`` serves a model file or a repository TARGET (not a pipeline)."""
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
         raise ConfigError(
-            f"--model-process serves one model file; {str(path)!r} is not one (a pipeline or a "
-            f"repository loads its models in each worker)"
+            f"--model-process serves a model file or a model repository; {str(path)!r} is a "
+            f"pipeline, which loads its models in each worker"
         )
 
 
@@ -194,7 +192,7 @@ def _version_key(name: str) -> tuple[int, int, str]:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-def _add_repository(server: ModelServer, repo: Path) -> None:
+def _add_repository(server: ModelServer, repo: Path, load: Loader) -> None:
     folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = {folder.name for folder in folders}
     for folder in folders:
@@ -217,7 +215,7 @@ def _add_repository(server: ModelServer, repo: Path) -> None:
                     f"version folder {str(version)!r} has no model file; expected one of "
                     f"{', '.join(_MODEL_FILES)}"
                 )
-            model = load_model(files[0], name=folder.name, version=version.name, **onnx)
+            model = load(files[0], name=folder.name, version=version.name, **onnx)
             batcher = _batcher(server, model, batching) if batching else None
             server.add(model, batcher=batcher, policy=policy)
 
@@ -388,17 +386,14 @@ def app_from_env() -> InferenceApp:
     settings = _policy_settings()
     drain_s = settings.pop("drain_s", DEFAULT_DRAIN_S)
     host = os.environ.get(_ENV_MODEL_HOST)
+    load = (
+        hosted_loader(host, bytes.fromhex(os.environ[_ENV_MODEL_HOST_KEY])) if host else load_model
+    )
     server = build_server(
         target,
         allow_pickle=os.environ.get(_ENV_PICKLE) == "1",
         stream=os.environ.get(_ENV_STREAM) == "1",
-        model=(
-            HostedModel(
-                host, bytes.fromhex(os.environ[_ENV_MODEL_HOST_KEY]), name=Path(target).stem
-            )
-            if host
-            else None
-        ),
+        load=load,
         **settings,
     )
     timeout = os.environ.get(_ENV_TIMEOUT, "30")
@@ -451,18 +446,20 @@ def app_from_env() -> InferenceApp:
         default_timeout_s=float(timeout) if timeout else None,
         on_started=started,
         on_shutdown=write_snapshot,
-        **_management_from_env(server, target),
+        **_management_from_env(server, target, load),
     )
 
 
-def _management_from_env(server: ModelServer, target: str) -> dict[str, Any]:
+def _management_from_env(server: ModelServer, target: str, load: Loader) -> dict[str, Any]:
     """The app's model manager (a repository TARGET, watched with ``--watch``) and key."""
     from .repository import ModelManager, ModelRepository
 
     watch = os.environ.get(_ENV_WATCH)
     manager = None
     if Path(target).is_dir():
-        repository = ModelRepository(target, allow_pickle=os.environ.get(_ENV_PICKLE) == "1")
+        repository = ModelRepository(
+            target, allow_pickle=os.environ.get(_ENV_PICKLE) == "1", load=load
+        )
         manager = ModelManager(server, repository, watch_s=float(watch) if watch else None)
     return {"manager": manager, "management_key": os.environ.get(_MANAGEMENT_KEY) or None}
 
@@ -667,6 +664,8 @@ def run_server(
             "restarts": model_host.restarts,
             "model_calls": model_host.runs,
             "worker_calls": model_host.calls,
+            "model_loads": model_host.loads,
+            "model_unloads": model_host.unloads,
         }
     if summary_json is not None:
         out = Path(summary_json)

@@ -30,6 +30,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "Handler",
+    "Loader",
     "Model",
     "Position",
     "Sink",
@@ -287,3 +288,8 @@ class Model(Protocol):
     def warmup(self, batch_sizes: Sequence[int]) -> None: ...
 
     def predict(self, inputs: Arrays) -> Arrays: ...
+
+
+#: How a model is built from its file (not loaded yet): the signature of
+#: :func:`rtinfer.models.load_model` (``path, *, name, version, allow_pickle, **options``).
+Loader = Callable[..., Model]

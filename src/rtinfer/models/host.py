@@ -1,10 +1,15 @@
-"""A model in a process of its own, called by the serving workers: the model host.
+"""Models in a process of their own, called by the serving workers: the model host.
 
-``rtinfer serve MODEL --workers N --model-process`` loads the model once, in a host
+``rtinfer serve TARGET --workers N --model-process`` loads each model once, in a host
 process, and every worker calls it through a :class:`HostedModel`. The workers keep
-all the serving: HTTP, admission, deadlines, batching. Only their batches cross to
-the host, one message each way, so the crossing's cost is shared by a batch's rows,
-and the batches that wait while the model runs are merged into one call.
+all the serving: HTTP, admission, deadlines, batching, a repository's versions,
+canaries and watch. Only their batches cross to the host, one message each way, so
+the crossing's cost is shared by a batch's rows, and the batches that wait while the
+model runs are merged into one call.
+
+A worker's :class:`HostedModel` names its model file when it connects: the host loads
+a file the first time a worker names it, and lets it go when the last connection
+naming it has closed (a version unloaded by every worker).
 
 Why: a worker's front can refuse only so many requests a second (each costs tens of
 microseconds of its event loop), and a worker per model thread ties the fronts'
@@ -21,6 +26,7 @@ shape and raw bytes (strings as a list). Nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -31,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -40,10 +46,10 @@ import msgspec
 import numpy as np
 
 from ..exceptions import ModelError, ModelInputError, ModelLoadError
-from ..types import Arrays, Model, TensorSpec
+from ..types import Arrays, Loader, Model, TensorSpec
 from .base import example_inputs, rows_of
 
-__all__ = ["HostProcess", "HostedModel", "ModelHost"]
+__all__ = ["HostProcess", "HostedModel", "ModelHost", "hosted_loader"]
 
 log = logging.getLogger("rtinfer.models.host")
 
@@ -61,13 +67,24 @@ class _Spec(msgspec.Struct, array_like=True):
     shape: list[int | None]
 
 
+class _Open(msgspec.Struct, array_like=True):
+    """What a worker says first on a connection: the model it calls (``path`` ``None``:
+    the host's own model), built as :func:`~rtinfer.models.load_model` would build it."""
+
+    path: str | None
+    name: str | None = None
+    version: str | None = None
+    options: dict[str, Any] = {}
+
+
 class _Hello(msgspec.Struct, array_like=True):
-    """What the host says first on every connection: the model it runs."""
+    """The host's answer to :class:`_Open`: the model, or why it cannot be served."""
 
     name: str
     version: str
     inputs: list[_Spec]
     outputs: list[_Spec]
+    error: str | None = None
 
 
 class _Answer(msgspec.Struct, array_like=True):
@@ -80,6 +97,8 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_call = msgspec.msgpack.Decoder(list[_Tensor]).decode
 _decode_answer = msgspec.msgpack.Decoder(_Answer).decode
 _decode_hello = msgspec.msgpack.Decoder(_Hello).decode
+_decode_open = msgspec.msgpack.Decoder(_Open).decode
+_options_key = msgspec.json.Encoder(order="sorted").encode
 
 
 def _tensors(arrays: Arrays) -> list[_Tensor]:
@@ -115,30 +134,42 @@ def _spec_in(spec: _Spec) -> TensorSpec:
 
 
 class ModelHost:
-    """Serves one loaded model on a Unix socket at ``address`` to :class:`HostedModel` s.
+    """Serves models on a Unix socket at ``address`` to :class:`HostedModel` s.
+
+    ``model``: a loaded model served to the connections that name no file. ``load``
+    (:func:`~rtinfer.models.load_model`'s signature): how a model file a connection
+    names is built, under ``root`` only (a file, or a folder such as a repository); it
+    is loaded once for every connection naming the same file (and name, version and
+    options), and let go when the last of them closes.
 
     Each connection (a worker's model thread) gets a thread here; at most ``threads``
-    calls run in the model at once. ONNX Runtime releases the GIL while it runs, so
-    ``threads`` above 1 uses as many cores. Calls that wait meanwhile are run as one
-    (``merge``, up to ``max_rows`` rows): each worker batches its own requests, and
-    several workers' batches would otherwise reach the model smaller than one worker's
-    did. A merged call that fails is run again call by call, so a failure stays with the
-    worker whose rows caused it.
+    calls run at once, whatever their model. ONNX Runtime releases the GIL while it
+    runs, so ``threads`` above 1 uses as many cores. Calls to one model that wait
+    meanwhile are run as one (``merge``, up to ``max_rows`` rows): each worker batches
+    its own requests, and several workers' batches would otherwise reach the model
+    smaller than one worker's did. A merged call that fails is run again call by call,
+    so a failure stays with the worker whose rows caused it.
     """
 
     def __init__(
         self,
-        model: Model,
+        model: Model | None,
         address: str,
         authkey: bytes,
         *,
+        load: Loader | None = None,
+        root: str | os.PathLike[str] | None = None,
         threads: int = 1,
         merge: bool = True,
         max_rows: int = 256,
     ) -> None:
         if threads < 1:
             raise ValueError(f"a model host runs at least one call at once, got {threads}")
-        self.model = model
+        if load is not None and root is None:
+            raise ValueError("a model host that loads files needs the root they must lie under")
+        self._default = None if model is None else _Slot(None, model)
+        self._load = load
+        self._root = None if root is None else Path(root).resolve()
         self.address = address
         self._threads = threads
         self._merge = merge
@@ -149,18 +180,20 @@ class ModelHost:
         #: Model calls run, and the callers' calls they answered (merged: more of these).
         self.runs = 0
         self.calls = 0
-        self._hello = _encode(
-            _Hello(
-                model.name,
-                model.version,
-                [_spec_out(s) for s in model.inputs],
-                [_spec_out(s) for s in model.outputs],
-            )
-        )
+        #: Model files loaded, and let go (no connection named them any more).
+        self.loads = 0
+        self.unloads = 0
+        self._models: dict[tuple[Any, ...], _Slot] = {}
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self._closed = threading.Event()
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
+
+    @property
+    def models(self) -> list[tuple[str, str]]:
+        """The name and version of each model file loaded now."""
+        with self._lock:
+            return [s.hello_of() for s in self._models.values() if s.model is not None]
 
     def serve_forever(self) -> None:
         """Accept workers until :meth:`close`; each is served on a thread of its own."""
@@ -202,12 +235,88 @@ class ModelHost:
 
     @property
     def waiting(self) -> int:
-        """Calls waiting for the model now."""
+        """Calls waiting for a model now."""
         return len(self._waiting)
 
-    def predict(self, inputs: Arrays) -> Arrays:
-        """The model's answer to ``inputs``, run alone or merged with other waiting calls."""
-        call = _Call(inputs)
+    def hold(self, path: str | os.PathLike[str]) -> None:
+        """Load the model file at ``path`` now, and keep it while the host runs: the one
+        that connections naming it (with no name, version or options) get, and those
+        naming no file if the host had no model of its own."""
+        slot = self.open(_Open(str(path)))
+        if self._default is None:
+            self._default = slot
+
+    def open(self, spec: _Open) -> _Slot:
+        """The model a connection names, loaded if no other connection has it; raises
+        :class:`ModelLoadError`. Each open is matched by a :meth:`_release`."""
+        if spec.path is None:
+            if self._default is None:
+                raise ModelLoadError("this model host has no model of its own: name a file")
+            return self._default
+        if self._load is None or self._root is None:
+            raise ModelLoadError("this model host serves its own model only; it loads no file")
+        path = Path(spec.path).resolve()
+        if not path.is_relative_to(self._root):
+            raise ModelLoadError(
+                f"{str(path)!r} lies outside {str(self._root)!r}, the only place this model "
+                f"host loads from"
+            )
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise ModelLoadError(
+                f"the model host could not load {str(path)!r}: {exc.strerror or exc}"
+            ) from exc
+        # A file changed in place is another model: loaded beside the one still in use.
+        key = (
+            str(path), stat.st_size, stat.st_mtime_ns, spec.name, spec.version,
+            _options_key(spec.options),
+        )  # fmt: skip
+        with self._lock:
+            slot = self._models.get(key)
+            first = slot is None
+            if slot is None:
+                slot = self._models[key] = _Slot(key, None)
+            slot.users += 1
+        if first:
+            try:
+                model = self._load(path, name=spec.name, version=spec.version, **spec.options)
+                model.load()
+                model.warmup([1])
+                slot.serve(model)
+                self.loads += 1
+                log.info("the model host loaded %s (version %s)", model.name, model.version)
+            except Exception as exc:
+                slot.error = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self._models.pop(key, None)
+            finally:
+                slot.loaded.set()
+        else:
+            slot.loaded.wait()
+        if slot.error is not None:
+            self._release(slot)
+            raise ModelLoadError(f"the model host could not load {str(path)!r}: {slot.error}")
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.users -= 1
+            if slot.users or slot.key is None or self._models.get(slot.key) is not slot:
+                return
+            del self._models[slot.key]
+            if slot.model is None:
+                return
+            self.unloads += 1
+        log.info("the model host let go of %s (version %s)", *slot.hello_of())
+
+    def predict(self, inputs: Arrays, slot: _Slot | None = None) -> Arrays:
+        """The answer of ``slot``'s model (``None``: the host's own) to ``inputs``, run
+        alone or merged with other waiting calls to it."""
+        slot = slot or self._default
+        if slot is None or slot.model is None:
+            raise ModelError("this model host has no model of its own")
+        call = _Call(slot.model, inputs)
         ready = self._ready
         with ready:
             self._waiting.append(call)
@@ -236,24 +345,31 @@ class ModelHost:
         return call.outputs
 
     def _take(self) -> list[_Call]:
-        """The first waiting call and, merging, those after it of the same tensors."""
+        """The first waiting call and, merging, the calls after it to the same model with
+        the same tensors (in their order; the others keep theirs)."""
         waiting = self._waiting
         first = waiting.popleft()
         calls = [first]
-        if self._merge:
-            rows = first.rows
-            while waiting and waiting[0].kind == first.kind:
-                if rows + waiting[0].rows > self._max_rows:
-                    break
-                rows += waiting[0].rows
-                calls.append(waiting.popleft())
+        if self._merge and waiting:
+            rows, kind, full = first.rows, first.kind, False
+            others: list[_Call] = []
+            while waiting:
+                call = waiting.popleft()
+                if not full and call.kind == kind:
+                    if rows + call.rows <= self._max_rows:
+                        rows += call.rows
+                        calls.append(call)
+                        continue
+                    full = True  # a later, smaller call must not pass this one
+                others.append(call)
+            waiting.extend(others)
         for call in calls:
             call.taken = True
         return calls
 
     def _run(self, calls: list[_Call]) -> int:
         """Answer ``calls``, merged if several; how many model calls that took."""
-        predict = self.model.predict
+        predict = calls[0].model.predict
         if len(calls) > 1:
             names = list(calls[0].inputs)
             merged = {n: np.concatenate([c.inputs[n] for c in calls]) for n in names}
@@ -277,12 +393,18 @@ class ModelHost:
 
     def _serve(self, connection: Connection) -> None:
         predict = self.predict
+        slot: _Slot | None = None
         try:
-            connection.send_bytes(self._hello)
+            try:
+                slot = self.open(_decode_open(connection.recv_bytes()))
+            except (ModelLoadError, msgspec.DecodeError) as exc:
+                connection.send_bytes(_encode(_Hello("", "", [], [], error=str(exc))))
+                return
+            connection.send_bytes(slot.hello)
             while True:
                 message = connection.recv_bytes()
                 try:
-                    outputs = predict(_arrays(_decode_call(message)))
+                    outputs = predict(_arrays(_decode_call(message)), slot)
                     answer = _encode(_Answer(_tensors(outputs)))
                 except ModelInputError as exc:
                     answer = _encode(_Answer(error=str(exc), input_error=True))
@@ -292,22 +414,59 @@ class ModelHost:
         except (EOFError, OSError):  # the worker went away
             pass
         finally:
+            if slot is not None:
+                self._release(slot)
             with self._lock:
                 self._connections.discard(connection)
             with contextlib.suppress(OSError):
                 connection.close()
 
 
+class _Slot:
+    """A model the host serves: its own, or a file connections named (``key``), with
+    how many of them use it."""
+
+    __slots__ = ("error", "hello", "key", "loaded", "model", "users")
+
+    def __init__(self, key: tuple[Any, ...] | None, model: Model | None) -> None:
+        self.key = key
+        self.model: Model | None = None
+        self.hello = b""
+        self.error: str | None = None
+        self.loaded = threading.Event()
+        self.users = 0
+        if model is not None:
+            self.serve(model)
+
+    def serve(self, model: Model) -> None:
+        self.hello = _encode(
+            _Hello(
+                model.name,
+                model.version,
+                [_spec_out(s) for s in model.inputs],
+                [_spec_out(s) for s in model.outputs],
+            )
+        )
+        self.model = model
+        self.loaded.set()
+
+    def hello_of(self) -> tuple[str, str]:
+        assert self.model is not None
+        return self.model.name, self.model.version
+
+
 class _Call:
-    """One caller's inputs waiting for the model, and then its answer."""
+    """One caller's inputs waiting for a model, and then its answer."""
 
-    __slots__ = ("done", "error", "inputs", "kind", "outputs", "rows", "taken")
+    __slots__ = ("done", "error", "inputs", "kind", "model", "outputs", "rows", "taken")
 
-    def __init__(self, inputs: Arrays) -> None:
+    def __init__(self, model: Model, inputs: Arrays) -> None:
+        self.model = model
         self.inputs = inputs
         self.rows = rows_of(inputs)
-        # Calls merge only with the same tensors: names, dtypes, shapes past the rows.
-        self.kind = tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())
+        # Calls merge only to the same model, with the same tensors: names, dtypes,
+        # shapes past the rows.
+        self.kind = (id(model), *((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
         self.outputs: Arrays | None = None
         self.error: BaseException | None = None
         self.taken = False  # by a thread that runs it
@@ -322,22 +481,39 @@ def _answer(call: _Call, predict: Any) -> None:
 
 
 class HostedModel:
-    """The model a :class:`ModelHost` runs, called from this process.
+    """A model that a :class:`ModelHost` runs, called from this process.
 
-    It is a :data:`~rtinfer.types.Model` like any other: the batcher calls
-    :meth:`predict` on its model threads, each of which keeps a connection of its own.
-    :meth:`load` connects and learns the model's name, version and tensors from the
-    host. A call that cannot reach the host raises :class:`ModelError` (the breaker
-    and the fallback chain see a failing model), and the next call connects again.
+    ``path`` (with ``name``, ``version`` and ONNX Runtime ``options``, as
+    :func:`~rtinfer.models.load_model` takes them): the model file the host loads for
+    it; ``None``: the host's own model. It is a :data:`~rtinfer.types.Model` like any
+    other: the batcher calls :meth:`predict` on its model threads, each of which keeps a
+    connection of its own (closed when the thread ends: a version's batcher closed by
+    every worker lets the host unload it). :meth:`load` connects and learns the model's
+    name, version and tensors from the host. A call that cannot reach the host raises
+    :class:`ModelError` (the breaker and the fallback chain see a failing model), and
+    the next call connects again.
     """
 
-    def __init__(self, address: str, authkey: bytes, *, name: str = "hosted") -> None:
+    def __init__(
+        self,
+        address: str,
+        authkey: bytes,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        version: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.address = address
         self._authkey = authkey
+        self._open = _encode(
+            _Open(None if path is None else str(path), name, version, dict(options or {}))
+        )
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
-        self._name = name  # what the host says replaces it; known before, for the routes
-        self._version = "unloaded"
+        # What the host says replaces these; known before, for the routes.
+        self._name = name or (Path(path).stem if path is not None else "hosted")
+        self._version = version or "unloaded"
         self._local = threading.local()
 
     @property
@@ -351,6 +527,8 @@ class HostedModel:
     def load(self) -> None:
         try:
             self._connection()
+        except ModelLoadError:
+            raise
         except ModelError as exc:
             raise ModelLoadError(str(exc)) from exc
 
@@ -380,6 +558,7 @@ class HostedModel:
             return connection
         try:
             connection = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+            connection.send_bytes(self._open)
             hello = _decode_hello(connection.recv_bytes())
         except (OSError, EOFError) as exc:
             raise ModelError(
@@ -390,6 +569,9 @@ class HostedModel:
                 f"the model host at {self.address} refused this process ({exc}); "
                 f"the key must be the host's"
             ) from exc
+        if hello.error is not None:
+            connection.close()
+            raise ModelLoadError(hello.error)
         self._name, self._version = hello.name, hello.version
         self.inputs = [_spec_in(s) for s in hello.inputs]
         self.outputs = [_spec_in(s) for s in hello.outputs]
@@ -407,13 +589,35 @@ class HostedModel:
         return f"<HostedModel {self._name!r} version={self._version!r} at {self.address!r}>"
 
 
+def hosted_loader(address: str, authkey: bytes) -> Callable[..., HostedModel]:
+    """A stand-in for :func:`~rtinfer.models.load_model` in a worker: the models it builds
+    are loaded in the host at ``address`` (whose own ``allow_pickle`` decides, not the
+    caller's)."""
+
+    def load(
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        allow_pickle: bool = False,
+        **options: Any,
+    ) -> HostedModel:
+        return HostedModel(address, authkey, path=path, name=name, version=version, options=options)
+
+    return load
+
+
 #: A host that ran at least this long before it died is started again at once; one that
 #: died sooner is started this long after its start, so a model that cannot run does not spin.
 STEADY_S = 10.0
 
 
 class HostProcess:
-    """A :class:`ModelHost` for a model file, in a child process: started, kept, stopped.
+    """A :class:`ModelHost` in a child process, for a model file or a model repository
+    folder (``path``, the only place it loads from): started, kept, stopped.
+
+    A model file is loaded when the host starts, before :meth:`start` returns; a
+    repository's versions are loaded as the workers name them.
 
     The socket lies in a private temporary folder, and the ``authkey`` is random: only
     this process and its children (which inherit :attr:`address` and :attr:`authkey`)
@@ -429,6 +633,9 @@ class HostProcess:
         if threads < 1:
             raise ValueError(f"a model host runs at least one call at once, got {threads}")
         self.path = str(path)
+        if not Path(path).exists():
+            raise ModelLoadError(f"{self.path!r}: no model file or repository folder there")
+        self._hold = not Path(path).is_dir()  # a model file: loaded at each start
         self.allow_pickle = allow_pickle
         self.threads = threads
         self.authkey = os.urandom(32)
@@ -442,13 +649,16 @@ class HostProcess:
         self._watcher: threading.Thread | None = None
         self.restarts = 0
         #: Model calls the host ran, and the workers' calls they answered (more, where
-        #: calls were merged); counted when it stops (a host that died is not).
+        #: calls were merged); model files loaded, and let go. Counted when it stops (a
+        #: host that died is not).
         self.runs = 0
         self.calls = 0
+        self.loads = 0
+        self.unloads = 0
 
     def start(self, timeout_s: float = 300.0) -> None:
-        """Start the host and wait until its model is loaded; :class:`ModelLoadError` if
-        it cannot be."""
+        """Start the host and wait until it serves (a model file: loaded);
+        :class:`ModelLoadError` if it cannot."""
         self._spawn(timeout_s)
         self._watcher = threading.Thread(target=self._watch, name="rtinfer-host-watch", daemon=True)
         self._watcher.start()
@@ -473,6 +683,8 @@ class HostProcess:
                     counts = pipe.recv()
                     self.runs += counts["runs"]
                     self.calls += counts["calls"]
+                    self.loads += counts["loads"]
+                    self.unloads += counts["unloads"]
             pipe.close()
         if process is not None:
             process.join(timeout_s)
@@ -484,7 +696,15 @@ class HostProcess:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
             target=_host_main,
-            args=(self.path, self.allow_pickle, self.address, self.authkey, self.threads, theirs),
+            args=(
+                self.path,
+                self._hold,
+                self.allow_pickle,
+                self.address,
+                self.authkey,
+                self.threads,
+                theirs,
+            ),  # fmt: skip
             name="rtinfer-model-host",
         )
         process.start()
@@ -495,8 +715,8 @@ class HostProcess:
             process.kill()
             process.join()
             if said is None:
-                said = f"it did not load the model within {timeout_s:.0f} s"
-            raise ModelLoadError(f"the model host could not serve {self.path!r}: {said}")
+                said = f"the model host for {self.path!r} did not start within {timeout_s:.0f} s"
+            raise ModelLoadError(said)
         self._process, self._pipe = process, ours
 
     def _watch(self) -> None:
@@ -532,9 +752,16 @@ class HostProcess:
 
 
 def _host_main(
-    path: str, allow_pickle: bool, address: str, authkey: bytes, threads: int, parent: Connection
+    path: str,
+    hold: bool,
+    allow_pickle: bool,
+    address: str,
+    authkey: bytes,
+    threads: int,
+    parent: Connection,
 ) -> None:
-    """The host process: load, serve, and exit when the parent hangs up."""
+    """The host process: serve (a model file: loaded first), and exit when the parent
+    hangs up."""
     # The workers drain through the host: a terminal's Ctrl-C or a SIGTERM to the whole
     # group must not take the model away from them. The parent ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -543,18 +770,25 @@ def _host_main(
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)  # a host that died left its socket
+    load = functools.partial(load_model, allow_pickle=allow_pickle)
     try:
-        model = load_model(path, allow_pickle=allow_pickle)
-        model.load()
-        model.warmup([1])
-        host = ModelHost(model, address, authkey, threads=threads)
+        host = ModelHost(None, address, authkey, load=load, root=path, threads=threads)
     except Exception as exc:
-        parent.send(f"{type(exc).__name__}: {exc}")
+        parent.send(f"the model host could not listen at {address!r}: {exc}")
         return
+    if hold:
+        try:
+            host.hold(path)
+        except ModelLoadError as exc:
+            host.close()
+            parent.send(str(exc))
+            return
     host.start()
     parent.send("ready")
     with contextlib.suppress(EOFError, OSError):
         parent.recv()  # "stop", or the end of the pipe when the parent dies
     host.close()
     with contextlib.suppress(OSError):
-        parent.send({"runs": host.runs, "calls": host.calls})
+        parent.send(
+            {"runs": host.runs, "calls": host.calls, "loads": host.loads, "unloads": host.unloads}
+        )
