@@ -25,8 +25,9 @@ reach the workers through ``RTINFER_SERVE_*`` environment variables (and
 exit (SIGINT or SIGTERM: the server finishes the requests in flight, then the models
 drain their queues) every worker leaves a snapshot of its request metrics, and the
 summary of all of them is returned and written to ``summary_json``. With
-``model_process`` (``--model-process``), a model file TARGET is loaded once, in a process
-of its own that every worker calls (:mod:`rtinfer.models.host`).
+``model_process`` (``--model-process``), a model file's or a repository's models are
+loaded once, in a process of their own that every worker calls
+(:mod:`rtinfer.models.host`).
 
 SIGTERM drains first: readiness turns false at once, new requests are refused (503
 with ``Retry-After``, gRPC ``UNAVAILABLE``), the requests in flight finish (at most
@@ -565,7 +566,8 @@ def run_server(
     ``loop_sched``: how each worker's event loop is scheduled once its models are loaded
     (:func:`rtinfer.loop.schedule_loop`: ``"batch"`` or ``"normal"``).
 
-    ``model_process``: load a model file TARGET once, in a process of its own (a
+    ``model_process``: load a model file TARGET (or each model of a repository TARGET that
+    the workers name) once, in a process of its own (a
     :class:`~rtinfer.models.host.HostProcess`) that runs ``model_threads`` batches at once,
     and have every worker call it. The workers then only serve: size them for the
     requests (and the refusals), and the model's threads for its answers.
@@ -849,9 +851,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-process",
         action="store_true",
-        help="with a model file TARGET: load the model once, in a process of its own that "
-        "every worker calls, so that the workers (the fronts) and the model's threads are "
-        "sized apart",
+        help="with a model file or a repository TARGET: load each model once, in a process "
+        "of its own that every worker calls, so that the workers (the fronts) and the "
+        "model's threads are sized apart",
     )
     parser.add_argument(
         "--model-threads",

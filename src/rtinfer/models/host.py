@@ -284,7 +284,8 @@ class ModelHost:
                 model.load()
                 model.warmup([1])
                 slot.serve(model)
-                self.loads += 1
+                with self._lock:
+                    self.loads += 1
                 log.info("the model host loaded %s (version %s)", model.name, model.version)
             except Exception as exc:
                 slot.error = f"{type(exc).__name__}: {exc}"
@@ -704,7 +705,7 @@ class HostProcess:
                 self.authkey,
                 self.threads,
                 theirs,
-            ),  # fmt: skip
+            ),
             name="rtinfer-model-host",
         )
         process.start()
