@@ -208,25 +208,41 @@ def _held_calls(
         except RuntimeError as exc:  # the model's own error (the wire wraps it)
             results[i] = exc
 
+    _queue_behind_a_held_call(
+        host,
+        gate,
+        running,
+        lambda: call(len(inputs), 0.0),
+        [lambda i=i, x=x: call(i, x) for i, x in enumerate(inputs)],
+    )
+    assert results[-1] == [0.0]
+    return results[:-1], host
+
+
+def _queue_behind_a_held_call(
+    host: ModelHost,
+    gate: threading.Event,
+    running: threading.Event,
+    first: Any,
+    others: list[Any],
+) -> None:
+    """Run ``first`` on a thread until its model call holds the host's model thread
+    (``running`` set, ``gate`` held), then each of ``others`` on a thread of its own until
+    all of them wait in the host; then open ``gate``, wait for every call, close ``host``."""
+    threads = [threading.Thread(target=first)]
     try:
-        first = threading.Thread(target=call, args=(len(inputs), 0.0))
-        first.start()
+        threads[0].start()
         assert running.wait(SAFETY)  # the first call holds the model: the others queue
-        others = [threading.Thread(target=call, args=(i, x)) for i, x in enumerate(inputs)]
-        for t in others:
-            t.start()
-        deadline = time.monotonic() + SAFETY
-        while host.waiting < len(inputs):
-            assert time.monotonic() < deadline, "the calls never queued"
-            time.sleep(0.001)
+        threads += [threading.Thread(target=call) for call in others]
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: host.waiting == len(others), "the calls queueing")
         gate.set()
-        for t in [first, *others]:
-            t.join(SAFETY)
+        for thread in threads:
+            thread.join(SAFETY)
     finally:
         gate.set()
         host.close()
-    assert results[-1] == [0.0]
-    return results[:-1], host
 
 
 def test_calls_waiting_for_the_model_run_as_one_and_each_gets_its_rows(address: str) -> None:
@@ -579,22 +595,8 @@ def test_waiting_calls_merge_per_model_only(tmp_path: Path) -> None:
     def call(i: int, slot: Any) -> None:
         results[i] = host.predict({"x": np.array([float(i)])}, slot)["y"].tolist()
 
-    try:
-        first = threading.Thread(target=call, args=(0, ten))
-        first.start()
-        assert running.wait(SAFETY)  # the first call holds the model thread: the rest queue
-        others = [
-            threading.Thread(target=call, args=(i, ten if i % 2 else hundred)) for i in range(1, 7)
-        ]
-        for t in others:
-            t.start()
-        wait_for(lambda: host.waiting == 6, "the calls queueing")
-        gate.set()
-        for t in [first, *others]:
-            t.join(SAFETY)
-    finally:
-        gate.set()
-        host.close()
+    others = [lambda i=i: call(i, ten if i % 2 else hundred) for i in range(1, 7)]
+    _queue_behind_a_held_call(host, gate, running, lambda: call(0, ten), others)
     assert results == {i: [i * (10.0 if i % 2 or i == 0 else 100.0)] for i in range(7)}
     assert (host.runs, host.calls) == (3, 7)  # the first, then each model's three as one
 
