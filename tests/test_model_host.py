@@ -35,7 +35,7 @@ from rtinfer.serving import ModelPolicy, ModelServer
 from rtinfer.types import Arrays, Model
 from test_http import serving
 from test_http_server import worker_pids
-from test_repository import MKEY, Load, add_version, expected, make_repo
+from test_repository import MKEY, Load, add_version, expected, make_repo, write_model
 
 KEY = b"k" * 32
 
@@ -553,9 +553,17 @@ def test_a_host_loads_a_file_once_for_its_callers_and_lets_it_go_after_the_last(
             _call_on_thread(workers[0], x)["probabilities"], [expected("1")], rtol=1e-6
         )
         assert host.loads == 3
-        # Only files under the root, and ones that load.
+        # Only files under the root (as named: a version folder may link elsewhere), and
+        # ones that load.
         with pytest.raises(ModelLoadError, match="lies outside"):
             HostedModel(host.address, KEY, path=tmp_path / "elsewhere.onnx").load()
+        with pytest.raises(ModelLoadError, match="lies outside"):
+            HostedModel(host.address, KEY, path=repo / ".." / "elsewhere.onnx").load()
+        (repo / "linear" / "3").symlink_to(write_model(tmp_path / "deployed" / "3", 3.0))
+        linked = HostedModel(host.address, KEY, path=repo / "linear" / "3" / "model.onnx")
+        np.testing.assert_allclose(
+            _call_on_thread(linked, x)["probabilities"], [expected("3")], rtol=1e-6
+        )
         with pytest.raises(ModelLoadError, match=r"could not load .*nothing\.onnx"):
             HostedModel(host.address, KEY, path=repo / "nothing.onnx").load()
         (repo / "broken.onnx").write_bytes(b"not a model")

@@ -169,7 +169,9 @@ class ModelHost:
             raise ValueError("a model host that loads files needs the root they must lie under")
         self._default = None if model is None else _Slot(None, model)
         self._load = load
-        self._root = None if root is None else Path(root).resolve()
+        # Paths are compared as written (made absolute, ".." folded), not resolved: a
+        # repository whose version folders link elsewhere is still served.
+        self._root = None if root is None else Path(os.path.abspath(root))
         self.address = address
         self._threads = threads
         self._merge = merge
@@ -255,7 +257,7 @@ class ModelHost:
             return self._default
         if self._load is None or self._root is None:
             raise ModelLoadError("this model host serves its own model only; it loads no file")
-        path = Path(spec.path).resolve()
+        path = Path(os.path.abspath(spec.path))
         if not path.is_relative_to(self._root):
             raise ModelLoadError(
                 f"{str(path)!r} lies outside {str(self._root)!r}, the only place this model "
