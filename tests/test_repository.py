@@ -389,15 +389,17 @@ def test_the_management_key_must_differ_from_the_api_key(tmp_path: Path) -> None
 # -- rtinfer serve --management-key --watch, and rtinfer models -------------------------
 
 
-@pytest.fixture
-def served_repo(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+@pytest.fixture(params=[1, 2], ids=["one worker", "two workers"])
+def served_repo(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
+    """``rtinfer serve REPO --management-key --watch`` with one worker, or two (whose
+    updates go to both through the management hub)."""
     repo = make_repo(tmp_path / "repo", "1", "2")
     port = free_port()
     env = {**os.environ, "RTINFER_API_KEY": "", "RTINFER_MANAGEMENT_KEY": ""}
     command = [
         sys.executable, "-m", "rtinfer", "serve", str(repo), "--port", str(port),
         "--management-key", MKEY, "--watch", "--watch-interval-s", "0.1",
-        "--drain-s", "1",
+        "--drain-s", "1", "--workers", str(request.param),
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -417,6 +419,18 @@ def served_repo(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(SAFETY * 3) == 0
+
+
+def versions_answering(url: str, requests: int = 24) -> set[str]:
+    """The versions that answer ``requests`` requests, each on a new connection (the
+    kernel spreads new connections over the workers)."""
+    seen = set()
+    for _ in range(requests):
+        with httpx.Client(base_url=url, timeout=SAFETY) as c:
+            r = c.post("/v2/models/linear/infer", json=infer_body([[0.25, 0]]))
+            assert r.status_code == 200, r.text
+            seen.add(r.json()["model_version"])
+    return seen
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any]:
@@ -440,9 +454,7 @@ def test_rtinfer_models_against_rtinfer_serve(
     code, answer = run_cli(capsys, "promote", "linear", "1", "--keep-previous", *common)
     assert code == 0
     assert {e["version"]: e["default"] for e in answer["versions"]} == {"1": True, "2": False}
-    with httpx.Client(base_url=url, timeout=SAFETY) as c:
-        r = c.post("/v2/models/linear/infer", json=infer_body([[0.25, 0]]))
-        assert r.json()["model_version"] == "1"
+    assert versions_answering(url) == {"1"}  # in every worker
     code, error = run_cli(capsys, "list", "--url", url, "--key", "wrong")
     assert code == 1
     assert "401" in error
@@ -452,25 +464,25 @@ def test_rtinfer_models_against_rtinfer_serve(
     assert "409" in error
     code, _ = run_cli(capsys, "canary", "linear", "2", "10", *common)
     assert code == 0
+    code, _ = run_cli(capsys, "canary", "linear", "2", "0", *common)
+    assert code == 0
     # --watch in the real server: a new folder is loaded and, being the highest, promoted.
     add_version(repo, "3")
+    for _ in range(int(SAFETY / 0.05)):
+        if versions_answering(url, 8) == {"3"}:
+            break
+        time.sleep(0.05)
+    assert versions_answering(url) == {"3"}
     with httpx.Client(base_url=url, timeout=SAFETY) as c:
-        for _ in range(int(SAFETY / 0.05)):
-            r = c.post("/v2/models/linear/infer", json=infer_body([[0.25, 0]]))
-            if r.json()["model_version"] == "3":
-                break
-            time.sleep(0.05)
-        assert r.json()["model_version"] == "3"
+        r = c.post("/v2/models/linear/infer", json=infer_body([[0.25, 0]]))
         np.testing.assert_allclose(r.json()["outputs"][0]["data"], expected("3"), rtol=1e-6)
 
 
-def test_serve_refuses_management_with_several_workers(tmp_path: Path) -> None:
+def test_serve_checks_the_management_key(tmp_path: Path) -> None:
     from rtinfer.exceptions import ConfigError
     from rtinfer.serve import run_server
 
     repo = make_repo(tmp_path / "repo", "1")
-    with pytest.raises(ConfigError, match="one worker"):
-        run_server(repo, workers=2, management_key=MKEY)
     with pytest.raises(ConfigError, match="must differ"):
         run_server(repo, api_key="k", management_key="k")
     with pytest.raises(ConfigError, match="--watch follows a model repository"):

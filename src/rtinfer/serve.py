@@ -59,6 +59,7 @@ import yaml
 from .batching import MicroBatcher
 from .exceptions import ConfigError, MissingDependency
 from .http.app import DEFAULT_MAX_BODY_BYTES, InferenceApp, Stopper
+from .http.control import ControlHub, ControlMember
 from .http.stats import summarize
 from .loop import LOOP_SCHEDULES, freeze_heap, schedule_loop
 from .models import load_model
@@ -89,6 +90,8 @@ _ENV_WATCH = "RTINFER_SERVE_WATCH"  # seconds between polls of a repository TARG
 _ENV_LOOP_SCHED = "RTINFER_SERVE_LOOP_SCHED"  # batch or normal: the event loop's scheduling
 _ENV_MODEL_HOST = "RTINFER_SERVE_MODEL_HOST"  # the model host's socket, with --model-process
 _ENV_MODEL_HOST_KEY = "RTINFER_SERVE_MODEL_HOST_KEY"  # its key, in hex
+_ENV_CONTROL = "RTINFER_SERVE_CONTROL"  # the management hub's socket, with --workers N
+_ENV_CONTROL_KEY = "RTINFER_SERVE_CONTROL_KEY"  # its key, in hex
 
 log = logging.getLogger("rtinfer.serve")
 
@@ -407,9 +410,19 @@ def app_from_env() -> InferenceApp:
     api_key = os.environ.get(_ENV_API_KEY) or None
     grpc_address = os.environ.get(_ENV_GRPC)
 
+    control = os.environ.get(_ENV_CONTROL)
+
     async def started(app: InferenceApp) -> Stopper | None:
-        """The gRPC front on the same models (workers share its port: SO_REUSEPORT), and
-        SIGTERM made to drain first."""
+        """The management updates of the workers before this one (with several workers
+        and a management key), the gRPC front on the same models (workers share its port:
+        SO_REUSEPORT), and SIGTERM made to drain first."""
+        member: ControlMember | None = None
+        if control and app.management is not None:
+            member = ControlMember(
+                control, bytes.fromhex(os.environ[_ENV_CONTROL_KEY]), app.management
+            )
+            await member.join()  # the updates so far, before this worker turns ready
+            app.management.control = member
         stop_grpc: Stopper | None = None
         if grpc_address:
             from .grpc.service import serve_grpc
@@ -435,6 +448,8 @@ def app_from_env() -> InferenceApp:
         async def stop() -> None:
             if restore is not None:
                 restore()
+            if member is not None:
+                member.close()
             if stop_grpc is not None:
                 await stop_grpc()
 
@@ -589,7 +604,7 @@ def run_server(
     if model_process:
         _check_model_process(Path(target))
     api_key = api_key or os.environ.get(_ENV_API_KEY) or None
-    management_key = _check_management(target, workers, api_key, management_key, watch_s)
+    management_key = _check_management(target, api_key, management_key, watch_s)
     if not _is_loopback(host) and api_key is None and not insecure:
         raise ConfigError(
             f"binding {host} exposes the models beyond this machine; set an API key "
@@ -615,6 +630,10 @@ def run_server(
     )
     if model_host is not None:
         model_host.start()  # the model is loaded before a worker asks for it
+    # Several workers, one management key: each update goes to every worker.
+    control = ControlHub() if management_key is not None and workers > 1 else None
+    if control is not None:
+        control.start()
     try:
         with tempfile.TemporaryDirectory(prefix="rtinfer-serve-") as snapshots:
             os.environ.update(
@@ -640,6 +659,11 @@ def run_server(
                 os.environ.pop(_ENV_MODEL_HOST, None)
             if management_key is not None:
                 os.environ[_MANAGEMENT_KEY] = management_key
+            if control is not None:
+                os.environ[_ENV_CONTROL] = control.address
+                os.environ[_ENV_CONTROL_KEY] = control.authkey.hex()
+            else:
+                os.environ.pop(_ENV_CONTROL, None)
             # uvicorn raises the signal that stopped it again once it has finished, under the
             # handler found before it started: by default that kills this process before the
             # summary is written. A handler that only notes it lets the run end normally.
@@ -659,6 +683,8 @@ def run_server(
     finally:
         if model_host is not None:  # after the workers: they drained through it
             model_host.stop()
+        if control is not None:
+            control.stop()
     summary["workers"] = workers
     if model_host is not None:
         summary["model_process"] = {
@@ -681,7 +707,6 @@ _MANAGEMENT_KEY = "RTINFER_MANAGEMENT_KEY"
 
 def _check_management(
     target: str | os.PathLike[str],
-    workers: int,
     api_key: str | None,
     management_key: str | None,
     watch_s: float | None,
@@ -699,12 +724,6 @@ def _check_management(
         raise ConfigError("the management key is empty; pass a non-empty key or none")
     if management_key == api_key:
         raise ConfigError("the management key must differ from the API key (--api-key)")
-    if workers > 1:
-        raise ConfigError(
-            f"the management routes act on the one worker process that answers, not on all "
-            f"{workers}: with --workers use --watch (every worker follows the repository), "
-            "or serve with one worker"
-        )
     return management_key
 
 

@@ -33,6 +33,7 @@ from ..exceptions import ConfigError, ModelLoadError
 from ..repository import ModelManager, UpdateRefused
 from ..serving import ModelNotFound
 from .auth import BearerAuth
+from .control import ControlMember, Update
 from .errors import HttpError
 
 __all__ = [
@@ -108,11 +109,16 @@ _BODIES: dict[str, type[msgspec.Struct]] = {
 
 
 class Management:
-    """Answers the management routes for ``manager``, behind its own key."""
+    """Answers the management routes for ``manager``, behind its own key.
+
+    With a :attr:`control` (``rtinfer serve --workers N``), an update is not applied
+    here alone: the hub has every worker apply it (:mod:`rtinfer.http.control`).
+    """
 
     def __init__(self, manager: ModelManager, key: str) -> None:
         self.manager = manager
         self.auth = BearerAuth(key)
+        self.control: ControlMember | None = None
 
     def authorize(self, authorization: bytes | None) -> None:
         if not self.auth.allows(authorization):
@@ -129,12 +135,26 @@ class Management:
         request = _decode(action, body)
         manager = self.manager
         name = params.get("name", "")
+        if isinstance(request, _Index):
+            entries = await manager.index()
+            if request.ready:
+                entries = [e for e in entries if e["state"] == "READY"]
+            return 200, entries
+        if self.control is None:
+            await self._apply(name, request)
+        else:
+            await self.control.ask(Update(action, name, body))
+        versions = [e for e in await manager.index() if e["name"] == name]
+        return 200, {"name": name, "versions": versions}
+
+    async def apply(self, action: str, name: str, body: bytes) -> None:
+        """Apply one update (a route's action and JSON body) here: what the hub has each
+        worker do. Raises :class:`HttpError` as the route would answer."""
+        await self._apply(name, _decode(action, body))
+
+    async def _apply(self, name: str, request: msgspec.Struct) -> None:
+        manager = self.manager
         try:
-            if isinstance(request, _Index):
-                entries = await manager.index()
-                if request.ready:
-                    entries = [e for e in entries if e["state"] == "READY"]
-                return 200, entries
             if isinstance(request, _Load):
                 await manager.load(name, request.version, promote=request.promote)
             elif isinstance(request, _Unload):
@@ -153,8 +173,6 @@ class Management:
             raise HttpError(422, f"the repository's files could not be loaded: {exc}") from None
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
-        versions = [e for e in await manager.index() if e["name"] == name]
-        return 200, {"name": name, "versions": versions}
 
 
 def _decode(action: str, body: bytes) -> msgspec.Struct:
