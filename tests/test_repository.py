@@ -389,17 +389,30 @@ def test_the_management_key_must_differ_from_the_api_key(tmp_path: Path) -> None
 # -- rtinfer serve --management-key --watch, and rtinfer models -------------------------
 
 
-@pytest.fixture(params=[1, 2], ids=["one worker", "two workers"])
+@pytest.fixture(
+    params=[(1, ()), (2, ()), (2, ("--model-process",))],
+    ids=["one worker", "two workers", "two workers, one model process"],
+)
 def served_repo(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
     """``rtinfer serve REPO --management-key --watch`` with one worker, or two (whose
-    updates go to both through the management hub)."""
+    updates go to both through the management hub), their models in each or in one model
+    process."""
+    with serve_repo(tmp_path, *request.param) as (repo, url, _):
+        yield repo, url
+
+
+@contextlib.contextmanager
+def serve_repo(
+    tmp_path: Path, workers: int, options: tuple[str, ...] = ()
+) -> Iterator[tuple[Path, str, int]]:
+    """The repository (versions 1 and 2), the URL and the pid of ``rtinfer serve`` serving it."""
     repo = make_repo(tmp_path / "repo", "1", "2")
     port = free_port()
     env = {**os.environ, "RTINFER_API_KEY": "", "RTINFER_MANAGEMENT_KEY": ""}
     command = [
         sys.executable, "-m", "rtinfer", "serve", str(repo), "--port", str(port),
         "--management-key", MKEY, "--watch", "--watch-interval-s", "0.1",
-        "--drain-s", "1", "--workers", str(request.param),
+        "--drain-s", "1", "--workers", str(workers), *options,
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -415,7 +428,7 @@ def served_repo(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tupl
                 time.sleep(0.05)
             else:
                 pytest.fail("the server never became ready")
-        yield repo, url
+        yield repo, url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(SAFETY * 3) == 0
@@ -476,6 +489,39 @@ def test_rtinfer_models_against_rtinfer_serve(
     with httpx.Client(base_url=url, timeout=SAFETY) as c:
         r = c.post("/v2/models/linear/infer", json=infer_body([[0.25, 0]]))
         np.testing.assert_allclose(r.json()["outputs"][0]["data"], expected("3"), rtol=1e-6)
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_started_in_place_of_a_dead_one_serves_the_updates_before_it(
+    tmp_path: Path,
+) -> None:
+    from test_http_server import worker_pids
+
+    started = time.monotonic()
+    with serve_repo(tmp_path, 2) as (_, url, pid):
+        with httpx.Client(base_url=url, timeout=SAFETY) as c:
+            r = c.post(
+                "/v2/repository/models/linear/promote", json={"version": "1"}, headers=MANAGE
+            )
+            assert r.status_code == 200, r.text
+        assert versions_answering(url) == {"1"}
+        # A worker that dies after its first 10 s is replaced (server.STEADY_S); sooner,
+        # the server would stop.
+        time.sleep(max(0.0, 10.5 - (time.monotonic() - started)))
+        before = worker_pids(pid)
+        os.kill(min(before), signal.SIGKILL)
+        deadline = time.monotonic() + SAFETY * 3
+        while len((after := worker_pids(pid)) - before) == 0 or len(after) < 2:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.05)
+        for _ in range(int(SAFETY * 3 / 0.05)):  # the new one turns ready, then listens
+            try:
+                if versions_answering(url, 8) == {"1"}:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        assert versions_answering(url, 32) == {"1"}  # not version 2, the highest on disk
 
 
 def test_serve_checks_the_management_key(tmp_path: Path) -> None:
