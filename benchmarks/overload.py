@@ -1209,8 +1209,22 @@ def stream_run(
         prod = {k: data[k] for k in data.files}
     out.unlink()
     fallback = args.expired == "fallback"
-    numbers_ok, at_ok, model_ok = broker.read_stream(names["out"], fallback)
-    numbers_dead, at_dead, _ = broker.read_stream(names["dead"], False, names["in"])
+    reads: list[tuple[np.ndarray, ...]] = []
+    covered: set[int] = set()
+    give_up = time.time() + 5.0
+    while True:  # a result can turn readable a moment after its input's commit (tansu)
+        ok = broker.read_stream(names["out"], fallback)
+        dead = broker.read_stream(names["dead"], False, names["in"])
+        reads.append((*ok, *dead[:2]))
+        covered.update(ok[0].tolist(), dead[0].tolist())
+        if len(covered & set(range(first, first + produced_all))) >= produced_all:
+            break
+        if time.time() > give_up:
+            break
+        time.sleep(0.2)
+    numbers_ok, at_ok, model_ok, numbers_dead, at_dead = (
+        np.concatenate([r[i] for r in reads]) for i in range(5)
+    )
     broker.end_run(names)
     return {
         "prod": prod,
