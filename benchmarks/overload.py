@@ -1034,7 +1034,9 @@ class Kafka:
 
     def finished(self, names: dict[str, str]) -> tuple[int, int]:
         """(payments produced, payments the pipeline is done with: its group's commits,
-        which a range set aside unread moves past) since the run began."""
+        which a range set aside unread moves past) since the run began. The first is
+        read from the high watermarks, which on tansu can lag what it has taken: the
+        backlog reads a little low."""
         topic = names["in"]
         parts = self._partitions(topic)
         made = sum(self._meta.get_watermark_offsets(tp, timeout=5)[1] for tp in parts)
@@ -1061,43 +1063,42 @@ class Kafka:
         return np.asarray(numbers, np.int64), np.asarray(stamps), np.asarray(model, bool)
 
     def _messages(self, topic: str, ranges: dict[int, tuple[int, int]] | None = None) -> list[Any]:
-        """The messages of ``topic`` from where the last read ended to the end (or the
-        ``ranges``: partition → first and last offset)."""
+        """The messages of ``topic`` from where the last read ended until none comes for
+        a while (tansu's high watermarks can lag what it delivers), or those of
+        ``ranges`` (partition → first and last offset)."""
         from confluent_kafka import Consumer, TopicPartition
 
         read = self._read.setdefault(topic, {})
         if ranges is None:
-            ranges = {}
-            for tp in self._partitions(topic):
-                high = self._meta.get_watermark_offsets(tp, timeout=5)[1]
-                if high > read.get(tp.partition, 0):
-                    ranges[tp.partition] = (read.get(tp.partition, 0), high - 1)
-            moving = True
+            start = {p: read.get(p, 0) for p in range(self.PARTITIONS)}
         else:
-            moving = False
-        if not ranges:
-            return []
+            start = {p: lo for p, (lo, _) in ranges.items()}
         consumer = Consumer(
             {"bootstrap.servers": self.bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:6]}",
              "enable.auto.commit": False, "fetch.wait.max.ms": 10}
         )  # fmt: skip
-        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, _) in ranges.items()])
-        left = {p: hi for p, (_, hi) in ranges.items()}
+        consumer.assign([TopicPartition(topic, p, offset) for p, offset in start.items()])
         got: list[Any] = []
+        left = {p: hi for p, (_, hi) in (ranges or {}).items()}
+        quiet = 0
         give_up = time.time() + 60
-        while left and time.time() < give_up:
-            for message in consumer.consume(10_000, timeout=0.5):
-                if message.error() is not None or message.partition() not in left:
+        while time.time() < give_up and quiet < 2 and (ranges is None or left):
+            batch = consumer.consume(10_000, timeout=0.3)
+            quiet = 0 if batch else quiet + 1
+            for message in batch:
+                if message.error() is not None:
                     continue
-                if message.offset() <= left[message.partition()]:
+                partition, offset = message.partition(), message.offset()
+                if ranges is None:
                     got.append(message)
-                if message.offset() >= left[message.partition()]:
-                    if moving:
-                        read[message.partition()] = message.offset() + 1
-                    del left[message.partition()]
+                    read[partition] = offset + 1
+                elif partition in left and offset <= left[partition]:
+                    got.append(message)
+                    if offset == left[partition]:
+                        del left[partition]
         consumer.close()
         if left:
-            raise RuntimeError(f"could not read {topic} to its end: {left}")
+            raise RuntimeError(f"could not read the ranges {left} of {topic}")
         return got
 
     def _range(self, source: str, letter: dict[str, Any]) -> list[bytes]:
