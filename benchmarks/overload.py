@@ -1082,7 +1082,7 @@ class Kafka:
         left = {p: hi for p, (_, hi) in (ranges or {}).items()}
         quiet = 0
         give_up = time.time() + 60
-        while time.time() < give_up and quiet < 2 and (ranges is None or left):
+        while time.time() < give_up and (left if ranges is not None else quiet < 2):
             batch = consumer.consume(10_000, timeout=0.3)
             quiet = 0 if batch else quiet + 1
             for message in batch:

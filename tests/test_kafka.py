@@ -723,6 +723,28 @@ async def test_skip_drops_what_was_fetched_and_waits_in_the_source(
         await src.aclose()
 
 
+async def test_a_skip_right_after_a_skip_starts_where_the_first_sought(
+    kafka: str, topic: Topics
+) -> None:
+    """Until the pipeline reads again, the consumer's position is unknown after a seek: a
+    second skip (a lasting overload) must still move past what arrived meanwhile."""
+    name, members = topic("in", partitions=1), group()
+    produce(kafka, name, spread(10, 1))
+    src = source(kafka, name, members)
+    await src.start()
+    try:
+        assert where(await read(src, 1, max_events=1)) == [(0, 0)]
+        record = RangeRecorder()
+        assert await src.skip(record, keep=2) == 7  # 1..7 set aside: it seeks to 8
+        produce(kafka, name, spread(10, 1))  # offsets 10..19
+        await asyncio.sleep(1.0)  # the consumer fetches them in the background
+        assert await src.skip(record, keep=2) == 10
+        assert record.seen[-1] == [Skipped(f"kafka://{name}", 0, 8, 17, 10)]
+        assert where(await read(src, 2)) == [(0, 18), (0, 19)]
+    finally:
+        await src.aclose()
+
+
 async def test_a_kafka_pipeline_sheds_a_late_backlog_by_range(kafka: str, topic: Topics) -> None:
     name, members = topic("in", partitions=1), group()
     n_old, n_fresh, read_size = 60, 12, 4
