@@ -635,7 +635,9 @@ class HostProcess:
     ) -> None:
         if threads < 1:
             raise ValueError(f"a model host runs at least one call at once, got {threads}")
-        self.path = str(path)
+        # Resolved, as rtinfer serve resolves the TARGET it hands the workers: the paths
+        # they name lie under it as written.
+        self.path = str(Path(path).resolve())
         if not Path(path).exists():
             raise ModelLoadError(f"{self.path!r}: no model file or repository folder there")
         self._hold = not Path(path).is_dir()  # a model file: loaded at each start
