@@ -737,7 +737,13 @@ async def test_a_skip_right_after_a_skip_starts_where_the_first_sought(
         record = RangeRecorder()
         assert await src.skip(record, keep=2) == 7  # 1..7 set aside: it seeks to 8
         produce(kafka, name, spread(10, 1))  # offsets 10..19
-        await asyncio.sleep(1.0)  # the consumer fetches them in the background
+        consumer, tp = src._consumer, src._topic_partition((f"kafka://{name}", 0), 0)
+        assert consumer is not None
+
+        def fetched() -> bool:  # the consumer fetches them in the background
+            return consumer.get_watermark_offsets(tp, cached=True)[1] == 20
+
+        await wait_until(fetched, "a fetch reporting the 10 new messages")
         assert await src.skip(record, keep=2) == 10
         assert record.seen[-1] == [Skipped(f"kafka://{name}", 0, 8, 17, 10)]
         assert where(await read(src, 2)) == [(0, 18), (0, 19)]
