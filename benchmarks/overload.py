@@ -65,6 +65,9 @@ the tests start it, unpinned; or ``KAFKA_BOOTSTRAP_SERVERS``), a librdkafka prod
 the backlog from the group's commits, each result's time its message's timestamp.
 tansu answers a fetch only when ``fetch.wait.max.ms`` (10 ms here) expires and slows as
 its log grows: read its figures against each other, and latency targets from Redis.
+``--broker-probe`` adds a plain consumer of the input topic beside the pipeline and
+reports, per level, how long after ``produce()`` it got each message: the broker's own
+delay (a second reader, which on tansu slows the broker at a few thousand events/s).
 
 1. **capacity**: a pipeline without the SLO drains ``--stream-capacity-events``
    pre-filled payments: events/s from its first result to its last
@@ -105,6 +108,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import uuid
@@ -886,6 +890,10 @@ class Redis:
     def prepare(self, names: dict[str, str]) -> None:
         """Nothing: the streams appear with their first entry."""
 
+    def probe(self, topic: str) -> Probe | None:
+        """None: Redis hands an entry on within a millisecond (session 6's baseline)."""
+        return None
+
     def config(self, names: dict[str, str]) -> str:
         url = self.url
         return (
@@ -1027,6 +1035,9 @@ class Kafka:
     def producer_spec(self, stream: str, first: int) -> dict[str, Any]:
         return {"broker": "kafka", "bootstrap": self.bootstrap, "stream": stream, "first": first}
 
+    def probe(self, topic: str) -> Probe:
+        return KafkaProbe(self.bootstrap, topic, self.PARTITIONS)
+
     def _partitions(self, topic: str) -> list[Any]:
         from confluent_kafka import TopicPartition
 
@@ -1118,6 +1129,48 @@ class Kafka:
                 future.result(10)
 
 
+class KafkaProbe:
+    """A plain consumer of the input topic beside the pipeline (its own group, the same
+    ``fetch.wait.max.ms``), on a thread: how long after ``produce()`` the broker hands each
+    message on. This is the broker alone in the same run, what a stream's latency is judged
+    against (tansu slows under load and as its log grows)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+        self._consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4().hex[:6]}",
+             "enable.auto.commit": False, "fetch.wait.max.ms": 10}
+        )  # fmt: skip
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in range(partitions)])
+        self._stamps: list[float] = []  # produce() time of each message (its timestamp)
+        self._delays: list[float] = []  # from then until this consumer had it, s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        consume, stamps, delays = self._consumer.consume, self._stamps, self._delays
+        while not self._stop.is_set():
+            batch = consume(1, timeout=0.1)  # (consume(n) waits for n or the timeout)
+            if batch:
+                batch += consume(10_000, timeout=0)
+            now = time.time()
+            for message in batch:
+                if message.error() is None:
+                    stamp = message.timestamp()[1] / 1e3
+                    stamps.append(stamp)
+                    delays.append(now - stamp)
+
+    def stop(self) -> tuple[np.ndarray, np.ndarray]:
+        """(produce() time, broker delay in s) of every message seen."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._consumer.close()
+        return np.asarray(self._stamps), np.asarray(self._delays)
+
+
+Probe = KafkaProbe
 Broker = Redis | Kafka
 
 
@@ -1189,6 +1242,7 @@ def stream_run(
 ) -> dict[str, Any]:
     """Produce ``segments``, sample the backlog until it drains, read what came out."""
     out = tmp / f"produce-{first}.npz"
+    probe = broker.probe(names["in"]) if args.broker_probe else None
     producer = start_producer(args, broker, names["in"], first, segments, out)
     samples: list[tuple[float, int, int]] = []
     produced_all = sum(count(r, s) for r, s in segments)
@@ -1206,6 +1260,7 @@ def stream_run(
                 raise RuntimeError("the producer failed")
         if stopped_at is not None and (done >= produced_all or now > (deadline or 0)):
             break
+    delays = probe.stop() if probe is not None else None
     with np.load(out) as data:
         prod = {k: data[k] for k in data.files}
     out.unlink()
@@ -1234,6 +1289,7 @@ def stream_run(
         "samples": np.asarray(samples),
         "results": (numbers_ok - first, at_ok, model_ok),
         "dead": (numbers_dead - first, at_dead),
+        "broker_delays": delays,
     }
 
 
@@ -1278,6 +1334,10 @@ def stream_level(run: dict[str, Any], begin: float, end: float, slo_ms: float) -
     else:
         got["backlog_growth_eps"] = float("nan")
     got["backlog_peak"] = int(backlog[t <= end + 0.2].max()) if len(backlog) else 0
+    if run["broker_delays"] is not None:
+        stamps, delays = run["broker_delays"]
+        seen = delays[(stamps - start >= begin) & (stamps - start < end)]
+        got["broker_p50_ms"], got["broker_p99_ms"] = pct(seen, 50), pct(seen, 99)
     return got
 
 
@@ -1385,6 +1445,15 @@ def stream_repeat(args: argparse.Namespace, broker: Broker, tmp: Path) -> dict[s
                     "backlog_back_s": float(t[back][0] - span) if back.any() else None,
                     "windows": windows,
                 }
+                if run["broker_delays"] is not None:
+                    stamps, delays = run["broker_delays"]
+                    broker_windows = window_p99s(
+                        stamps - float(run["prod"]["due"][0]), delays, span,
+                        span + args.recover_seconds,
+                    )  # fmt: skip
+                    recovery["broker_within_slo_s"] = recovery_time(
+                        broker_windows, float(args.stream_slo_ms)
+                    )
     finally:
         stop_pipeline(process)
         broker.delete(names)
@@ -1561,6 +1630,9 @@ def report_stream(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
         show(f"{expired} events/s", col("expired_eps"))
         show("model answers e2e p50 ms", col("model_p50_ms"), "{:.2f}")
         show("model answers e2e p99 ms", col("model_p99_ms"), "{:.2f}")
+        if "broker_p50_ms" in got[0]:
+            show("  broker alone (a plain consumer) p50 ms", col("broker_p50_ms"), "{:.2f}")
+            show("  broker alone (a plain consumer) p99 ms", col("broker_p99_ms"), "{:.2f}")
         show("backlog growth events/s", col("backlog_growth_eps"))
         show("backlog peak, events", col("backlog_peak"))
         show("drain after the producer stopped, s", col("drain_after_stop_s"), "{:.2f}")
@@ -1584,6 +1656,12 @@ def report_stream(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
         show("baseline window p99 ms", [r["baseline_p99_ms"] for r in rec], "{:.2f}")
         show("e2e p99 recovered after s", [r["recover_s"] for r in rec], "{:.1f}", "<= 5")
         show("e2e p99 within the SLO after s", [r["within_slo_s"] for r in rec], "{:.1f}")
+        if "broker_within_slo_s" in rec[0]:
+            show(
+                "  broker alone p99 within the SLO after s",
+                [r["broker_within_slo_s"] for r in rec],
+                "{:.1f}",
+            )
         never = sum(r["recover_s"] is None for r in rec)
         if never:
             print(f"  {never} of {len(rec)} runs: p99 not back within {args.recover_seconds:g} s")
@@ -1691,6 +1769,12 @@ def main() -> None:
     streaming.add_argument("--stream-capacity-events", type=int, default=200_000)
     streaming.add_argument("--drain-timeout", type=float, default=120.0)
     streaming.add_argument("--redis-url", help="a Redis already running (default: start one)")
+    streaming.add_argument(
+        "--broker-probe",
+        action="store_true",
+        help="Kafka: a plain consumer beside the pipeline reports the broker's own delay "
+        "(a second reader: on tansu it slows the broker at a few thousand events/s)",
+    )
     streaming.add_argument(
         "--stream-broker",
         choices=["redis", "kafka"],
