@@ -36,6 +36,7 @@ from rtinfer.types import Arrays, Model
 from test_http import serving
 from test_http_server import worker_pids
 from test_repository import MKEY, Load, add_version, expected, make_repo, write_model
+from test_serve_pipeline import write_pipeline
 
 KEY = b"k" * 32
 
@@ -372,17 +373,51 @@ def test_a_host_process_that_cannot_load_says_why(tmp_path: Path) -> None:
         hosted.stop()
 
 
-def test_model_process_serves_a_model_file_or_a_repository(tmp_path: Path) -> None:
+def test_model_process_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--model-threads must be at least 1"):
         run_server(tmp_path, model_process=True, model_threads=0)
     with pytest.raises(ConfigError, match="add --model-process"):
         run_server(tmp_path, model_threads=2)
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text("name: p\n")
-    with pytest.raises(ConfigError, match="is a pipeline, which loads its models in each"):
-        run_server(pipeline, model_process=True)
     with pytest.raises(ModelLoadError, match="no model file or repository folder there"):
         HostProcess(tmp_path / "nothing.onnx")
+
+
+def scoring_pipeline(tmp_path: Path, model: Path) -> Path:
+    """test_serve_pipeline's scoring pipeline, with a fallback model (a copy of the model,
+    ``light.onnx``) and the model named by a path relative to the current folder."""
+    fallback = tmp_path / "light.onnx"
+    fallback.write_bytes(model.read_bytes())
+    path = write_pipeline(tmp_path, model)
+    text = path.read_text().replace(f"path: {model}", f"path: {os.path.relpath(model)}")
+    text = text.replace(
+        '  version: "1"\n',
+        f'  version: "1"\n  fallback:\n    - {{path: {fallback}, name: light}}\n',
+    )
+    path.write_text(text)
+    return path
+
+
+def test_a_pipelines_model_process_loads_the_files_it_names_and_no_other(
+    model_file: Path, tmp_path: Path
+) -> None:
+    hosted = HostProcess(scoring_pipeline(tmp_path, model_file))
+    fallback = tmp_path / "light.onnx"
+    other = tmp_path / "other.onnx"
+    other.write_bytes(model_file.read_bytes())
+    hosted.start()
+    try:
+        load = hosted_loader(hosted.address, hosted.authkey)
+        inputs = {"features": np.array([[0.25, 0.0]], np.float32)}
+        for path in (os.path.relpath(model_file), fallback):
+            model = load(path)
+            model.load()
+            np.testing.assert_allclose(model.predict(inputs)["probabilities"], [[0.75, 0.25]])
+        stranger = load(other)
+        with pytest.raises(ModelLoadError, match=r"lies outside .*, the only places this model"):
+            stranger.load()
+    finally:
+        hosted.stop()
+    assert (hosted.loads, hosted.restarts) == (2, 0)  # loaded as named: nothing held
 
 
 def _alive(pid: int) -> bool:
@@ -467,6 +502,61 @@ async def test_rtinfer_serve_workers_call_one_model_process(
     assert hosted["worker_calls"] >= 20
     assert 1 <= hosted["model_calls"] <= hosted["worker_calls"]
     assert summary["requests"] >= 20
+
+
+def test_a_pipelines_model_process_unpickles_only_what_the_pipeline_allows(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """``allow_pickle: true`` on a pipeline's model lets the host unpickle that file (the
+    pipeline's author vouches for it); its fallback model, without, stays refused."""
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    rows = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+    logistic = LogisticRegression().fit(rows, [0, 1, 0, 1])
+    trusted, untrusted = tmp_path / "trusted.joblib", tmp_path / "untrusted.joblib"
+    joblib.dump(logistic, trusted)
+    joblib.dump(logistic, untrusted)
+    pipeline = scoring_pipeline(tmp_path, model_file)
+    text = pipeline.read_text().replace(f"path: {os.path.relpath(model_file)}", f"path: {trusted}")
+    text = text.replace('  version: "1"\n', '  version: "1"\n  allow_pickle: true\n')
+    pipeline.write_text(text.replace(str(tmp_path / "light.onnx"), str(untrusted)))
+    hosted = HostProcess(pipeline)  # allow_pickle=False: rtinfer serve's own say
+    hosted.start()
+    try:
+        load = hosted_loader(hosted.address, hosted.authkey)
+        model = load(trusted)
+        model.load()
+        got = model.predict({"features": rows})["probabilities"]
+        np.testing.assert_allclose(got, logistic.predict_proba(rows), atol=1e-5)
+        with pytest.raises(ModelLoadError, match="allow_pickle"):
+            load(untrusted).load()
+    finally:
+        hosted.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_rtinfer_serve_a_pipeline_through_one_model_process(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """Both workers score through the host: the pipeline's model and its fallback model
+    are each loaded once, for both."""
+    pipeline = scoring_pipeline(tmp_path, model_file)
+    async with serve_process(tmp_path, pipeline) as (client, _):
+        answers = await asyncio.gather(
+            *(
+                client.post("/pipelines/scoring/score", json={"id": f"e{i}", "x": i / 20, "y": 0})
+                for i in range(20)
+            )
+        )
+        for i, answer in enumerate(answers):
+            assert answer.status_code == 200, answer.text
+            (got,) = answer.json()["results"]
+            assert got["score"] == pytest.approx(i / 20, abs=1e-6)
+            assert (got["step"], got["model_version"]) == ("primary", "1")
+    hosted = json.loads((tmp_path / "summary.json").read_text())["model_process"]
+    assert (hosted["restarts"], hosted["model_loads"], hosted["model_unloads"]) == (0, 2, 2)
+    assert hosted["worker_calls"] >= 20
 
 
 @pytest.mark.timeout(120)

@@ -51,18 +51,24 @@ from .sinks import BrokerSink, JsonLinesSink, StdoutSink
 from .sources import BrokerSource, JsonLinesSource
 from .stages import Decide, Decode, Outputs, Predict, Stage, Vectorize
 from .stages.predict import model_failure
-from .types import Model, Sink, Source
+from .types import Loader, Model, Sink, Source
 
-__all__ = ["build_model", "build_pipeline", "load_pipeline"]
+__all__ = ["build_model", "build_pipeline", "load_pipeline", "model_files"]
 
 _FIELD_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "any": Any}
 
 
 def load_pipeline(
-    path: str | os.PathLike[str], *, broker: Broker | None = None, metrics: Metrics | None = None
+    path: str | os.PathLike[str],
+    *,
+    broker: Broker | None = None,
+    metrics: Metrics | None = None,
+    load: Loader = load_model,
 ) -> Pipeline:
     """Read a pipeline file and build the pipeline it describes."""
-    return build_pipeline(load_config(path), broker=broker, metrics=metrics, file=str(path))
+    return build_pipeline(
+        load_config(path), broker=broker, metrics=metrics, file=str(path), load=load
+    )
 
 
 def build_pipeline(
@@ -71,18 +77,25 @@ def build_pipeline(
     broker: Broker | None = None,
     metrics: Metrics | None = None,
     file: str | None = None,
+    load: Loader = load_model,
 ) -> Pipeline:
-    """Build a pipeline; ``broker`` is the in-process broker that ``memory`` sources use."""
+    """Build a pipeline; ``broker`` is the in-process broker that ``memory`` sources use.
+
+    ``load``: how the model files the config names by ``path`` are built
+    (:func:`~rtinfer.models.load_model`'s signature; ``rtinfer serve --model-process``
+    passes a :func:`~rtinfer.models.host.hosted_loader`). A ``factory``'s model is built
+    here whatever ``load`` is.
+    """
     broker = broker or Broker()
     metrics = metrics or Metrics()
     m = config.model
-    model = build_model(m, file=file)
+    model = build_model(m, file=file, load=load)
     batcher = _batcher(model, m, metrics)
     decode = _decode(config.decode, file)
     stages: list[Stage] = [decode]
     stages += [_stage(s, i, file, metrics) for i, s in enumerate(config.stages)]
     fallback = [
-        _fallback_step(s, i, config.decision, metrics, file) for i, s in enumerate(m.fallback)
+        _fallback_step(s, i, config.decision, metrics, file, load) for i, s in enumerate(m.fallback)
     ]
     if config.slo.expired == "fallback" and not fallback:
         raise ConfigError(
@@ -196,6 +209,15 @@ def build_pipeline(
     )
 
 
+def model_files(config: PipelineConfig) -> list[tuple[str, bool]]:
+    """The model files ``config`` names by ``path`` (its model's and its fallback
+    models'), each absolute as written, with its ``allow_pickle``: what a model process
+    loads for the pipeline (a ``factory``'s model is built where the pipeline runs)."""
+    m = config.model
+    named = [(m.path, m.allow_pickle)] + [(s.path, s.allow_pickle) for s in m.fallback]
+    return [(os.path.abspath(path), pickle) for path, pickle in named if path is not None]
+
+
 def _batcher(
     model: Model, config: ModelConfig | FallbackStepConfig, metrics: Metrics
 ) -> MicroBatcher:
@@ -216,6 +238,7 @@ def _fallback_step(
     decision: DecisionConfig | None,
     metrics: Metrics,
     file: str | None,
+    load: Loader,
 ) -> Step | MicroBatcher:
     """One ``model.fallback`` entry: a lighter model's batcher, rules, or a default."""
     key = f"model.fallback.{index}"
@@ -251,6 +274,7 @@ def _fallback_step(
         ),
         file=file,
         key=key,
+        load=load,
     )
     return _batcher(model, config, metrics)
 
@@ -293,10 +317,13 @@ def _link_transactions(
     source.commit_with(sink)
 
 
-def build_model(config: ModelConfig, *, file: str | None = None, key: str = "model") -> Model:
+def build_model(
+    config: ModelConfig, *, file: str | None = None, key: str = "model", load: Loader = load_model
+) -> Model:
     """The model a ``model:`` section names (not loaded yet: the batcher loads it off the loop).
 
     ``key``: where the section is in the file (``model.fallback.1`` for a fallback model).
+    ``load`` builds a model named by ``path``; a ``factory``'s is built in this process.
     """
     options: dict[str, Any] = {
         "intra_op_threads": config.intra_op_threads,
@@ -310,7 +337,7 @@ def build_model(config: ModelConfig, *, file: str | None = None, key: str = "mod
                 f"model file {config.path!r} does not exist (relative paths start from the "
                 f"current directory, {Path.cwd()}); check {key}.path{where}"
             )
-        return load_model(
+        return load(
             config.path,
             name=config.name,
             version=config.version,

@@ -25,8 +25,8 @@ reach the workers through ``RTINFER_SERVE_*`` environment variables (and
 exit (SIGINT or SIGTERM: the server finishes the requests in flight, then the models
 drain their queues) every worker leaves a snapshot of its request metrics, and the
 summary of all of them is returned and written to ``summary_json``. With
-``model_process`` (``--model-process``), a model file's or a repository's models are
-loaded once, in a process of their own that every worker calls
+``model_process`` (``--model-process``), a model file's, a repository's or a pipeline's
+models are loaded once, in a process of their own that every worker calls
 (:mod:`rtinfer.models.host`).
 
 SIGTERM drains first: readiness turns false at once, new requests are refused (503
@@ -167,7 +167,7 @@ def build_server(
         from .build import load_pipeline
         from .scoring import PipelineScorer
 
-        pipeline = load_pipeline(path, metrics=server.metrics)
+        pipeline = load_pipeline(path, metrics=server.metrics, load=load)
         server.add_pipeline(PipelineScorer(pipeline, stream=stream))
     elif path.is_dir():
         _add_repository(server, path, load)
@@ -181,15 +181,6 @@ def build_server(
             f"<model>/<version>/model.onnx"
         )
     return server
-
-
-def _check_model_process(path: Path) -> None:
-    """``--model-process`` serves a model file or a repository TARGET (not a pipeline)."""
-    if path.is_file() and path.suffix in (".yaml", ".yml"):
-        raise ConfigError(
-            f"--model-process serves a model file or a model repository; {str(path)!r} is a "
-            f"pipeline, which loads its models in each worker"
-        )
 
 
 def _version_key(name: str) -> tuple[int, int, str]:
@@ -582,7 +573,8 @@ def run_server(
     (:func:`rtinfer.loop.schedule_loop`: ``"batch"`` or ``"normal"``).
 
     ``model_process``: load a model file TARGET (or each model of a repository TARGET that
-    the workers name) once, in a process of its own (a
+    the workers name, or the model files a pipeline TARGET names by path) once, in a
+    process of its own (a
     :class:`~rtinfer.models.host.HostProcess`) that runs ``model_threads`` batches at once,
     and have every worker call it. The workers then only serve: size them for the
     requests (and the refusals), and the model's threads for its answers.
@@ -601,8 +593,6 @@ def run_server(
         raise ConfigError(f"--model-threads must be at least 1, got {model_threads}")
     if model_threads > 1 and not model_process:
         raise ConfigError("--model-threads sizes the model process: add --model-process")
-    if model_process:
-        _check_model_process(Path(target))
     api_key = api_key or os.environ.get(_ENV_API_KEY) or None
     management_key = _check_management(target, api_key, management_key, watch_s)
     if not _is_loopback(host) and api_key is None and not insecure:
@@ -870,9 +860,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-process",
         action="store_true",
-        help="with a model file or a repository TARGET: load each model once, in a process "
-        "of its own that every worker calls, so that the workers (the fronts) and the "
-        "model's threads are sized apart",
+        help="load each model of TARGET (a model file, a repository's versions, a pipeline's "
+        "model files) once, in a process of its own that every worker calls, so that the "
+        "workers (the fronts) and the model's threads are sized apart",
     )
     parser.add_argument(
         "--model-threads",

@@ -3,9 +3,9 @@
 ``rtinfer serve TARGET --workers N --model-process`` loads each model once, in a host
 process, and every worker calls it through a :class:`HostedModel`. The workers keep
 all the serving: HTTP, admission, deadlines, batching, a repository's versions,
-canaries and watch. Only their batches cross to the host, one message each way, so
-the crossing's cost is shared by a batch's rows, and the batches that wait while the
-model runs are merged into one call.
+canaries and watch, a pipeline's stages. Only their batches cross to the host, one
+message each way, so the crossing's cost is shared by a batch's rows, and the batches
+that wait while the model runs are merged into one call.
 
 A worker's :class:`HostedModel` names its model file when it connects: the host loads
 a file the first time a worker names it, and lets it go when the last connection
@@ -26,7 +26,6 @@ shape and raw bytes (strings as a list). Nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing
 import os
@@ -138,9 +137,10 @@ class ModelHost:
 
     ``model``: a loaded model served to the connections that name no file. ``load``
     (:func:`~rtinfer.models.load_model`'s signature): how a model file a connection
-    names is built, under ``root`` only (a file, or a folder such as a repository); it
-    is loaded once for every connection naming the same file (and name, version and
-    options), and let go when the last of them closes.
+    names is built, under ``root`` only (a file, or a folder such as a repository; or
+    several, such as the model files of a pipeline); it is loaded once for every
+    connection naming the same file (and name, version and options), and let go when
+    the last of them closes.
 
     Each connection (a worker's model thread) gets a thread here; at most ``threads``
     calls run at once, whatever their model. ONNX Runtime releases the GIL while it
@@ -158,20 +158,21 @@ class ModelHost:
         authkey: bytes,
         *,
         load: Loader | None = None,
-        root: str | os.PathLike[str] | None = None,
+        root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         threads: int = 1,
         merge: bool = True,
         max_rows: int = 256,
     ) -> None:
         if threads < 1:
             raise ValueError(f"a model host runs at least one call at once, got {threads}")
-        if load is not None and root is None:
-            raise ValueError("a model host that loads files needs the root they must lie under")
         self._default = None if model is None else _Slot(None, model)
         self._load = load
         # Paths are compared as written (made absolute, ".." folded), not resolved: a
         # repository whose version folders link elsewhere is still served.
-        self._root = None if root is None else Path(os.path.abspath(root))
+        roots = [root] if isinstance(root, str | os.PathLike) else list(root or [])
+        if load is not None and not roots:
+            raise ValueError("a model host that loads files needs the root they must lie under")
+        self._roots = [Path(os.path.abspath(r)) for r in roots]
         self.address = address
         self._threads = threads
         self._merge = merge
@@ -255,13 +256,14 @@ class ModelHost:
             if self._default is None:
                 raise ModelLoadError("this model host has no model of its own: name a file")
             return self._default
-        if self._load is None or self._root is None:
+        if self._load is None or not self._roots:
             raise ModelLoadError("this model host serves its own model only; it loads no file")
         path = Path(os.path.abspath(spec.path))
-        if not path.is_relative_to(self._root):
+        if not any(path.is_relative_to(root) for root in self._roots):
+            where = ", ".join(repr(str(r)) for r in self._roots)
             raise ModelLoadError(
-                f"{str(path)!r} lies outside {str(self._root)!r}, the only place this model "
-                f"host loads from"
+                f"{str(path)!r} lies outside {where}, the only place"
+                f"{'s' if len(self._roots) > 1 else ''} this model host loads from"
             )
         try:
             stat = path.stat()
@@ -605,7 +607,11 @@ def hosted_loader(address: str, authkey: bytes) -> Callable[..., HostedModel]:
         allow_pickle: bool = False,
         **options: Any,
     ) -> HostedModel:
-        return HostedModel(address, authkey, path=path, name=name, version=version, options=options)
+        # Absolute here: the host compares it with the files it may load.
+        return HostedModel(
+            address, authkey, path=os.path.abspath(path), name=name, version=version,
+            options=options,
+        )  # fmt: skip
 
     return load
 
@@ -616,11 +622,14 @@ STEADY_S = 10.0
 
 
 class HostProcess:
-    """A :class:`ModelHost` in a child process, for a model file or a model repository
-    folder (``path``, the only place it loads from): started, kept, stopped.
+    """A :class:`ModelHost` in a child process, for a model file, a model repository
+    folder or a pipeline file (``path``): started, kept, stopped.
 
-    A model file is loaded when the host starts, before :meth:`start` returns; a
-    repository's versions are loaded as the workers name them.
+    It loads only the file, what lies in the folder, or the model files the pipeline
+    names by ``path`` (its model and its fallback models; each with the pipeline's
+    ``allow_pickle`` for it). A model file is loaded when the host starts, before
+    :meth:`start` returns; a repository's versions and a pipeline's models are loaded
+    as the workers name them (with the name, version and options they give).
 
     The socket lies in a private temporary folder, and the ``authkey`` is random: only
     this process and its children (which inherit :attr:`address` and :attr:`authkey`)
@@ -640,7 +649,17 @@ class HostProcess:
         self.path = str(Path(path).resolve())
         if not Path(path).exists():
             raise ModelLoadError(f"{self.path!r}: no model file or repository folder there")
-        self._hold = not Path(path).is_dir()  # a model file: loaded at each start
+        # What it may load, what it loads at each start, and which of them may be pickles.
+        self._roots, self._hold, self._pickles = [self.path], [self.path], set[str]()
+        if Path(path).is_dir():
+            self._hold = []
+        elif Path(path).suffix in (".yaml", ".yml"):
+            from ..build import model_files
+            from ..config import load_config
+
+            files = model_files(load_config(path))
+            self._roots, self._hold = [f for f, _ in files], []
+            self._pickles = {f for f, pickle in files if pickle}
         self.allow_pickle = allow_pickle
         self.threads = threads
         self.authkey = os.urandom(32)
@@ -702,9 +721,10 @@ class HostProcess:
         process = self._context.Process(
             target=_host_main,
             args=(
-                self.path,
+                self._roots,
                 self._hold,
                 self.allow_pickle,
+                self._pickles,
                 self.address,
                 self.authkey,
                 self.threads,
@@ -757,16 +777,17 @@ class HostProcess:
 
 
 def _host_main(
-    path: str,
-    hold: bool,
+    roots: list[str],
+    hold: list[str],
     allow_pickle: bool,
+    pickles: set[str],
     address: str,
     authkey: bytes,
     threads: int,
     parent: Connection,
 ) -> None:
-    """The host process: serve (a model file: loaded first), and exit when the parent
-    hangs up."""
+    """The host process: serve (the files of ``hold`` loaded first), and exit when the
+    parent hangs up."""
     # The workers drain through the host: a terminal's Ctrl-C or a SIGTERM to the whole
     # group must not take the model away from them. The parent ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -775,13 +796,18 @@ def _host_main(
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)  # a host that died left its socket
-    load = functools.partial(load_model, allow_pickle=allow_pickle)
+
+    def load(path: str | os.PathLike[str], **options: Any) -> Model:
+        options.pop("allow_pickle", None)  # the host's say, not the caller's
+        pickle = allow_pickle or os.path.abspath(path) in pickles
+        return load_model(path, allow_pickle=pickle, **options)
+
     try:
-        host = ModelHost(None, address, authkey, load=load, root=path, threads=threads)
+        host = ModelHost(None, address, authkey, load=load, root=roots, threads=threads)
     except Exception as exc:
         parent.send(f"the model host could not listen at {address!r}: {exc}")
         return
-    if hold:
+    for path in hold:
         try:
             host.hold(path)
         except ModelLoadError as exc:
