@@ -35,7 +35,10 @@ process: fronts enough to refuse ten times what T model threads answer.
    when all are busy another is opened, up to ``--max-connections`` (a request due while
    all of them are busy waits in the client, and that wait counts in its latency). The
    generator is asyncio protocols on uvloop, parsing only the status line and
-   Content-Length; the dispatcher spins on its own core so that it is not late;
+   Content-Length; the dispatcher spins on its own core so that it is not late. With
+   ``--client-deadline`` each request says how much of its ``--slo-ms`` is left when it
+   is written (``X-Request-Timeout-Ms``, from its due time), as a caller with a deadline
+   would: one that waited in the client for all of it gets 504 at once;
 3. **recovery**: the highest level is followed at once by ``--recover-seconds`` at the
    lowest level. Recovery time: windows of 1 s (by due time) sliding by 0.1 s; a
    window's p99 counts a request not answered 200 as infinitely slow; the baseline is
@@ -144,8 +147,14 @@ class Conn(asyncio.Protocol):
     def send(self, i: int) -> None:
         assert self.transport is not None
         self.current = i
-        self.gen.sent[i] = time.perf_counter()
-        self.transport.write(self.gen.requests[i % len(self.gen.requests)])
+        gen = self.gen
+        now = gen.sent[i] = time.perf_counter()
+        if gen.deadline_s:  # the caller's time left, as a caller with an SLO would send it
+            head, tail = gen.split[i % len(gen.split)]
+            left = max(0, int((gen.due[i] + gen.deadline_s - now) * 1e3))
+            self.transport.write(b"%sX-Request-Timeout-Ms: %d\r\n%s" % (head, left, tail))
+        else:
+            self.transport.write(gen.requests[i % len(gen.requests)])
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -206,6 +215,8 @@ class Generator:
         self.connect_errors = 0
         self.conns: set[Conn] = set()
         self.give_up = 0.0  # seconds a request may wait in the client before it is dropped
+        self.deadline_s = 0.0  # > 0: each request says how much of this is left when sent
+        self.split = [(r[: r.index(b"\r\n") + 2], r[r.index(b"\r\n") + 2 :]) for r in self.requests]
         self.late_start = 0.0  # seconds its pool was ready after the common start
 
     def submit(self, i: int) -> None:
@@ -349,6 +360,7 @@ async def http_load(spec: dict[str, Any], out: Path) -> None:
         total = -(-sum(count(r, s) for r, s in spec["segments"]) // shard[1])
         gen = Generator(spec["port"], total, spec["max_connections"])
         gen.give_up = spec["give_up_ms"] / 1e3
+        gen.deadline_s = spec.get("deadline_ms", 0) / 1e3
         segments = [tuple(s) for s in spec["segments"]]
         start = await open_loop(
             gen, segments, spec["grace"], spec["pool"], spec.get("start"), shard
@@ -653,6 +665,7 @@ def serve_repeat(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, 
             "max_connections": args.max_connections,
             "pool": args.connections,
             "give_up_ms": args.give_up_ms,
+            "deadline_ms": args.slo_ms if args.client_deadline else 0,
         }
         low, high = min(args.levels), max(args.levels)
         span = args.warmup + args.seconds
@@ -1747,6 +1760,13 @@ def main() -> None:
         default=1000.0,
         help="a request still unsent this long after it was due is dropped by the client "
         "(counted as abandoned; 0: never)",
+    )
+    serving.add_argument(
+        "--client-deadline",
+        action="store_true",
+        help="each request carries the time left of its --slo-ms from when it was due "
+        "(X-Request-Timeout-Ms), as a caller with a deadline sends it: one that waited in "
+        "the client for all of it is refused at once",
     )
     streaming = parser.add_argument_group("stream")
     streaming.add_argument("--stream-slo-ms", type=float, default=50.0)

@@ -344,8 +344,8 @@ class InferenceApp:
         assert name is not None
         if route.startswith("/pipelines/"):
             self.server.pipeline(name)  # 404 before reading the body
+            timeout = self.live_timeout(headers)
             body = await self._read_body(headers, receive)
-            timeout = self.request_timeout(headers)
             priority = self.request_priority(headers)
             client = _client(scope) if self.server.quota is not None else None
             if timeout is None:
@@ -368,8 +368,9 @@ class InferenceApp:
                 200 if ready else 503,
             )
         if route.endswith("/infer"):
-            # Admitted (or refused: 503/429) before the body is read and decoded, so a
-            # refusal under overload costs as little as it can.
+            # Admitted (or refused: 503/429, or 504 with its deadline spent) before the
+            # body is read and decoded, so a refusal under overload costs as little as it can.
+            timeout = self.live_timeout(headers)
             served = self._route(served, version, headers)
             priority = self.request_priority(headers)
             client = _client(scope) if self.server.quota is not None else None
@@ -385,7 +386,7 @@ class InferenceApp:
             except BaseException as exc:
                 self.server.release(admission, exc)
                 raise
-            outputs, step = await self._infer(served, inputs, headers, scope, admission)
+            outputs, step = await self._infer(served, inputs, timeout, headers, scope, admission)
             if sum(a.nbytes for a in outputs.values()) > OFFLOAD_BYTES // 8:
                 payload, header_length = await asyncio.to_thread(
                     encode_infer, request, served, outputs, step
@@ -400,10 +401,11 @@ class InferenceApp:
                 headers=[(HEADER_LENGTH.encode(), str(header_length).encode())],
             )
         if route.endswith("/score"):
+            timeout = self.live_timeout(headers)
             body = await self._read_body(headers, receive)
             served = self._route(served, version, headers, body)
             inputs = _decode_score(body, served)
-            outputs, step = await self._infer(served, inputs, headers, scope)
+            outputs, step = await self._infer(served, inputs, timeout, headers, scope)
             return Response(encode(_encode_score(served, outputs, step)))
         return Response(encode(served.metadata()))
 
@@ -481,13 +483,14 @@ class InferenceApp:
         self,
         served: ServedModel,
         inputs: dict[str, Any],
+        seconds: float | None,
         headers: dict[bytes, bytes],
         scope: Scope,
         admission: Admission | None = None,
     ) -> tuple[dict[str, Any], str | None]:
-        """The outputs, and the fallback step that produced them (``None``: no chain)."""
+        """The outputs, and the fallback step that produced them (``None``: no chain);
+        ``seconds``: the request's time (:meth:`live_timeout`)."""
         try:
-            timeout = self.request_timeout(headers)
             priority = self.request_priority(headers)
         except BaseException as exc:
             if admission is not None:
@@ -500,7 +503,7 @@ class InferenceApp:
             served.name,
             inputs,
             version=served.version,
-            deadline=None if timeout is None else time.time() + timeout,
+            deadline=None if seconds is None else time.time() + seconds,
             priority=priority,
             client=client,
             admission=admission,
@@ -532,6 +535,20 @@ class InferenceApp:
                 f"{raw.decode('latin-1')[:40]!r}",
             )  # fmt: skip
         return ms / 1e3
+
+    def live_timeout(self, headers: dict[bytes, bytes]) -> float | None:
+        """:meth:`request_timeout`, refusing at once (504) a request whose caller's time
+        is already spent (``X-Request-Timeout-Ms: 0``): it waited in the caller's queue or
+        a proxy's for all of it, and its body is then never read nor decoded. Under
+        overload such requests are the backlog in front of the server; answering them
+        at the cost of a refusal is what lets the fresh ones through."""
+        timeout = self.request_timeout(headers)
+        if timeout is not None and timeout <= 0:
+            raise HttpError(
+                504, "the request's deadline had passed when it arrived (X-Request-Timeout-Ms "
+                "0); nothing was run",
+            )  # fmt: skip
+        return timeout
 
 
 _PROMETHEUS = CONTENT_TYPE_LATEST.encode()

@@ -52,7 +52,8 @@ _TIMEOUT = {
     "name": "X-Request-Timeout-Ms",
     "in": "header",
     "required": False,
-    "description": "Answer within this many milliseconds or get 504.",
+    "description": "Answer within this many milliseconds or get 504 (0: the caller's time "
+    "is spent, 504 at once without reading the body).",
     "schema": {"type": "number", "minimum": 0},
 }
 _PRIORITY = {
