@@ -497,8 +497,8 @@ def test_a_worker_started_in_place_of_a_dead_one_serves_the_updates_before_it(
 ) -> None:
     from test_http_server import worker_pids
 
-    started = time.monotonic()
     with serve_repo(tmp_path, 2) as (_, url, pid):
+        started = time.monotonic()  # ready: the workers' clocks started before this
         with httpx.Client(base_url=url, timeout=SAFETY) as c:
             r = c.post(
                 "/v2/repository/models/linear/promote", json={"version": "1"}, headers=MANAGE
