@@ -138,9 +138,12 @@ class RangeRecorder:
         self.seen.append(sorted(ranges))
 
 
-def shedding_pipeline(source: Source, results: Sink, dead: Sink, read_size: int) -> Pipeline:
+def shedding_pipeline(
+    source: Source, results: Sink, dead: Sink, read_size: int, slo: float = 1.0
+) -> Pipeline:
     """The test scoring (decode, vectorize, the linear model, outputs) on ``source``, one
-    read in flight, a 1 s deadline, late events shed by range (``slo.shed_by: range``)."""
+    read in flight, a deadline of ``slo`` seconds, late events shed by range
+    (``slo.shed_by: range``)."""
     from rtinfer.batching import MicroBatcher
     from rtinfer.stages import Decode, Outputs, Predict, Vectorize
 
@@ -156,7 +159,7 @@ def shedding_pipeline(source: Source, results: Sink, dead: Sink, read_size: int)
         dead_letters=dead,
         read_size=read_size,
         max_in_flight=1,
-        slo=1.0,
+        slo=slo,
         shed_expired=True,
         shed_ranges=True,
     )

@@ -754,10 +754,12 @@ async def test_a_skip_right_after_a_skip_starts_where_the_first_sought(
 async def test_a_kafka_pipeline_sheds_a_late_backlog_by_range(kafka: str, topic: Topics) -> None:
     name, members = topic("in", partitions=1), group()
     n_old, n_fresh, read_size = 60, 12, 4
-    old_ms = int((time.time() - 60) * 1000)  # a minute behind: far past a 1 s deadline
+    old_ms = int((time.time() - 60) * 1000)  # a minute behind: far past a 10 s deadline
     produce(kafka, name, [{"value": payload(i), "timestamp": old_ms} for i in range(n_old)])
     results, dead = RecordingSink(), RecordingSink("dead")
-    pipeline = shedding_pipeline(source(kafka, name, members), results, dead, read_size)
+    # 10 s, not 1: produce() starts an idempotent producer each call, and on tansu its
+    # messages arrived 0.5-1 s after their timestamps, so fresh events were sometimes late.
+    pipeline = shedding_pipeline(source(kafka, name, members), results, dead, read_size, 10.0)
     running = asyncio.create_task(pipeline.run())
     try:
         # The first read is late: before the next one the backlog is skipped but for one
