@@ -378,7 +378,7 @@ def test_model_process_options_are_checked(tmp_path: Path) -> None:
         run_server(tmp_path, model_process=True, model_threads=0)
     with pytest.raises(ConfigError, match="add --model-process"):
         run_server(tmp_path, model_threads=2)
-    with pytest.raises(ModelLoadError, match="no model file or repository folder there"):
+    with pytest.raises(ModelLoadError, match="no model file, repository folder or pipeline"):
         HostProcess(tmp_path / "nothing.onnx")
 
 
@@ -418,6 +418,14 @@ def test_a_pipelines_model_process_loads_the_files_it_names_and_no_other(
     finally:
         hosted.stop()
     assert (hosted.loads, hosted.restarts) == (2, 0)  # loaded as named: nothing held
+    # A pipeline whose model comes from a factory leaves it nothing to load.
+    factory = tmp_path / "factory.yaml"
+    text = scoring_pipeline(tmp_path, model_file).read_text()
+    text = text.replace(f"path: {os.path.relpath(model_file)}", "factory: 'models:make'")
+    light = f"{{path: {tmp_path / 'light.onnx'}, name: light}}"
+    factory.write_text(text.replace(light, "{default: {probabilities: [1.0, 0.0]}}"))
+    with pytest.raises(ModelLoadError, match="names no model file by path"):
+        HostProcess(factory)
 
 
 def _alive(pid: int) -> bool:

@@ -648,7 +648,9 @@ class HostProcess:
         # they name lie under it as written.
         self.path = str(Path(path).resolve())
         if not Path(path).exists():
-            raise ModelLoadError(f"{self.path!r}: no model file or repository folder there")
+            raise ModelLoadError(
+                f"{self.path!r}: no model file, repository folder or pipeline file there"
+            )
         # What it may load, what it loads at each start, and which of them may be pickles.
         self._roots, self._hold, self._pickles = [self.path], [self.path], set[str]()
         if Path(path).is_dir():
@@ -658,6 +660,11 @@ class HostProcess:
             from ..config import load_config
 
             files = model_files(load_config(path))
+            if not files:
+                raise ModelLoadError(
+                    f"{self.path!r} names no model file by path (a factory's model is built "
+                    f"in each worker): there is nothing for a model process to load"
+                )
             self._roots, self._hold = [f for f, _ in files], []
             self._pickles = {f for f, pickle in files if pickle}
         self.allow_pickle = allow_pickle
