@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import os
 import re
 import threading
 import time
@@ -853,6 +854,26 @@ async def test_start_lowers_the_gil_switch_interval_unless_told_not_to() -> None
         await lowered.aclose()
     finally:
         sys.setswitchinterval(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_a_model_thread_started_from_a_batch_loop_keeps_the_normal_policy() -> None:
+    """rtinfer serve's loop is a batch thread once its first models are loaded; a
+    version loaded later starts its model thread from there, and must not inherit it."""
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        batcher = MicroBatcher(
+            PythonModel(
+                lambda x: {"policy": np.full(len(x["x"]), os.sched_getscheduler(0))},
+                inputs={"x": ("float32", [None, 1])},
+            )
+        )
+        await batcher.start()
+        got = await batcher.submit({"x": np.zeros((1, 1), np.float32)})
+        await batcher.aclose()
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    assert got["policy"].tolist() == [os.SCHED_OTHER]
 
 
 async def test_a_busy_loop_costs_one_turn_between_batches() -> None:

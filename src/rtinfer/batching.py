@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from .exceptions import Closed, DeadlineExceeded, ModelError, Overloaded
+from .loop import schedule_normally
 from .models.base import check_inputs, rows_of
 from .observability.metrics import Metrics
 from .types import Arrays, Model
@@ -231,6 +232,7 @@ class ModelThreads:
         self._queue.put((function, args, done, key))
 
     def _work(self) -> None:
+        schedule_normally()  # started from a batch-scheduled loop (a version loaded later)
         get, call, clock = self._queue.get, self._loop.call_soon_threadsafe, time.perf_counter
         while (item := get()) is not None:
             function, args, done, key = item

@@ -8,7 +8,7 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LOOP_SCHEDULES", "freeze_heap", "run", "schedule_loop"]
+__all__ = ["LOOP_SCHEDULES", "freeze_heap", "run", "schedule_loop", "schedule_normally"]
 
 #: How the event loop's thread may be scheduled (``rtinfer serve --loop-sched``).
 LOOP_SCHEDULES = ("batch", "normal")
@@ -66,3 +66,21 @@ def schedule_loop(how: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def schedule_normally() -> None:
+    """Give the calling thread the normal policy back if it inherited ``SCHED_BATCH``.
+
+    A thread started from an event loop that :func:`schedule_loop` made a batch thread
+    inherits the policy: a model thread calls this as it starts, so a version loaded
+    while serving computes as the ones loaded before the loop yielded do. Raising no
+    priority, it needs no privilege; where it is refused, nothing changes.
+    """
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None:
+        return
+    try:
+        if os.sched_getscheduler(0) == batch:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass
