@@ -108,7 +108,14 @@ def test_onnx_model_reads_its_graph_and_predicts(onnx_file: Path) -> None:
     assert list(out) == ["score"]
     assert out["score"].shape == (3, 1)
     np.testing.assert_allclose(out["score"], expected_score(x), rtol=1e-6)
-    model.warmup([1, 4, 9])  # zero-filled batches of every size run
+    ran: list[int] = []
+    predict = model.predict
+    model.predict = lambda inputs: ran.append(len(inputs["x"])) or predict(inputs)  # type: ignore[method-assign]
+    model.warmup([4, 1, 9])  # on the CPU alone, the first call is the one worth running
+    assert ran == [1]
+    model.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    model.warmup([1, 4, 9])  # elsewhere a first call at each shape sets it up: all run
+    assert ran == [1, 1, 4, 9]
 
 
 def test_onnx_model_reads_fixed_dims_and_other_dtypes(tmp_path: Path) -> None:
