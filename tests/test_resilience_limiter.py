@@ -94,10 +94,16 @@ async def test_heads_let_through_hold_their_place_until_the_next_turn() -> None:
     assert rejected(lim, "best_effort") == 1
 
 
-def rounds(lim: AdaptiveLimiter, clock: FakeClock, latency: float, n: int) -> None:
-    """``n`` rounds of filling the limit with calls that each take ``latency``."""
+def rounds(
+    lim: AdaptiveLimiter, clock: FakeClock, latency: float, n: int, refused: int = 0
+) -> None:
+    """``n`` rounds of filling the limit with calls that each take ``latency`` (and of
+    ``refused`` more callers each, over the limit)."""
     for _ in range(n):
         permits = [lim.try_acquire() for _ in range(lim.limit)]
+        for _ in range(refused):
+            with pytest.raises(Overloaded):
+                lim.try_acquire()
         clock.advance(latency)
         for permit in permits:
             permit.release()
@@ -153,7 +159,8 @@ def test_a_calls_service_time_is_the_sample_when_its_caller_knows_it() -> None:
 def test_latency_past_the_target_keeps_the_limit_down_however_long_it_lasts() -> None:
     clock = FakeClock()
     lim = limiter(clock, initial_limit=50, min_limit=2, max_limit=200, latency_target=0.060)
-    rounds(lim, clock, 0.300, 400)  # long enough for the long-term average to be 300 ms
+    # a caller refused each round: an overload, though the model idles between rounds
+    rounds(lim, clock, 0.300, 400, refused=1)  # the long-term average becomes 300 ms
     assert lim.long_rtt == pytest.approx(0.300)
     assert lim.limit <= 4  # held down; without the target 300 ms would become normal
     unanchored = limiter(clock, initial_limit=50, min_limit=2, max_limit=200)
@@ -377,16 +384,37 @@ def test_calls_in_flight_stay_within_what_the_answers_allow() -> None:
     assert unbounded.limit > 200
 
 
-def test_a_quiet_spell_leaves_the_ceiling_where_a_busy_one_put_it() -> None:
-    clock = FakeClock()
-    lim = limiter(clock, initial_limit=200, max_limit=1000, latency_target=0.010)
-    busy(lim, clock, 1.0, 5000)
-    settled = lim.limit
-    for _ in range(100):  # a second of one call at a time: a burst may follow
+def quiet(lim: AdaptiveLimiter, clock: FakeClock, seconds: float) -> None:
+    """One call at a time, 10 ms apart, 1 ms in the model: the callers' pace, no refusal."""
+    for _ in range(round(seconds / 0.010)):
         permit = lim.try_acquire()
         clock.advance(0.010)
         permit.service = 0.001
         permit.release()
+
+
+def test_a_quiet_spell_forgets_what_an_overload_taught() -> None:
+    clock = FakeClock()
+    loop_keeps_time = False
+    lim = limiter(
+        clock,
+        initial_limit=200,
+        max_limit=1000,
+        latency_target=0.010,
+        calm=lambda: loop_keeps_time,
+    )
+    busy(lim, clock, 1.0, 5000)
+    settled = lim.limit
+    assert settled <= 100
+    quiet(lim, clock, 2.0)  # the calls' pace, but their loop is late: it may be the limit
     assert lim.limit == settled
+    loop_keeps_time = True
+    quiet(lim, clock, 2.0)  # the model idles, nobody is refused: a burst may follow
+    assert lim.limit >= 190  # back towards its start, the room of a quiet server
+    burst = [lim.try_acquire() for _ in range(150)]  # a pause upstream, then its backlog
+    for permit in burst:
+        permit.release(ok=False)
+    busy(lim, clock, 1.0, 5000)  # overloaded again: the ceiling is learnt again
+    assert lim.limit <= 100
     busy(lim, clock, 1.0, 20_000)  # busier: the ceiling rises with the answers
     assert lim.limit > settled

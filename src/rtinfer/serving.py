@@ -73,6 +73,10 @@ __all__ = [
     "oip_datatype",
 ]
 
+#: The event loop's lag under which a served model's limiter may call a window quiet: a
+#: loop that is the bottleneck (a model cheaper than its HTTP) runs 10 to 40 ms late.
+CALM_LAG_S = 0.002
+
 #: Open Inference Protocol datatypes and their numpy dtypes.
 _OIP_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -461,6 +465,11 @@ class ModelServer:
         self._loop_lag.start()
         self.started = True
 
+    def _calm(self) -> bool:
+        """The event loop kept time at its latest sample: no queue of work in front of
+        it (a limiter forgets an overload only while it is so)."""
+        return self._loop_lag.last < CALM_LAG_S
+
     def _protect(self, served: ServedModel, *, several: bool) -> None:
         policy = served.policy
         label = f"{served.name}@{served.version}" if several else served.name
@@ -469,7 +478,7 @@ class ModelServer:
             initial = min(ceiling, max(20, served.batcher.max_batch_size))
             served.limiter = AdaptiveLimiter(
                 label, initial_limit=initial, max_limit=ceiling, clock=self.clock,
-                latency_target=self.latency_target, metrics=self.metrics,
+                latency_target=self.latency_target, calm=self._calm, metrics=self.metrics,
             )  # fmt: skip
         if policy.breaker:
             served.breaker = CircuitBreaker(

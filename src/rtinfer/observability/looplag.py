@@ -27,7 +27,7 @@ INTERVAL_S = 0.1
 class LoopLag:
     """Samples the running loop's lateness into ``histogram`` (:meth:`start`, :meth:`stop`)."""
 
-    __slots__ = ("_due", "_handle", "_histogram", "_loop", "interval")
+    __slots__ = ("_due", "_handle", "_histogram", "_loop", "interval", "last")
 
     def __init__(self, histogram: Histogram, interval: float = INTERVAL_S) -> None:
         if interval <= 0:
@@ -37,6 +37,8 @@ class LoopLag:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
+        #: The latest sample, in seconds (0 before the first).
+        self.last = 0.0
 
     def start(self) -> None:
         """Sample the running loop from now on (again: nothing more)."""
@@ -58,5 +60,6 @@ class LoopLag:
     def _tick(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        self._histogram.observe(max(0.0, now - self._due))
+        self.last = max(0.0, now - self._due)
+        self._histogram.observe(self.last)
         self._arm(now)

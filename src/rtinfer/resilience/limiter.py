@@ -21,8 +21,14 @@ longer than twice the target, wherever they wait. It matters where the samples c
 see the wait: a model cheaper than its request's HTTP keeps its call time short while
 the requests queue in front of the event loop, and the gradient alone would let the
 limit grow with them (measured: three times the answers in time at 1.5 and 2 times
-capacity). A window that ends with less than half the limit in flight only raises it,
-so a quiet spell does not leave a burst a low ceiling.
+capacity). A window that ends with less than half the limit in flight only raises it.
+A quiet window (an answer left no call in flight, and none was refused or waits)
+measured the callers' pace, not the model's: it lifts the ceiling and brings the limit
+back towards its start by ``smoothing``, so what an overload taught does not outlive it.
+Without that, one burst at 40% load left the limit at the floor of 20 for good, and
+every later burst of 150 (a 0.15 s pause upstream, then its backlog at once) was 90%
+refused where the first had been answered within the SLO (``rtinfer serve``, 120-layer
+stand-in on one core).
 
 A call's sample is its time since admission, or, when its caller knows it
 (:attr:`Permit.service`, what ``rtinfer serve`` sets from the batcher), its time in front
@@ -148,7 +154,9 @@ class AdaptiveLimiter:
     the limit (default ``sqrt(limit)``, at least 1); ``backoff_ratio``: the cut on a dropped
     call (0.9; once per call time at most); ``retry_after``: the seconds a refused caller is
     told to wait; ``latency_target``: seconds under which a call's time is no reason to
-    shrink the limit (``None``: every sample counts).
+    shrink the limit (``None``: every sample counts); ``calm``: whether what runs around
+    the calls keeps time now (``rtinfer serve``: its event loop's lag is short), without
+    which no window counts as quiet (see the module).
     """
 
     def __init__(
@@ -166,6 +174,7 @@ class AdaptiveLimiter:
         backoff_ratio: float = 0.9,
         retry_after: float = 1.0,
         latency_target: float | None = None,
+        calm: Callable[[], bool] | None = None,
         clock: Clock = time.monotonic,
         metrics: Metrics | None = None,
     ) -> None:
@@ -197,8 +206,9 @@ class AdaptiveLimiter:
         self.backoff_ratio = backoff_ratio
         self.retry_after = retry_after
         self.latency_target = latency_target
+        self._calm = calm
         self._clock = clock
-        self._limit = float(initial_limit)
+        self._limit = self._initial = float(initial_limit)
         self._in_flight = 0
         self._heads = 0  # heads let through this turn of the loop (see refuses_head)
         self._long_rtt = 0.0
@@ -208,6 +218,8 @@ class AdaptiveLimiter:
         # began, when it began, and the ceiling they gave.
         self._answered = 0
         self._window = clock()
+        self._idled = False  # an answer in the window left no call in flight
+        self._refusals = 0  # calls refused in the window
         self._ceiling = self.max_limit
         self._waiters: dict[Priority, deque[asyncio.Future[Permit]]] = {
             Priority.CRITICAL: deque(),
@@ -292,6 +304,7 @@ class AdaptiveLimiter:
 
     def _refused(self, priority: Priority) -> bool:
         """Count a refusal (``True``)."""
+        self._refusals += 1
         if priority is Priority.CRITICAL:
             self._m_rejected_critical.inc()
         else:
@@ -368,14 +381,31 @@ class AdaptiveLimiter:
         self._answered += 1
         elapsed = now - self._window
         if elapsed < CEILING_WINDOW_S:
+            if not self._in_flight:
+                self._idled = True
             return
         assert self.latency_target is not None
         ceiling = max(CEILING_FLOOR, 2.0 * self.latency_target * self._answered / elapsed)
+        quiet = (
+            self._idled
+            and not self._refusals
+            and self._no_waiters()
+            and self._calm is not None
+            and self._calm()
+        )
+        self._idled, self._refusals = False, 0
         self._answered = 0
         self._window = now
-        # A window that left most of the limit unused says nothing about what a busy one
-        # allows: it only raises the ceiling.
-        if ceiling > self._ceiling or self._in_flight >= self._limit / 2:
+        if quiet:
+            # The callers left the model idle and none was refused: the answers were
+            # their pace, not what the model can do, and what an overload taught is
+            # stale. The ceiling goes and the limit returns towards its start, so that a
+            # backlog released at once after a pause upstream finds a quiet server's room.
+            self._ceiling = self.max_limit
+            if self._limit < self._initial:
+                self._limit += (self._initial - self._limit) * self.smoothing
+        elif ceiling > self._ceiling or self._in_flight >= self._limit / 2:
+            # A window that left most of the limit unused only raises the ceiling.
             self._ceiling = ceiling
             if self._limit > ceiling:
                 self._limit = max(self.min_limit, ceiling)
