@@ -51,13 +51,13 @@ def _at_lowest_priority(create: Callable[[], T]) -> T:
 
     Creating a session (parsing, optimising the graph, packing weights) costs CPU:
     about 15 ms for a 120-layer MLP, that a core serving beside it loses. A version
-    loaded while others serve (``benchmarks/update.py``, one core at half its capacity)
+    loaded while others serve (``benchmarks/update.py``, one core about 93% busy)
     slowed the requests of those 30-40 ms from a p50 of 1 ms to 10-12 ms; created at
     nice 19, their p50 stayed 1.1 ms and their p99 5.7-7.8 ms (4.8-5.5 without a load),
     and the load took 1-2 s of the core's spare time. Only a session without threads of
-    its own comes here (they
-    would be started in the helper and keep its priority). On Linux a nice value is a
-    thread's; elsewhere it is the process's, and the session is created at once.
+    its own comes here (they would be started in the helper and keep its priority). On
+    Linux a nice value is a thread's; elsewhere it is the process's, and the session is
+    created at once.
     """
     if not sys.platform.startswith("linux"):
         return create()
