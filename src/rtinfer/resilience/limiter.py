@@ -22,9 +22,11 @@ see the wait: a model cheaper than its request's HTTP keeps its call time short 
 the requests queue in front of the event loop, and the gradient alone would let the
 limit grow with them (measured: three times the answers in time at 1.5 and 2 times
 capacity). A window that ends with less than half the limit in flight only raises it.
-A quiet window (an answer left no call in flight, and none was refused or waits)
-measured the callers' pace, not the model's: it lifts the ceiling and brings the limit
-back towards its start by ``smoothing``, so what an overload taught does not outlive it.
+A quiet window (an answer left no call in flight, none was refused or waits, and
+``calm`` says what runs around the calls keeps time: ``rtinfer serve``'s event loop is
+not late, as it is where the loop is the bottleneck and the ceiling must hold) measured
+the callers' pace, not the model's: it lifts the ceiling and brings the limit back
+towards its start by ``smoothing``, so what an overload taught does not outlive it.
 Without that, one burst at 40% load left the limit at the floor of 20 for good, and
 every later burst of 150 (a 0.15 s pause upstream, then its backlog at once) was 90%
 refused where the first had been answered within the SLO (``rtinfer serve``, 120-layer
