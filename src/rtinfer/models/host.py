@@ -538,7 +538,12 @@ class HostedModel:
             raise ModelLoadError(str(exc)) from exc
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
-        for rows in batch_sizes:
+        """One call of the smallest size: the host warmed the model up when it loaded it,
+        and every call runs on the model threads that serve every worker, so a batch of
+        each size up to 256 rows held up the versions serving beside this one (measured,
+        ``benchmarks/update.py --model-process``: 31-118 requests past their deadline at
+        each load, none with one call)."""
+        for rows in sorted(batch_sizes)[:1]:
             self.predict(example_inputs(self.inputs, rows))
 
     def predict(self, inputs: Arrays) -> Arrays:
