@@ -6,10 +6,7 @@ Also the input checks every model call goes through.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -119,30 +116,6 @@ def test_onnx_model_reads_its_graph_and_predicts(onnx_file: Path) -> None:
     model.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     model.warmup([1, 4, 9])  # elsewhere a first call at each shape sets it up: all run
     assert ran == [1, 1, 4, 9]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice is Linux's")
-@pytest.mark.parametrize(("threads", "nice"), [(1, 19), (2, 0)])
-def test_a_session_without_threads_of_its_own_is_created_at_the_lowest_priority(
-    onnx_file: Path, monkeypatch: pytest.MonkeyPatch, threads: int, nice: int
-) -> None:
-    """Created beside versions that serve, a session takes only the CPU they leave; one
-    with intra-op threads is created at the caller's priority, which its threads keep."""
-    import onnxruntime as ort
-
-    seen: list[int] = []
-    real = ort.InferenceSession
-
-    def watched(*args: Any, **kwargs: Any) -> Any:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", watched)
-    model = loaded(OnnxModel(onnx_file, intra_op_threads=threads))
-    assert seen == [nice]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the caller's kept
-    x = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
-    np.testing.assert_allclose(model.predict({"x": x})["score"], expected_score(x), rtol=1e-6)
 
 
 def test_onnx_model_reads_fixed_dims_and_other_dtypes(tmp_path: Path) -> None:

@@ -9,15 +9,11 @@ thread per batch in flight and lets you raise it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import sys
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +22,6 @@ from ..types import Arrays, TensorSpec
 from .base import example_inputs
 
 __all__ = ["OnnxModel", "choose_providers"]
-
-T = TypeVar("T")
 
 _DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype(np.float32),
@@ -44,30 +38,6 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(bool)": np.dtype(np.bool_),
     "tensor(string)": np.dtype(np.object_),
 }
-
-
-def _at_lowest_priority(create: Callable[[], T]) -> T:
-    """``create()`` on a helper thread at the lowest priority, where a thread has one.
-
-    Creating a session (parsing, optimising the graph, packing weights) costs CPU:
-    about 15 ms for a 120-layer MLP, that a core serving beside it loses. A version
-    loaded while others serve (``benchmarks/update.py``, one core about 93% busy)
-    slowed the requests of those 30-40 ms from a p50 of 1 ms to 10-12 ms; created at
-    nice 19, their p50 stayed 1.1 ms and their p99 5.7-7.8 ms (4.8-5.5 without a load),
-    and the load took 1-2 s of the core's spare time. Only a session without threads of
-    its own comes here (they would be started in the helper and keep its priority). On
-    Linux a nice value is a thread's; elsewhere it is the process's, and the session is
-    created at once.
-    """
-    if not sys.platform.startswith("linux"):
-        return create()
-
-    def lowest() -> None:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-    with ThreadPoolExecutor(1, "rtinfer-session", initializer=lowest) as helper:
-        return helper.submit(create).result()
 
 
 def choose_providers(available: Sequence[str]) -> list[str]:
@@ -141,15 +111,8 @@ class OnnxModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = self._providers or choose_providers(ort.get_available_providers())
-
-        def create() -> Any:
-            return ort.InferenceSession(data, options, providers=providers)
-
         try:
-            if providers == ["CPUExecutionProvider"] and self.intra_op_threads == 1:
-                self._session = _at_lowest_priority(create)
-            else:  # threads of its own, started in there, would keep the priority
-                self._session = create()
+            self._session = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own untyped errors
             raise ModelLoadError(f"ONNX Runtime could not load {str(self.path)!r}: {exc}") from exc
         self._version = version
