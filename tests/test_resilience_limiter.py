@@ -94,16 +94,10 @@ async def test_heads_let_through_hold_their_place_until_the_next_turn() -> None:
     assert rejected(lim, "best_effort") == 1
 
 
-def rounds(
-    lim: AdaptiveLimiter, clock: FakeClock, latency: float, n: int, refused: int = 0
-) -> None:
-    """``n`` rounds of filling the limit with calls that each take ``latency`` (and of
-    ``refused`` more callers each, over the limit)."""
+def rounds(lim: AdaptiveLimiter, clock: FakeClock, latency: float, n: int) -> None:
+    """``n`` rounds of filling the limit with calls that each take ``latency``."""
     for _ in range(n):
         permits = [lim.try_acquire() for _ in range(lim.limit)]
-        for _ in range(refused):
-            with pytest.raises(Overloaded):
-                lim.try_acquire()
         clock.advance(latency)
         for permit in permits:
             permit.release()
@@ -159,8 +153,7 @@ def test_a_calls_service_time_is_the_sample_when_its_caller_knows_it() -> None:
 def test_latency_past_the_target_keeps_the_limit_down_however_long_it_lasts() -> None:
     clock = FakeClock()
     lim = limiter(clock, initial_limit=50, min_limit=2, max_limit=200, latency_target=0.060)
-    # a caller refused each round: an overload, though the model idles between rounds
-    rounds(lim, clock, 0.300, 400, refused=1)  # the long-term average becomes 300 ms
+    rounds(lim, clock, 0.300, 400)  # long enough for the long-term average to be 300 ms
     assert lim.long_rtt == pytest.approx(0.300)
     assert lim.limit <= 4  # held down; without the target 300 ms would become normal
     unanchored = limiter(clock, initial_limit=50, min_limit=2, max_limit=200)
