@@ -28,6 +28,7 @@ from conftest import SAFETY, linear, python_model, wait_until
 from rtinfer.grpc import create_grpc_server, inference_pb2_grpc, serve_grpc
 from rtinfer.grpc import inference_pb2 as pb
 from rtinfer.models import OnnxModel, PythonModel, tensor
+from rtinfer.resilience import Priority
 from rtinfer.serving import Inference, ModelServer
 from rtinfer.types import Arrays
 
@@ -380,7 +381,34 @@ async def test_a_call_without_deadline_gets_the_servers_default() -> None:
     assert own < before + 2 * SAFETY  # the client's own deadline wins over the default
 
 
-async def test_overload_is_resource_exhausted() -> None:
+async def test_a_full_limiter_is_unavailable_and_sheds_best_effort_first() -> None:
+    """HTTP's 503 is gRPC's UNAVAILABLE (what retry policies retry), with retry-after;
+    ``x-priority: best_effort`` is shed where a critical call still gets in."""
+    async with running(python_model(name="linear")) as r:
+        limiter = r.models.get("linear").limiter
+        assert limiter is not None
+        share = int(limiter.limit * limiter.best_effort_share)
+        held = [limiter.try_acquire(Priority.CRITICAL) for _ in range(share)]
+        best_effort = (("x-priority", "best_effort"),)
+        call = r.stub.ModelInfer(features_request([[0.5, 0.5]]), metadata=best_effort)
+        error = await status_of(call)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "best_effort call shed" in (error.details() or "")
+        assert ("retry-after", "1") in list(error.trailing_metadata() or ())
+        critical = (("x-priority", "critical"),)
+        done = await r.stub.ModelInfer(features_request([[0.5, 0.5]]), metadata=critical)
+        np.testing.assert_allclose(output_array(done), [[0.5, 0.5]])
+        held += [limiter.try_acquire(Priority.CRITICAL) for _ in range(limiter.limit - share)]
+        error = await status_of(r.stub.ModelInfer(features_request([[0.5, 0.5]])))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "critical call shed" in (error.details() or "")
+        for permit in held:
+            permit.release()
+        done = await r.stub.ModelInfer(features_request([[0.25, 0.5]]), metadata=best_effort)
+        np.testing.assert_allclose(output_array(done), [[0.75, 0.25]])
+
+
+async def test_a_full_queue_is_unavailable() -> None:
     gate, entered = threading.Event(), threading.Event()
     batching = {"max_batch_size": 1, "max_queue_rows": 1}
     async with running(gated_model(gate, entered), batching=batching) as r:
@@ -391,7 +419,7 @@ async def test_overload_is_resource_exhausted() -> None:
         await wait_until(lambda: batcher._queued_rows == 1, "the second request to queue")
         call = r.stub.ModelInfer(features_request([[0.5, 0.5]]))
         error = await status_of(call)
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "rows queued" in (error.details() or "")
         assert ("retry-after", "1") in list(error.trailing_metadata() or ())
         gate.set()

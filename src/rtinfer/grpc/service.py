@@ -11,9 +11,13 @@ model. Errors become status codes::
     bad input name, datatype, shape, size  INVALID_ARGUMENT
     bad x-priority metadata                INVALID_ARGUMENT
     client over quota (QuotaExceeded)      RESOURCE_EXHAUSTED  (+ retry-after trailer)
-    limiter, queue full, breaker open      RESOURCE_EXHAUSTED  (+ retry-after trailer)
+    limiter, queue full, breaker open      UNAVAILABLE         (+ retry-after trailer)
     gRPC deadline passed before the run    DEADLINE_EXCEEDED
     model not ready, server draining       UNAVAILABLE
+
+HTTP's 503 and 429 map as Google's API guidelines (AIP-193) map them: shed load is
+``UNAVAILABLE``, which gRPC's retry policies and clients retry with backoff, perhaps on
+another replica; a spent quota is the client's own ``RESOURCE_EXHAUSTED``.
     the model itself failed                INTERNAL
 
 ``ServerLive`` and ``ServerReady`` answer without a key (health probes carry none);
@@ -37,7 +41,14 @@ import grpc
 from grpc import aio
 
 from .. import __version__
-from ..exceptions import Closed, DeadlineExceeded, ModelError, ModelInputError, Overloaded
+from ..exceptions import (
+    Closed,
+    DeadlineExceeded,
+    ModelError,
+    ModelInputError,
+    Overloaded,
+    QuotaExceeded,
+)
 from ..resilience import Priority, parse_priority
 from ..serving import ModelNotFound, ModelServer, ServedModel
 from . import inference_pb2 as pb
@@ -246,7 +257,12 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str]
         return grpc.StatusCode.NOT_FOUND, str(exc), ()
     if isinstance(exc, Overloaded):
         seconds = str(max(1, math.ceil(exc.retry_after)))
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), (("retry-after", seconds),)
+        code = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if isinstance(exc, QuotaExceeded)
+            else grpc.StatusCode.UNAVAILABLE
+        )
+        return code, str(exc), (("retry-after", seconds),)
     if isinstance(exc, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), ()
     if isinstance(exc, TimeoutError):
