@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from rtinfer.batching import CallCost, MicroBatcher
 from rtinfer.exceptions import DeadlineExceeded
+from rtinfer.models import PythonModel, call_deadline
 from rtinfer.types import Arrays
 from test_batching import (
     SAFETY,
@@ -362,3 +363,69 @@ async def test_answered_requests_with_deadlines_are_not_kept() -> None:
         assert alive == [], f"{len(alive)} answered requests are still referenced"
     finally:
         await batcher.aclose()
+
+
+class DeadlineRecorder(IdModel):
+    """An :class:`IdModel` that also records, by each call's first id, the deadline the
+    call's own code reads (:func:`rtinfer.models.call_deadline`) on the model's thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadlines: dict[int, float | None] = {}
+
+    def __call__(self, inputs: Arrays) -> Arrays:
+        self.deadlines[int(inputs["ids"][0, 0])] = call_deadline()
+        return super().__call__(inputs)
+
+
+async def test_a_models_code_reads_the_latest_deadline_of_the_batch_it_runs() -> None:
+    recorder = DeadlineRecorder()
+    batcher = await started(recorder, max_batch_size=4, max_delay=0.0)
+    try:
+        soon, later = time.time() + HOUR, time.time() + 2 * HOUR
+        for first, second in ((soon, later), (soon, None)):
+            recorder.calls.clear()
+            blocker = await hold(recorder, batcher)
+            queued = [submit(batcher, [1], first), submit(batcher, [2], second)]
+            await settle()
+            recorder.gate.set()
+            for task in queued:
+                await asyncio.wait_for(task, SAFETY)
+            await blocker
+            assert recorder.calls[-1] == [1, 2]  # one batch of both
+            assert recorder.deadlines[1] == second  # the latest; None when one has none
+        await batcher.submit(rows([3]), deadline=soon)
+        assert recorder.deadlines[3] == soon
+        assert recorder.deadlines[BLOCKER] is None
+        assert call_deadline() is None  # set for the model's call only, on its thread
+    finally:
+        recorder.gate.set()
+        await asyncio.wait_for(batcher.aclose(), SAFETY)
+
+
+async def test_a_batch_the_model_refuses_for_its_deadline_is_not_retried_request_by_request() -> (
+    None
+):
+    """A model that says the batch is late (a model process's queue held it past its
+    latest deadline) fails every request of it at once: none is late-run alone."""
+    calls: list[list[int]] = []
+
+    def late(inputs: Arrays) -> Arrays:
+        ids = inputs["ids"][:, 0].tolist()
+        if any(ids):  # not the warm-up (zeros)
+            calls.append(ids)
+            raise DeadlineExceeded("waited in the model host past its deadline")
+        return {"ids": inputs["ids"], "double": 2 * inputs["ids"]}
+
+    model = PythonModel(late, inputs={"ids": ("int64", [None, 1])}, name="late")
+    batcher = MicroBatcher(model, max_batch_size=4, max_delay=0.05)
+    await asyncio.wait_for(batcher.start(), SAFETY)
+    try:
+        soon = time.time() + HOUR
+        tasks = [submit(batcher, [i], soon) for i in (1, 2)]
+        for task in tasks:
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(task, SAFETY)
+    finally:
+        await asyncio.wait_for(batcher.aclose(), SAFETY)
+    assert calls == [[1, 2]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import signal
@@ -24,10 +25,17 @@ import pytest
 
 from conftest import SAFETY, wait_until
 from faults_helpers import free_port
-from rtinfer.exceptions import ConfigError, ModelError, ModelInputError, ModelLoadError
+from rtinfer.exceptions import (
+    ConfigError,
+    DeadlineExceeded,
+    ModelError,
+    ModelInputError,
+    ModelLoadError,
+)
 from rtinfer.http import InferenceApp
 from rtinfer.models import OnnxModel, PythonModel, load_model, tensor
 from rtinfer.models import host as host_module
+from rtinfer.models.base import CALL_DEADLINE
 from rtinfer.models.host import HostedModel, HostProcess, ModelHost, hosted_loader
 from rtinfer.repository import ModelManager, ModelRepository
 from rtinfer.serve import build_server, run_server
@@ -271,6 +279,57 @@ def test_a_merged_call_that_fails_is_run_call_by_call(address: str) -> None:
     assert str(results[1]) == "negative x in a call of 1 rows"  # its own call, alone
     assert results[2] == [30.0]
     assert (host.runs, host.calls) == (5, 4)  # one alone, three as one, then one by one
+
+
+def test_a_call_whose_deadline_has_passed_when_its_turn_comes_is_not_run(address: str) -> None:
+    gate, running = threading.Event(), threading.Event()
+    seen: list[float] = []
+
+    def predict(batch: Arrays) -> Arrays:
+        seen.extend(batch["x"].tolist())
+        running.set()
+        gate.wait(SAFETY)
+        return {"y": batch["x"] * 10}
+
+    model = PythonModel(
+        predict, inputs=[tensor("x", "float64", [None])], outputs=[tensor("y", "float64", [None])]
+    )
+    host = ModelHost(model, address, KEY)
+    results: dict[float, Any] = {}
+
+    def call(x: float, deadline: float | None) -> None:
+        try:
+            results[x] = host.predict({"x": np.array([x])}, None, deadline)["y"].tolist()
+        except DeadlineExceeded as exc:
+            results[x] = exc
+
+    past, future = time.time() - 1, time.time() + 3600
+    plan = [(1.0, future), (2.0, past), (3.0, None)]
+    _queue_behind_a_held_call(
+        host, gate, running, lambda: call(0.0, None), [lambda a=a: call(*a) for a in plan]
+    )
+    assert results[1.0] == [10.0]
+    assert results[3.0] == [30.0]
+    assert isinstance(results[2.0], DeadlineExceeded)
+    assert "waiting in the model host" in str(results[2.0])
+    assert seen == [0.0, 1.0, 3.0]  # never given to the model
+    assert (host.expired, host.runs) == (1, 2)
+
+
+def test_the_batchs_deadline_crosses_to_the_host(address: str, hosting: Any) -> None:
+    """A worker's call carries its batch's deadline (``CALL_DEADLINE``, which the
+    micro-batcher sets); the host's refusal comes back as :class:`DeadlineExceeded`."""
+    hosting(PythonModel(lambda b: {"y": b["x"]}, inputs=[tensor("x", "float64", [None])]))
+    remote = HostedModel(address, KEY)
+    remote.load()
+
+    def within(deadline: float) -> Arrays:
+        CALL_DEADLINE.set(deadline)
+        return remote.predict({"x": np.ones(2)})
+
+    assert contextvars.copy_context().run(within, time.time() + 3600)["y"].tolist() == [1, 1]
+    with pytest.raises(DeadlineExceeded, match="not run"):
+        contextvars.copy_context().run(within, time.time() - 1)
 
 
 def test_without_merging_each_call_runs_alone(address: str) -> None:

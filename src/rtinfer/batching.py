@@ -56,7 +56,7 @@ import numpy as np
 
 from .exceptions import Closed, DeadlineExceeded, ModelError, Overloaded
 from .loop import schedule_normally
-from .models.base import check_inputs, rows_of
+from .models.base import CALL_DEADLINE, check_inputs, rows_of
 from .observability.metrics import Metrics
 from .types import Arrays, Model
 
@@ -92,6 +92,25 @@ class ServiceTime:
 SERVICE_TIME: contextvars.ContextVar[ServiceTime | None] = contextvars.ContextVar(
     "rtinfer_service_time", default=None
 )
+
+
+def _call_within(
+    deadline: float | None, predict: Callable[[Arrays], Arrays], inputs: Arrays
+) -> Arrays:
+    """``predict(inputs)`` with :data:`CALL_DEADLINE` set (run in a request's context)."""
+    CALL_DEADLINE.set(deadline)
+    return predict(inputs)
+
+
+def _latest(batch: Sequence[_Request]) -> float | None:
+    """The latest deadline of ``batch`` (``None``: a request has none)."""
+    latest = 0.0
+    for request in batch:
+        if request.deadline is None:
+            return None
+        if request.deadline > latest:
+            latest = request.deadline
+    return latest
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:
@@ -617,6 +636,8 @@ class MicroBatcher:
             self._finished,
             (batch, watch, self._loop.time()),
             batch[0].context.run,
+            _call_within,
+            _latest(batch),
             self.model.predict,
             inputs,
         )
@@ -649,7 +670,11 @@ class MicroBatcher:
                 service = request.context.get(SERVICE_TIME)
                 if service is not None:
                     service.seconds = dispatched - request.enqueued + seconds
-        elif len(batch) > 1 and isinstance(error, Exception):
+        elif (
+            len(batch) > 1
+            and isinstance(error, Exception)
+            and not isinstance(error, DeadlineExceeded)
+        ):
             # Each request alone, for its own answer or error: one poisonous request
             # fails no other. Several calls, so a task; the slot is freed at its end.
             assert self._loop is not None
@@ -729,17 +754,25 @@ class MicroBatcher:
         for request in batch:
             if request.future.done():
                 continue
+            if request.deadline is not None and request.deadline <= time.time():
+                assert self._loop is not None
+                self._expire(request, self._loop.time())
+                continue
             try:
-                outputs = await self._predict(request.inputs, request.context)
+                outputs = await self._predict(request.inputs, request.context, request.deadline)
             except Exception as exc:
                 _fail(request, exc)
             else:
                 if not request.future.done():  # the caller may have left while it ran
                     request.future.set_result(outputs)
 
-    async def _predict(self, inputs: Arrays, context: contextvars.Context) -> Arrays:
+    async def _predict(
+        self, inputs: Arrays, context: contextvars.Context, deadline: float | None
+    ) -> Arrays:
         assert self._threads is not None
-        outputs, seconds = await self._threads.timed(context.run, self.model.predict, inputs)
+        outputs, seconds = await self._threads.timed(
+            context.run, _call_within, deadline, self.model.predict, inputs
+        )
         error = self._accept(outputs, rows_of(inputs), seconds)
         if error is not None:
             raise error

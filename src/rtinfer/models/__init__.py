@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..exceptions import MissingDependency, ModelLoadError
-from .base import check_inputs, example_inputs, rows_of
+from .base import call_deadline, check_inputs, example_inputs, rows_of
 from .convert import load_pickle, n_features_of, to_onnx
 from .onnx import OnnxModel
 from .python import PythonModel, tensor
@@ -22,6 +22,7 @@ from .python import PythonModel, tensor
 __all__ = [
     "OnnxModel",
     "PythonModel",
+    "call_deadline",
     "check_inputs",
     "example_inputs",
     "load_model",

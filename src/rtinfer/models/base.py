@@ -1,13 +1,16 @@
-"""What every model shares: checking inputs against the model's tensor specs.
+"""What every model shares: checking inputs against the model's tensor specs, and the
+deadline of the call it is running.
 
 A model's ``inputs`` are known once it is loaded. :func:`check_inputs` compares
 a batch of named arrays with them, so a wrong name, shape or dtype fails with
 a message that says what was expected and what was found, before the model
-ever sees the data.
+ever sees the data. :func:`call_deadline` tells a model's code, on the thread the
+micro-batcher calls it on, until when its answer is wanted.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +19,22 @@ import numpy as np
 from ..exceptions import ModelInputError
 from ..types import Arrays, TensorSpec
 
-__all__ = ["check_inputs", "example_inputs", "rows_of"]
+__all__ = ["CALL_DEADLINE", "call_deadline", "check_inputs", "example_inputs", "rows_of"]
+
+#: The deadline of the model call running in this thread (:func:`call_deadline`); the
+#: micro-batcher sets it for each call.
+CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "rtinfer_call_deadline", default=None
+)
+
+
+def call_deadline() -> float | None:
+    """For a model's own code, on its thread: the ``time.time()`` instant after which
+    nobody waits for the call it is running, the latest deadline of the batch's requests
+    (``None``: one of them has none, or no micro-batcher made the call). A model that
+    calls out (a feature store, a remote model) can bound its waits by it; the batcher
+    has refused every request whose deadline passed before the call."""
+    return CALL_DEADLINE.get()
 
 
 def _shape_str(shape: Sequence[int | None]) -> str:

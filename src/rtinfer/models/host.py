@@ -44,9 +44,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..exceptions import ModelError, ModelInputError, ModelLoadError
+from ..exceptions import DeadlineExceeded, ModelError, ModelInputError, ModelLoadError
 from ..types import Arrays, Loader, Model, TensorSpec
-from .base import example_inputs, rows_of
+from .base import CALL_DEADLINE, example_inputs, rows_of
 
 __all__ = ["HostProcess", "HostedModel", "ModelHost", "hosted_loader"]
 
@@ -90,10 +90,19 @@ class _Answer(msgspec.Struct, array_like=True):
     tensors: list[_Tensor] = []
     error: str | None = None
     input_error: bool = False
+    expired: bool = False  # its deadline passed while it waited in the host: not run
+
+
+class _Request(msgspec.Struct, array_like=True):
+    """A worker's call: its batch, and the latest of its requests' deadlines (``None``:
+    one has none), after which the host does not run it."""
+
+    tensors: list[_Tensor]
+    deadline: float | None = None
 
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode_call = msgspec.msgpack.Decoder(list[_Tensor]).decode
+_decode_call = msgspec.msgpack.Decoder(_Request).decode
 _decode_answer = msgspec.msgpack.Decoder(_Answer).decode
 _decode_hello = msgspec.msgpack.Decoder(_Hello).decode
 _decode_open = msgspec.msgpack.Decoder(_Open).decode
@@ -183,6 +192,8 @@ class ModelHost:
         #: Model calls run, and the callers' calls they answered (merged: more of these).
         self.runs = 0
         self.calls = 0
+        #: Calls not run: their deadline passed while they waited.
+        self.expired = 0
         #: Model files loaded, and let go (no connection named them any more).
         self.loads = 0
         self.unloads = 0
@@ -315,13 +326,16 @@ class ModelHost:
             self.unloads += 1
         log.info("the model host let go of %s (version %s)", *slot.hello_of())
 
-    def predict(self, inputs: Arrays, slot: _Slot | None = None) -> Arrays:
+    def predict(
+        self, inputs: Arrays, slot: _Slot | None = None, deadline: float | None = None
+    ) -> Arrays:
         """The answer of ``slot``'s model (``None``: the host's own) to ``inputs``, run
-        alone or merged with other waiting calls to it."""
+        alone or merged with other waiting calls to it; :class:`DeadlineExceeded`, and
+        not run, when ``deadline`` (``time.time()``) passes while it waits."""
         slot = slot or self._default
         if slot is None or slot.model is None:
             raise ModelError("this model host has no model of its own")
-        call = _Call(slot.model, inputs)
+        call = _Call(slot.model, inputs, deadline)
         ready = self._ready
         with ready:
             self._waiting.append(call)
@@ -343,6 +357,8 @@ class ModelHost:
                     self.runs += runs
                     for done in calls:
                         done.done = True
+                        if isinstance(done.error, DeadlineExceeded):
+                            self.expired += 1
                     ready.notify_all()
         if call.error is not None:
             raise call.error
@@ -373,7 +389,19 @@ class ModelHost:
         return calls
 
     def _run(self, calls: list[_Call]) -> int:
-        """Answer ``calls``, merged if several; how many model calls that took."""
+        """Answer ``calls``, merged if several; how many model calls that took. Those
+        whose deadline passed while they waited are not run (nobody waits for them)."""
+        now = time.time()
+        if any(c.deadline is not None and c.deadline <= now for c in calls):
+            for call in calls:
+                if call.deadline is not None and call.deadline <= now:
+                    call.error = DeadlineExceeded(
+                        f"deadline passed after {1e3 * (now - call.arrived):.1f} ms waiting "
+                        "in the model host; the batch was not run"
+                    )
+            calls = [c for c in calls if c.error is None]
+            if not calls:
+                return 0
         predict = calls[0].model.predict
         if len(calls) > 1:
             names = list(calls[0].inputs)
@@ -407,12 +435,14 @@ class ModelHost:
                 return
             connection.send_bytes(slot.hello)
             while True:
-                message = connection.recv_bytes()
+                request = _decode_call(connection.recv_bytes())
                 try:
-                    outputs = predict(_arrays(_decode_call(message)), slot)
+                    outputs = predict(_arrays(request.tensors), slot, request.deadline)
                     answer = _encode(_Answer(_tensors(outputs)))
                 except ModelInputError as exc:
                     answer = _encode(_Answer(error=str(exc), input_error=True))
+                except DeadlineExceeded as exc:
+                    answer = _encode(_Answer(error=str(exc), expired=True))
                 except Exception as exc:  # the worker's breaker and fallback decide
                     answer = _encode(_Answer(error=f"{type(exc).__name__}: {exc}"))
                 connection.send_bytes(answer)
@@ -463,11 +493,16 @@ class _Slot:
 class _Call:
     """One caller's inputs waiting for a model, and then its answer."""
 
-    __slots__ = ("done", "error", "inputs", "kind", "model", "outputs", "rows", "taken")
+    __slots__ = (
+        "arrived", "deadline", "done", "error", "inputs", "kind", "model", "outputs", "rows",
+        "taken",
+    )  # fmt: skip
 
-    def __init__(self, model: Model, inputs: Arrays) -> None:
+    def __init__(self, model: Model, inputs: Arrays, deadline: float | None = None) -> None:
         self.model = model
         self.inputs = inputs
+        self.deadline = deadline
+        self.arrived = time.time()
         self.rows = rows_of(inputs)
         # Calls merge only to the same model, with the same tensors: names, dtypes,
         # shapes past the rows.
@@ -547,9 +582,11 @@ class HostedModel:
             self.predict(example_inputs(self.inputs, rows))
 
     def predict(self, inputs: Arrays) -> Arrays:
+        """The host's answer; the batch's deadline (:func:`~rtinfer.batching.call_deadline`)
+        goes with it, so that a batch that waited there past it is not run."""
         connection = self._connection()
         try:
-            connection.send_bytes(_encode(_tensors(inputs)))
+            connection.send_bytes(_encode(_Request(_tensors(inputs), CALL_DEADLINE.get())))
             answer = _decode_answer(connection.recv_bytes())
         except (EOFError, OSError) as exc:
             self._hang_up()
@@ -557,6 +594,8 @@ class HostedModel:
                 f"model {self._name!r}: the model host at {self.address} hung up "
                 f"({type(exc).__name__}); the next call connects again"
             ) from exc
+        if answer.expired:
+            raise DeadlineExceeded(f"model {self._name!r}: {answer.error}")
         if answer.error is not None:
             kind = ModelInputError if answer.input_error else ModelError
             raise kind(f"model {self._name!r} failed in its host: {answer.error}")
