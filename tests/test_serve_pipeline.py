@@ -8,6 +8,7 @@ the event's ``x``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -15,11 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
+import numpy as np
 import pytest
 
-from conftest import SAFETY
+from conftest import SAFETY, payload, wait_until
+from rtinfer.broker import Broker
+from rtinfer.build import build_pipeline
+from rtinfer.config import parse_config
+from rtinfer.exceptions import CircuitOpen, DeadlineExceeded, Overloaded
 from rtinfer.http import InferenceApp
+from rtinfer.resilience import BreakerState, Priority
+from rtinfer.scoring import PipelineScorer
 from rtinfer.serve import add_serve_arguments, build_server
+from rtinfer.serving import ModelServer
 from test_http import serving
 
 
@@ -140,6 +150,99 @@ async def test_stream_runs_beside_the_requests(tmp_path: Path, model_file: Path)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in written) == sorted(f"s{i}" for i in range(n))
     assert {r["decision"] for r in written} == {"block"}
+
+
+async def test_a_best_effort_stream_waits_for_the_requests_limiter_and_loses_nothing(
+    model_file: Path,
+) -> None:
+    """``runtime.priority`` takes effect under ``rtinfer serve --stream``: the stream's
+    model calls pass the limiter the requests pass, waiting (never shed) where its class
+    has no room, while a critical request is still admitted."""
+    n = 40
+    broker = Broker()
+    config = parse_config(
+        f"""
+name: shared
+source: {{type: memory, topic: readings, group: g}}
+decode: {{fields: {{id: str, key: str, x: float, y: float}}}}
+stages: [{{type: vectorize, fields: [x, y]}}]
+model: {{path: "{model_file}", name: linear}}
+decision: {{thresholds: {{review: 0.5, block: 0.9}}}}
+sinks: [{{type: memory, topic: out}}]
+runtime: {{priority: best_effort}}
+"""
+    )
+    server = ModelServer(max_concurrency=10)
+    server.add_pipeline(PipelineScorer(build_pipeline(config, broker=broker), stream=True))
+    await server.start()
+    try:
+        limiter = server.get("linear").limiter
+        assert limiter is not None
+        # Critical calls hold the best-effort share of the limit (80%), not all of it.
+        held = [limiter.try_acquire(Priority.CRITICAL) for _ in range(8)]
+        for i in range(n):
+            broker.publish("readings", payload(i, x=0.95))
+        await wait_until(lambda: limiter.waiting == 1)
+        out = broker.consumer(["out"], "check")
+        assert out.fetch_nowait(n) == []  # the stream's batch waits for room
+        answer = await server.infer("linear", {"features": np.array([[0.2, 0.0]], np.float32)})
+        assert answer.outputs["probabilities"][0].tolist() == pytest.approx([0.8, 0.2])
+        assert limiter.waiting == 1  # the critical request went past it
+        for permit in held:
+            permit.release()
+        broker.end_topic("readings")
+        results: list[dict[str, object]] = []
+        deadline = time.monotonic() + SAFETY
+        while len(results) < n:
+            assert time.monotonic() < deadline, f"{len(results)} of {n} results"
+            results += [msgspec.json.decode(r.value) for r in out.fetch_nowait(n)]
+            await asyncio.sleep(0.01)
+        assert sorted(r["id"] for r in results) == sorted(f"e{i}" for i in range(n))
+        assert {r["decision"] for r in results} == {"block"}
+        assert limiter.in_flight == 0
+    finally:
+        await server.aclose()
+
+
+async def test_the_pipelines_breaker_is_its_models_breaker_behind_the_server(
+    model_file: Path,
+) -> None:
+    """One model, one breaker: what opens it on the stream or the pipeline's route opens
+    it for the model's own route, and one state is exported under its name."""
+    config = parse_config(
+        f"""
+name: shared
+source: {{type: memory, topic: readings, group: g}}
+decode: {{fields: {{id: str, key: str, x: float, y: float}}}}
+stages: [{{type: vectorize, fields: [x, y]}}]
+model: {{path: "{model_file}", name: linear, breaker: {{consecutive_failures: 2, open_s: 60}}}}
+sinks: [{{type: memory, topic: out}}]
+"""
+    )
+    server = ModelServer()
+    scorer = PipelineScorer(build_pipeline(config, broker=Broker(), metrics=server.metrics))
+    server.add_pipeline(scorer)
+    await server.start()
+    try:
+        breaker = server.get("linear").breaker
+        assert breaker is not None and breaker is scorer.breaker
+        assert breaker.consecutive_failures == 2
+        # Load and lateness say nothing of the model's health; its own errors do.
+        for exc in (Overloaded("queue full"), DeadlineExceeded("late"), RuntimeError("bad")):
+            with contextlib.suppress(type(exc)), breaker.guard():
+                raise exc
+        assert breaker.state is BreakerState.CLOSED
+        with contextlib.suppress(RuntimeError), breaker.guard():
+            raise RuntimeError("bad again")
+        assert breaker.state is BreakerState.OPEN
+        with pytest.raises(CircuitOpen):
+            await server.infer("linear", {"features": np.array([[0.2, 0.0]], np.float32)})
+        exported = server.metrics.registry.get_sample_value(
+            "rtinfer_breaker_state", {"breaker": "model:linear"}
+        )
+        assert exported == BreakerState.OPEN.value
+    finally:
+        await server.aclose()
 
 
 @pytest.mark.timeout(120)

@@ -14,6 +14,10 @@ batcher: it fails at once with :class:`~rtinfer.exceptions.Overloaded` (503 with
 ``Retry-After``), and its deadline is carried to the batcher, which never runs it
 late (504).
 
+With the stream, its model calls pass the limiter the server's requests for the model
+pass (:meth:`PipelineScorer.share_limiter`), as the pipeline's ``runtime.priority``,
+waiting for room where a request would be refused.
+
 Feature stages keep their state across requests and stream events alike: a payment
 scored over HTTP counts in its card's windows, as it would on the stream.
 """
@@ -29,6 +33,7 @@ import msgspec
 
 from .exceptions import DeadlineExceeded, RtinferError
 from .pipeline import Pipeline
+from .resilience.limiter import AdaptiveLimiter
 from .stages import Predict, compose
 from .types import Batch, Event
 
@@ -66,6 +71,8 @@ class PipelineScorer:
         self.name = pipeline.name
         self.stream = stream
         self.batcher = predicts[0].batcher
+        self.breaker = predicts[0].breaker  # the model's, from model.breaker, or None
+        self._predict = predicts[0]
         # The same stages, but the model stage fails fast when the batcher is full.
         request_stages = [s.for_requests() if s is predicts[0] else s for s in pipeline.stages]
         self._handler = compose(request_stages, metrics=pipeline.metrics, pipeline=pipeline.name)
@@ -79,6 +86,14 @@ class PipelineScorer:
     def ready(self) -> bool:
         """The model is warm (a stream that ended leaves the requests served)."""
         return self.batcher.ready
+
+    def share_limiter(self, limiter: AdaptiveLimiter | None) -> None:
+        """With ``stream``, admit the stream's model calls through ``limiter``, the one the
+        server's requests for this model pass: a batch waits for room, as the pipeline's
+        ``runtime.priority`` (a best-effort stream gives way to critical requests, and
+        its source pauses meanwhile: nothing is dropped). Call it before :meth:`start`."""
+        if self.stream:
+            self._predict.admit_by(limiter)
 
     async def start(self) -> None:
         """Start the stages and, with ``stream``, the pipeline; wait until both are ready."""

@@ -36,7 +36,6 @@ from .exceptions import (
     ConfigError,
     DeadlineExceeded,
     ModelInputError,
-    Overloaded,
     RtinferError,
 )
 from .observability.looplag import LoopLag
@@ -52,6 +51,7 @@ from .resilience import (
     Step,
     is_deterministic,
 )
+from .stages.predict import model_failure
 from .types import Arrays, Model, TensorSpec
 
 if TYPE_CHECKING:
@@ -68,7 +68,6 @@ __all__ = [
     "deadline_from_timeout",
     "decode_bytes_tensor",
     "encode_bytes_tensor",
-    "model_failed",
     "numpy_dtype",
     "oip_datatype",
 ]
@@ -203,18 +202,6 @@ class ModelPolicy:
     @property
     def has_fallback(self) -> bool:
         return self.fallback_model is not None or self.rules is not None or self.default is not None
-
-
-def model_failed(exc: BaseException) -> bool:
-    """What a model's breaker counts as a failure: the model itself failing.
-
-    Not the caller's mistakes (bad inputs, spent quotas), not load (a full queue, an open
-    breaker) and not deadlines (the limiter reacts to latency; a request that arrives
-    late says nothing about the model).
-    """
-    return isinstance(exc, Exception) and not isinstance(
-        exc, ModelInputError | Overloaded | DeadlineExceeded | TimeoutError | Closed
-    )
 
 
 class ServedModel:
@@ -440,6 +427,9 @@ class ModelServer:
             raise ValueError(f"a pipeline named {scorer.name!r} is already served")
         self.pipelines[scorer.name] = scorer
         served = self.add(scorer.batcher.model, batcher=scorer.batcher, policy=policy)
+        # One breaker for one model: what fails on the stream or the pipeline's route
+        # fails for the model's route too (and one state is exported under its name).
+        served.breaker = scorer.breaker
         self._pipeline_models[scorer.name] = served
 
     def pipeline(self, name: str) -> PipelineScorer:
@@ -460,7 +450,8 @@ class ModelServer:
         for versions in self._models.values():
             for served in versions:
                 self._protect(served, several=len(versions) > 1)
-        for scorer in self.pipelines.values():
+        for name, scorer in self.pipelines.items():
+            scorer.share_limiter(self._pipeline_models[name].limiter)
             await scorer.start()
         self._loop_lag.start()
         self.started = True
@@ -480,12 +471,12 @@ class ModelServer:
                 label, initial_limit=initial, max_limit=ceiling, clock=self.clock,
                 latency_target=self.latency_target, calm=self._calm, metrics=self.metrics,
             )  # fmt: skip
-        if policy.breaker:
+        if policy.breaker and served.breaker is None:  # a pipeline's model brings its own
             served.breaker = CircuitBreaker(
                 f"model:{label}",
                 consecutive_failures=policy.breaker_failures,
                 open_seconds=policy.breaker_open_s,
-                is_failure=model_failed,
+                is_failure=model_failure,
                 clock=self.clock,
                 metrics=self.metrics,
             )

@@ -44,7 +44,7 @@ load best-effort traffic is shed first and critical traffic keeps its room.
 
 Over the limit, :meth:`AdaptiveLimiter.try_acquire` (what a request front wants)
 raises :class:`~rtinfer.exceptions.Overloaded` with ``retry_after`` at once: HTTP 503
-and ``Retry-After``, gRPC ``RESOURCE_EXHAUSTED``. :meth:`AdaptiveLimiter.acquire`
+and ``Retry-After``, gRPC ``UNAVAILABLE``. :meth:`AdaptiveLimiter.acquire`
 (what a stream wants) waits for room instead, critical waiters first, so the stream's
 queue fills and its source pauses: nothing is dropped.
 
@@ -249,6 +249,11 @@ class AdaptiveLimiter:
     def in_flight(self) -> int:
         """Calls admitted and not yet released."""
         return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for room (:meth:`acquire`: a stream whose source has paused)."""
+        return sum(not f.done() for waiters in self._waiters.values() for f in waiters)
 
     @property
     def long_rtt(self) -> float:

@@ -50,7 +50,7 @@ from ..exceptions import (
     Overloaded,
 )
 from ..observability.metrics import Metrics
-from ..resilience.breaker import CircuitBreaker, counts_as_failure
+from ..resilience.breaker import CircuitBreaker
 from ..resilience.fallback import FallbackChain, Step
 from ..resilience.limiter import AdaptiveLimiter, Priority
 from ..types import Arrays, Batch, Event
@@ -71,10 +71,14 @@ _Call = Callable[[Arrays, "float | None"], Awaitable[Arrays]]
 
 
 def model_failure(exc: BaseException) -> bool:
-    """The ``is_failure`` of a model's breaker: :func:`counts_as_failure`, less passed
-    deadlines (a request refused for its deadline was never run: it says nothing of the
-    model's health; a slow model is caught by ``slow_call_seconds``)."""
-    return counts_as_failure(exc) and not isinstance(exc, DeadlineExceeded)
+    """The ``is_failure`` of a model's breaker, on a stream as behind a server: the model
+    itself failing. Not the caller's mistakes (bad inputs, spent quotas), not load (a
+    full queue, an open breaker, a closing batcher) and not deadlines (a request refused
+    for its deadline was never run, and one that arrives late says nothing of the model:
+    latency is the limiter's business; a slow model is caught by ``slow_call_seconds``)."""
+    return isinstance(exc, Exception) and not isinstance(
+        exc, ModelInputError | Overloaded | DeadlineExceeded | TimeoutError | Closed
+    )
 
 
 class Predict:
@@ -175,6 +179,13 @@ class Predict:
                     return await guarded(inputs, deadline)
 
         return call
+
+    def admit_by(self, limiter: AdaptiveLimiter | None) -> None:
+        """From now on, admit this stage's model calls through ``limiter`` with its
+        :attr:`priority` (``None``: none), waiting for room when :attr:`wait`: a pipeline
+        served beside requests shares their limiter (:class:`~rtinfer.scoring.PipelineScorer`)."""
+        self.limiter = limiter
+        self._call = self._build_call()
 
     def for_requests(self) -> Predict:
         """The same model, chain, breaker and limiter for requests: fails fast when full."""
