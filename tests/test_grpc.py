@@ -317,6 +317,41 @@ async def test_the_grpc_deadline_reaches_the_batcher() -> None:
         assert r.models.get("linear").batcher.rows == 2  # the late request never ran
 
 
+async def test_the_servers_default_deadline_is_the_batchers_own() -> None:
+    """A call that sets no deadline gets the server's default, and it is the batcher
+    that fails it at that deadline in its queue (no timer of the front's cancels it)."""
+    gate, entered = threading.Event(), threading.Event()
+    server = ModelServer(batching={"max_batch_size": 1})
+    server.add(gated_model(gate, entered))
+    await server.start()
+    grpc_server = create_grpc_server(server, default_timeout_s=0.05)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = Stub(channel)
+            first = asyncio.ensure_future(stub.ModelInfer(features_request([[0.5, 0.5]])))
+            await wait_until(entered.is_set, "the first request to run")
+            late = await status_of(stub.ModelInfer(features_request([[0.25, 0.5]])))
+            assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "in the queue of model 'linear'; the request was not run" in (
+                late.details() or ""
+            )
+            gate.set()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await first  # held past the default deadline: failed at it, or answered
+    finally:
+        gate.set()
+        await grpc_server.stop(None)
+        await server.aclose()
+    batcher = server.get("linear").batcher
+    assert batcher.rows == 1  # the late request never ran
+    expired = server.metrics.registry.get_sample_value(
+        "rtinfer_batcher_rejected_total", {"model": "linear", "reason": "deadline"}
+    )
+    assert expired == 1
+
+
 class RecordingServer(ModelServer):
     """A real ModelServer that also records the deadline each inference was given."""
 

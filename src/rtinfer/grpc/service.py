@@ -29,7 +29,6 @@ calls per peer address. For a model with a fallback chain the response's
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
@@ -204,15 +203,17 @@ class InferenceServicer:
             remaining = self.default_timeout_s
         deadline = None if remaining is None else time.time() + remaining
         try:
-            async with asyncio.timeout(remaining):
-                answer = await self.server.infer(
-                    served.name,
-                    inputs,
-                    version=served.version,
-                    deadline=deadline,
-                    priority=priority,
-                    client=client,
-                )
+            # No timer here: the micro-batcher fails the call when its deadline passes,
+            # queued or running (as an HTTP request's), and gRPC cancels the call when
+            # its client's deadline passes.
+            answer = await self.server.infer(
+                served.name,
+                inputs,
+                version=served.version,
+                deadline=deadline,
+                priority=priority,
+                client=client,
+            )
         except Exception as exc:
             code, details, trailers = _status(exc)
             if code is grpc.StatusCode.INTERNAL:
