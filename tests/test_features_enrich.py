@@ -339,3 +339,8 @@ def test_bad_breaker_settings_name_the_key() -> None:
         Enrich("redis://127.0.0.1:1/0", key="card", fields=["risk"], breaker={"open_seconds": 0})
     assert info.value.key == "breaker"
     assert "open_seconds" in str(info.value)
+
+
+def test_the_breaker_takes_open_s_as_a_pipeline_file_says_it() -> None:
+    stage = Enrich("redis://127.0.0.1:1/0", key="card", fields=["risk"], breaker={"open_s": 7})
+    assert stage.breaker.open_seconds == 7

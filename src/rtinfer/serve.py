@@ -104,7 +104,7 @@ _POLICY_KEYS = {"priority", "max_concurrency", "breaker", "cache", "deterministi
 _REPOSITORY_KEYS = {"auto_promote"}  # checked by rtinfer.repository
 _ALL_KEYS = _CONFIG_KEYS | _ONNX_KEYS | _POLICY_KEYS | _REPOSITORY_KEYS
 _FALLBACK_KEYS = {"model", "rules", "default"}
-_BREAKER_KEYS = {"consecutive_failures", "open_seconds"}
+_BREAKER_KEYS = {"consecutive_failures", "open_s", "open_seconds"}  # the last two: one
 
 
 def build_server(
@@ -281,8 +281,12 @@ def _policy(config: Mapping[str, Any], path: Path, others: set[str]) -> ModelPol
             raise ConfigError(
                 "must be a whole number", file=file, key="breaker.consecutive_failures"
             )
+        if "open_s" in breaker and "open_seconds" in breaker:
+            raise ConfigError(
+                "give open_s or open_seconds (the same), not both", file=file, key="breaker"
+            )
         options["breaker_failures"] = breaker.get("consecutive_failures", 5)
-        options["breaker_open_s"] = float(breaker.get("open_seconds", 5.0))
+        options["breaker_open_s"] = float(breaker.get("open_s", breaker.get("open_seconds", 5.0)))
     else:
         raise ConfigError(
             f"must be true, false or a mapping of {', '.join(sorted(_BREAKER_KEYS))}; "

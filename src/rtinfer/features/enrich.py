@@ -183,7 +183,9 @@ class Enrich:
         self._cache: dict[Any, tuple[float, tuple[float, ...]]] = {}
         self.metrics = metrics if metrics is not None else Metrics()
         if not isinstance(breaker, CircuitBreaker):
-            settings = {"consecutive_failures": 1, "open_seconds": 2.0, **(breaker or {})}
+            settings: dict[str, Any] = {"consecutive_failures": 1, "open_seconds": 2.0}
+            for key, value in (breaker or {}).items():  # open_s, as a pipeline file says it
+                settings["open_seconds" if key == "open_s" else key] = value
             try:
                 breaker = CircuitBreaker(f"enrich:{name}", metrics=self.metrics, **settings)
             except (TypeError, ValueError) as exc:
