@@ -4,8 +4,10 @@ The served model (a pipeline file's, made by a factory in a module written here)
 every real call until the test creates a gate file, so requests are in flight for as
 long as the test needs, without any timing: SIGTERM arrives while they are held, the
 test checks that readiness (HTTP and gRPC) is false and new requests get 503 with
-``Retry-After`` during the drain, then opens the gate; every request in flight must
-succeed and the process must exit 0 with its summary written.
+``Retry-After`` (gRPC ``UNAVAILABLE``) during the drain, then opens the gate; every
+request in flight must succeed and the process must exit 0 with its summary written.
+With a short ``--drain-s`` the gate stays shut past the drain: the held request must be
+given up and the process must stop once the model's thread lets it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,13 @@ def body(x: float) -> dict[str, object]:
         "id": f"r{x}",
         "inputs": [{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [x, 1.0]}],
     }
+
+
+def grpc_request(x: float) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="gated")
+    features = request.inputs.add(name="features", datatype="FP32", shape=[1, 2])
+    features.contents.fp32_contents.extend([x, 1.0])
+    return request
 
 
 def in_flight(metrics: str) -> float:
@@ -186,6 +195,10 @@ async def test_sigterm_drains_in_flight_requests_while_readiness_is_false(
                 stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
                 reply = await stub.ServerReady(pb.ServerReadyRequest(), timeout=SAFETY)
                 assert reply.ready is False
+                with pytest.raises(grpc.aio.AioRpcError) as refused_rpc:
+                    await stub.ModelInfer(grpc_request(0.5), timeout=SAFETY)
+                assert refused_rpc.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "draining" in (refused_rpc.value.details() or "")
             assert process.returncode is None  # still draining: the held requests wait
 
             gate.touch()
@@ -199,4 +212,61 @@ async def test_sigterm_drains_in_flight_requests_while_readiness_is_false(
             await process.wait()
     result = json.loads((tmp_path / "summary.json").read_text())
     assert result["errors_by_status"].get("500") is None
+    assert result["errors_by_status"]["503"] >= 2  # the readiness answer and the refusal
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("http_server", ["uvicorn", "rtinfer"])
+async def test_a_request_held_past_the_drain_limit_is_given_up_and_the_server_stops(
+    tmp_path: Path, http_server: str
+) -> None:
+    """``--drain-s 2`` and a model call that does not return: readiness turns false and new
+    requests are refused at once; when the drain's time is up the server stops anyway,
+    gives the held request ``--drain-s`` more, then gives it up: rtinfer's server cancels
+    it and closes its connection with no answer, uvicorn cancels it (and answers its own
+    500). A model call that never returns still holds the exit (its thread cannot be
+    stopped: docs/serving.md), so the gate opens only once the request has been given
+    up; the process then exits 0 with its summary written."""
+    process, port, log = await start_serve(tmp_path, "--drain-s", "2", http_server=http_server)
+    gate = tmp_path / "gate"
+    try:
+        # The client waits longer than the drain and its grace together: a drain that
+        # ignored its limit would leave the held request waiting for the gate, and time out.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY * 3) as c:
+            await wait_ready(c, process, log)
+            held = asyncio.ensure_future(c.post("/v2/models/gated/infer", json=body(0.25)))
+            for _ in range(int(SAFETY / 0.02)):
+                if in_flight((await c.get("/metrics")).text) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("the request never got in flight")
+
+            process.send_signal(signal.SIGTERM)
+            for _ in range(int(SAFETY / 0.02)):
+                ready = await c.get("/v2/health/ready")
+                if ready.status_code == 503:
+                    break
+                await asyncio.sleep(0.02)
+            assert ready.json() == {"ready": False}
+            assert not held.done()  # readiness turned false first
+            refused = await c.post("/v2/models/gated/infer", json=body(0.5))
+            assert refused.status_code == 503
+            assert "draining" in refused.json()["error"]
+
+            (outcome,) = await asyncio.gather(held, return_exceptions=True)
+        assert not gate.exists()  # given up while the model still held it
+        if isinstance(outcome, httpx.Response):  # uvicorn's own answer to a cancelled request
+            assert (http_server, outcome.status_code) == ("uvicorn", 500), outcome.text
+        else:
+            assert isinstance(outcome, httpx.RemoteProtocolError), outcome  # closed, no answer
+        assert "still in flight after the 2.0 s drain; stopping anyway" in read(log)
+        gate.touch()  # the model's thread returns: nothing holds the exit any more
+        assert await asyncio.wait_for(process.wait(), SAFETY * 3) == 0, read(log)
+    finally:
+        if process.returncode is None:
+            gate.touch()
+            process.kill()
+            await process.wait()
+    result = json.loads((tmp_path / "summary.json").read_text())
     assert result["errors_by_status"]["503"] >= 2  # the readiness answer and the refusal
