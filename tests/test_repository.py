@@ -446,13 +446,51 @@ def versions_answering(url: str, requests: int = 24) -> set[str]:
     return seen
 
 
+#: A client that opens a new connection for each request (the kernel spreads new
+#: connections over the workers).
+NO_KEEP_ALIVE = httpx.Limits(max_keepalive_connections=0)
+
+
+def versions_by_key(url: str, keys: list[str]) -> dict[str, str]:
+    """The version that answers each routing key (``X-Routing-Key``), each on a new connection."""
+    seen = {}
+    with httpx.Client(base_url=url, timeout=SAFETY, limits=NO_KEEP_ALIVE) as c:
+        for key in keys:
+            r = c.post(
+                "/v2/models/linear/infer",
+                json=infer_body([[0.25, 0]]),
+                headers={"X-Routing-Key": key},
+            )
+            assert r.status_code == 200, r.text
+            seen[key] = r.json()["model_version"]
+            np.testing.assert_allclose(
+                r.json()["outputs"][0]["data"], expected(seen[key]), rtol=1e-6
+            )
+    return seen
+
+
+def answers_naming(url: str, version: str, requests: int = 24) -> set[tuple[int, str | None]]:
+    """The status and version of ``requests`` requests naming ``version``, each on a new
+    connection (so that every worker answers some)."""
+    seen = set()
+    with httpx.Client(base_url=url, timeout=SAFETY, limits=NO_KEEP_ALIVE) as c:
+        for _ in range(requests):
+            r = c.post(f"/v2/models/linear/versions/{version}/infer", json=infer_body([[0.25, 0]]))
+            seen.add((r.status_code, r.json().get("model_version")))
+            if r.status_code == 200:
+                np.testing.assert_allclose(
+                    r.json()["outputs"][0]["data"], expected(version), rtol=1e-6
+                )
+    return seen
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any]:
     code = cli(["models", *args])
     out, err = capsys.readouterr()
     return code, json.loads(out) if code == 0 else err
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_rtinfer_models_against_rtinfer_serve(
     served_repo: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -475,10 +513,61 @@ def test_rtinfer_models_against_rtinfer_serve(
     code, error = run_cli(capsys, "unload", "linear", "1", *common)
     assert code == 1
     assert "409" in error
-    code, _ = run_cli(capsys, "canary", "linear", "2", "10", *common)
+    code, answer = run_cli(capsys, "canary", "linear", "2", "10", *common)
     assert code == 0
-    code, _ = run_cli(capsys, "canary", "linear", "2", "0", *common)
+    assert {e["version"]: e.get("canary_percent") for e in answer["versions"]} == {
+        "1": None,
+        "2": 10.0,
+    }
+    code, index = run_cli(capsys, "list", *common)
+    assert [e.get("canary_percent") for e in index] == [None, 10.0]
+    keys = [f"user-{i}" for i in range(60)]
+    by_key = versions_by_key(url, keys)
+    on_canary = sum(1 for v in by_key.values() if v == "2")
+    assert set(by_key.values()) == {"1", "2"}
+    assert on_canary < len(keys) / 2  # a share of about a tenth, not the whole
+    assert versions_by_key(url, keys) == by_key  # sticky: a key keeps its version
+    code, answer = run_cli(capsys, "canary", "linear", "2", "0", *common)
     assert code == 0
+    assert all("canary_percent" not in e for e in answer["versions"])
+    assert set(versions_by_key(url, keys).values()) == {"1"}
+    # A shadow: version 2 gets a copy of what version 1 answers, and they differ.
+    code, answer = run_cli(capsys, "shadow", "linear", "2", *common)
+    assert code == 0
+    assert {e["version"]: e.get("shadow", {}).get("version") for e in answer["versions"]} == {
+        "1": None,
+        "2": "2",
+    }
+    report: dict[str, Any] = {}
+    for _ in range(int(SAFETY / 0.05)):
+        assert versions_answering(url, 8) == {"1"}  # the default still answers every request
+        code, index = run_cli(capsys, "list", *common)
+        report = index[1]["shadow"]  # the counts of the worker that answered
+        if report["mismatches"] > 0:
+            break
+    assert report["compared"] >= report["mismatches"] >= 1
+    sample = report["samples"][-1]
+    assert (sample["default_version"], sample["candidate_version"]) == ("1", "2")
+    assert sample["max_abs_difference"] == pytest.approx(0.25)  # x = 0.25, scaled by 2 not 1
+    code, answer = run_cli(capsys, "shadow", "linear", *common)  # no version: stop it
+    assert code == 0
+    assert all("shadow" not in e for e in answer["versions"])
+    # Unload a version that is not the default, then load it back.
+    code, answer = run_cli(capsys, "unload", "linear", "2", *common)
+    assert code == 0
+    assert {e["version"]: e["state"] for e in answer["versions"]} == {
+        "1": "READY",
+        "2": "UNAVAILABLE",  # on disk, not loaded
+    }
+    assert answers_naming(url, "2") == {(404, None)}  # in every worker
+    code, answer = run_cli(capsys, "load", "linear", "2", *common)
+    assert code == 0
+    assert {e["version"]: (e["state"], e["default"]) for e in answer["versions"]} == {
+        "1": ("READY", True),
+        "2": ("READY", False),  # loaded, not promoted
+    }
+    assert answers_naming(url, "2") == {(200, "2")}
+    assert versions_answering(url) == {"1"}
     # --watch in the real server: a new folder is loaded and, being the highest, promoted.
     add_version(repo, "3")
     for _ in range(int(SAFETY / 0.05)):
