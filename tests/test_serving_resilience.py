@@ -10,6 +10,8 @@ run on a fake clock: no test depends on how fast this machine is.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -35,7 +37,7 @@ from rtinfer.resilience import (
     Priority,
     RedisStore,
 )
-from rtinfer.serve import add_serve_arguments, build_server
+from rtinfer.serve import add_serve_arguments, app_from_env, build_server
 from rtinfer.serving import ModelPolicy, ModelServer
 from rtinfer.types import Arrays
 from test_http import infer_body, serving
@@ -339,6 +341,75 @@ async def test_a_slow_model_expired_requests_are_never_batched() -> None:
     assert faulty.rows == [0.5, 0.25]  # the expired request never ran
 
 
+def serve_environment(monkeypatch: pytest.MonkeyPatch, **settings: str) -> None:
+    """The environment ``rtinfer serve`` gives its workers' app (``app_from_env``): only
+    ``settings``, none left over from another test's ``run_server``."""
+    for key in [k for k in os.environ if k.startswith("RTINFER_SERVE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("RTINFER_API_KEY", raising=False)
+    for key, value in settings.items():
+        monkeypatch.setenv(f"RTINFER_SERVE_{key}", value)
+
+
+def pipeline_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: PythonModel) -> Path:
+    """A pipeline file whose model (a factory in a module written here) is ``model``."""
+    module = f"serve_slo_{uuid.uuid4().hex[:6]}"
+    (tmp_path / f"{module}.py").write_text("MODEL = None\n\n\ndef model():\n    return MODEL\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers: Any = importlib.import_module(module)
+    helpers.MODEL = model
+    (tmp_path / "in.jsonl").write_text("")
+    path = tmp_path / "slo.yaml"
+    path.write_text(
+        f"""\
+name: slo
+source: {{type: file, path: {tmp_path / "in.jsonl"}}}
+decode:
+  fields: {{id: str, x: float, y: float}}
+stages:
+  - type: vectorize
+    fields: [x, y]
+model: {{factory: "{module}:model"}}
+sinks:
+  - type: file
+    path: {tmp_path / "out.jsonl"}
+"""
+    )
+    return path
+
+
+async def test_serves_slo_is_the_deadline_of_a_request_that_sends_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rtinfer serve --slo-ms 50``: the app its workers build from the environment gives
+    a request without ``X-Request-Timeout-Ms`` 50 ms, so a model held past that answers
+    504; a request sending a generous deadline waits for the same model and gets 200."""
+    faulty = Faulty()
+    faulty.gate.clear()
+    pipeline = pipeline_serving(tmp_path, monkeypatch, faulty.model)
+    serve_environment(monkeypatch, TARGET=str(pipeline), TIMEOUT_S="0.05")  # --slo-ms 50
+    app = app_from_env()
+    with serving(app) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=SAFETY) as c:
+            late = await c.post("/v2/models/linear/infer", json=infer_body([[0.5, 1]]))
+            assert late.status_code == 504, late.text
+            assert "deadline" in late.json()["error"]
+            assert faulty.entered.is_set()  # it ran, and was failed while the model held it
+            patient = asyncio.ensure_future(
+                c.post(
+                    "/v2/models/linear/infer",
+                    json=infer_body([[0.25, 1]]),
+                    headers={"X-Request-Timeout-Ms": str(SAFETY * 1000)},
+                )
+            )
+            await wait_until(lambda: app.server.in_flight == 1, "the patient request admitted")
+            faulty.gate.set()
+            answer = await patient
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outputs"][0]["data"] == [0.75, 0.25]
+    assert sorted(faulty.rows) == [0.25, 0.5]
+
+
 # -- prediction cache -----------------------------------------------------------------------
 
 
@@ -364,6 +435,91 @@ async def test_memory_cache_answers_repeated_rows_and_skips_non_deterministic_mo
     assert varying.rows == [0.25, 0.25]  # not deterministic: never cached
     assert metric(text, 'rtinfer_cache_hits_total{cache="memory",model="linear"}') == 2
     assert metric(text, 'rtinfer_cache_misses_total{cache="memory",model="linear"}') == 2
+
+
+async def _flush_cache(server: ModelServer) -> None:
+    """Wait, on the server's event loop, for the cache's background writes so far."""
+    assert server.cache is not None
+    loop = server.all()[0].batcher._loop
+    assert loop is not None
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.cache.flush(), loop))
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["no fallback", "rules fallback"])
+async def test_a_cached_row_is_answered_while_the_models_breaker_is_open(
+    clock: FakeClock, fallback: bool
+) -> None:
+    """docs/resilience.md: the cache sits over the breaker, so a row the model answered
+    before is answered from the cache while the breaker is open (by the ``model`` step,
+    not the fallback); a row not cached meets the open breaker (503, or the rules)."""
+    faulty = Faulty()
+    metrics = Metrics()
+    cache = PredictionCache(MemoryStore(max_entries=100, ttl_seconds=60), metrics=metrics)
+    server = ModelServer(metrics=metrics, cache=cache, clock=clock)
+    policy = ModelPolicy(breaker_failures=2, breaker_open_s=5.0, rules=rules if fallback else None)
+    server.add(faulty.model, policy=policy)
+    with serving(InferenceApp(server)) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=SAFETY) as c:
+
+            async def ask(x: float) -> httpx.Response:
+                return await c.post("/v2/models/linear/infer", json=infer_body([[x, 1]]))
+
+            first = await ask(0.25)
+            assert first.json()["outputs"][0]["data"] == [0.75, 0.25]
+            await _flush_cache(server)
+            faulty.broken.set()
+            for _ in range(2):  # two failures in a row open the breaker
+                failed = await ask(0.5)
+                assert failed.status_code == (200 if fallback else 500), failed.text
+            assert metric((await c.get("/metrics")).text, BREAKER_STATE) == 2  # open
+            calls = len(faulty.rows)
+            refused = await ask(0.75)
+            if fallback:
+                assert refused.json()["parameters"] == {"rtinfer_step": "rules"}
+            else:
+                assert refused.status_code == 503
+                assert "circuit breaker 'model:linear' is open" in refused.json()["error"]
+            hit = await ask(0.25)
+            assert hit.status_code == 200, hit.text
+            assert hit.json()["outputs"][0]["data"] == [0.75, 0.25]
+            if fallback:
+                assert hit.json()["parameters"] == {"rtinfer_step": "model"}
+            text = (await c.get("/metrics")).text
+    assert len(faulty.rows) == calls  # open: neither call reached the model
+    assert metric(text, BREAKER_STATE) == 2  # still open: the hit was no probe
+    assert metric(text, 'rtinfer_cache_hits_total{cache="memory",model="linear"}') == 1
+
+
+BREAKER_STATE = 'rtinfer_breaker_state{breaker="model:linear"}'
+
+
+async def test_a_model_whose_deterministic_attribute_is_false_is_never_cached() -> None:
+    varying, plain = Faulty("varying"), Faulty()
+    varying.model.deterministic = False  # type: ignore[attr-defined]  # the model says so
+    metrics = Metrics()
+    cache = PredictionCache(MemoryStore(max_entries=100, ttl_seconds=60), metrics=metrics)
+    server = ModelServer(metrics=metrics, cache=cache)
+    served = server.add(varying.model)  # no policy: the model's attribute decides
+    server.add(plain.model)
+    with serving(InferenceApp(server)) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=SAFETY) as c:
+            for model in ("varying", "linear"):
+                for _ in range(2):
+                    r = await c.post(f"/models/{model}/score", json=[0.25, 1])
+                    assert r.json()["predictions"] == [[0.75, 0.25]]
+                    await _flush_cache(server)
+    assert served.cache is None
+    assert varying.rows == [0.25, 0.25]  # both reached the model
+    assert plain.rows == [0.25]  # the same server caches a model that says nothing
+    assert cache_count(metrics, "hits", "varying") == cache_count(metrics, "misses", "varying") == 0
+    assert cache_count(metrics, "hits", "linear") == 1
+
+
+def cache_count(metrics: Metrics, kind: str, model: str) -> float:
+    """``rtinfer_cache_{kind}_total`` of the memory cache for ``model`` (0: never counted)."""
+    labels = {"cache": "memory", "model": model}
+    value = metrics.registry.get_sample_value(f"rtinfer_cache_{kind}_total", labels)
+    return value or 0.0
 
 
 async def test_redis_cache_is_shared_between_servers_and_redis_gone_is_only_a_miss() -> None:
@@ -531,6 +687,30 @@ async def test_repository_config_sets_each_models_protections(
         assert out["probabilities"].dtype == np.float32  # the model's own output dtype
     finally:
         await server.aclose()
+
+
+async def test_deterministic_false_in_a_repository_config_turns_the_cache_off_for_that_model(
+    tmp_path: Path, model_file: Path
+) -> None:
+    repo = write_repo(tmp_path, model_file, "deterministic: false\n")
+    server = build_server(repo, cache_size=100)
+    fraud, light = server.get("fraud"), server.get("light")
+    with serving(InferenceApp(server)) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=SAFETY) as c:
+            calls = {}
+            for served in (fraud, light):
+                before = served.batcher.batches
+                for _ in range(2):
+                    r = await c.post(f"/models/{served.name}/score", json=[0.25, 1])
+                    assert r.json()["predictions"] == [[0.75, 0.25]]
+                    await _flush_cache(server)
+                calls[served.name] = served.batcher.batches - before
+    assert fraud.cache is None
+    assert light.cache is server.cache
+    assert calls == {"fraud": 2, "light": 1}  # the model ran twice; its sibling's cache answered
+    assert cache_count(server.metrics, "hits", "fraud") == 0
+    assert cache_count(server.metrics, "misses", "fraud") == 0
+    assert cache_count(server.metrics, "hits", "light") == 1
 
 
 @pytest.mark.parametrize(

@@ -282,3 +282,69 @@ async def test_frames_over_the_body_limit_are_refused_and_the_connection_goes_on
             assert "the limit is 4096" in refused["error"]
             await ws.send(request("small", 0.25))
             assert probabilities(await receive(ws)) == [0.75, 0.25]
+
+
+async def test_x_priority_on_the_upgrade_is_each_requests_traffic_class() -> None:
+    """``X-Priority`` on the upgrade request: with four of the limiter's five places taken
+    (past best-effort's share), a best-effort connection's request is shed, answered with
+    its own error on a connection that stays open, where a critical one is admitted; a
+    malformed ``X-Priority`` gets one error message and a close with 1008."""
+    gate = threading.Event()
+
+    def gated(inputs: Arrays) -> Arrays:
+        if inputs["features"].any():  # warm-up batches are all zeros
+            gate.wait(SAFETY)
+        return linear(inputs)
+
+    server = ModelServer(batching={"max_batch_size": 1}, max_concurrency=5)
+    served = server.add(
+        PythonModel(
+            gated,
+            inputs=[tensor("features", "float32", [None, 2])],
+            outputs=[tensor("probabilities", "float32", [None, 2])],
+            name="gated",
+        )
+    )
+    try:
+        with serving(InferenceApp(server)) as base:
+            stream = base.replace("http://", "ws://") + "/v2/models/gated/infer/stream"
+            async with connect(stream, additional_headers={"X-Priority": "urgent"}) as ws:
+                refused = await receive(ws)
+                assert refused["id"] is None
+                assert "X-Priority" in refused["error"]
+                assert "urgent" in refused["error"]
+                with pytest.raises(ConnectionClosedError) as closed:
+                    await asyncio.wait_for(ws.recv(), SAFETY)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1008
+
+            limiter = served.limiter
+            assert limiter is not None
+            assert limiter.limit == 5
+            critical_headers = {"X-Priority": "critical"}
+            best_effort_headers = {"X-Priority": "best_effort"}
+            async with (
+                connect(stream, additional_headers=critical_headers) as critical,
+                connect(stream, additional_headers=best_effort_headers) as best_effort,
+            ):
+                for i in range(4):
+                    await critical.send(request(f"held{i}", 0.5))
+                await wait_until(lambda: limiter.in_flight == 4, "four requests in flight")
+                await best_effort.send(request("shed", 0.5))
+                shed = await receive(best_effort)
+                assert shed["id"] == "shed"
+                assert "best_effort call shed" in shed["error"]
+                await critical.send(request("fifth", 0.5))
+                await wait_until(lambda: limiter.in_flight == 5, "the critical request admitted")
+                gate.set()
+                answers = await receive_all(critical, 5)
+                assert set(answers) == {"held0", "held1", "held2", "held3", "fifth"}
+                for answer in answers.values():
+                    assert probabilities(answer) == pytest.approx([0.5, 0.5])
+                await best_effort.send(request("later", 0.25))  # room again: admitted
+                assert probabilities(await receive(best_effort)) == pytest.approx([0.75, 0.25])
+    finally:
+        gate.set()
+    shed_metric = {"limiter": "gated", "priority": "best_effort", "reason": "limit"}
+    value = server.metrics.registry.get_sample_value("rtinfer_limiter_rejected_total", shed_metric)
+    assert value == 1
