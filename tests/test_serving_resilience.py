@@ -658,7 +658,7 @@ async def test_repository_config_sets_each_models_protections(
         "priority: best_effort\n"
         "max_concurrency: 7\n"
         "cache: false\n"
-        "breaker: {consecutive_failures: 3, open_seconds: 2}\n"
+        "breaker: {consecutive_failures: 3, open_s: 2}\n"
         "fallback:\n"
         "  model: light\n"
         f"  rules: {rules_module}\n"
@@ -678,6 +678,7 @@ async def test_repository_config_sets_each_models_protections(
         assert light.cache is server.cache
         assert fraud.breaker is not None
         assert fraud.breaker.consecutive_failures == 3
+        assert fraud.breaker.open_seconds == 2
         assert fraud.chain is not None
         assert [s.name for s in fraud.chain.steps] == ["model", "model:light", "rules", "default"]
         answer = await server.infer("fraud", {"features": np.array([[0.25, 0]], np.float32)})
@@ -722,6 +723,7 @@ async def test_deterministic_false_in_a_repository_config_turns_the_cache_off_fo
         ("max_concurrency: -1\n", "max_concurrency", "whole number"),
         ("breaker: {open_seconds: 0}\n", "breaker.open_seconds", "above 0"),
         ("breaker: {tries: 2}\n", "breaker.tries", "unknown setting"),
+        ("breaker: {open_s: 2, open_seconds: 2}\n", "breaker", "not both"),
         ("fallback: {model: nope}\n", "fallback.model", "no model 'nope' is served beside it"),
         ("fallback: {model: fraud}\n", "fallback.model", "no model 'fraud'"),
         ("fallback: {rules: os.path}\n", "fallback.rules", "package.module:name"),
