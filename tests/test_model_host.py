@@ -364,7 +364,7 @@ async def test_a_served_hosted_model_falls_back_while_its_host_is_gone(
     features = {"features": np.array([[0.25, 0.0]], np.float32)}
     try:
         answer = await server.infer("linear", features)
-        assert answer.step == "model"
+        assert answer.step == "primary"
         np.testing.assert_allclose(answer.outputs["probabilities"], [[0.75, 0.25]])
         first.close()  # the host goes away: the model fails, its fallback answers
         answer = await server.infer("linear", features)
@@ -372,7 +372,7 @@ async def test_a_served_hosted_model_falls_back_while_its_host_is_gone(
         np.testing.assert_allclose(answer.outputs["probabilities"], [[1.0, 0.0]])
         hosting(OnnxModel(model_file))  # back: the next call reconnects
         answer = await server.infer("linear", features)
-        assert answer.step == "model"
+        assert answer.step == "primary"
         np.testing.assert_allclose(answer.outputs["probabilities"], [[0.75, 0.25]])
     finally:
         await server.aclose()

@@ -235,7 +235,7 @@ async def test_breaker_opens_falls_back_to_rules_and_recovers(clock: FakeClock) 
                 return dict(r.json())
 
             healthy = await ask(0.25)
-            assert healthy["parameters"] == {"rtinfer_step": "model"}
+            assert healthy["parameters"] == {"rtinfer_step": "primary"}
             assert healthy["outputs"][0]["data"] == [0.75, 0.25]
             faulty.broken.set()
             for _ in range(2):  # two failures in a row open the breaker
@@ -251,7 +251,7 @@ async def test_breaker_opens_falls_back_to_rules_and_recovers(clock: FakeClock) 
             faulty.broken.clear()
             clock.advance(5.0)  # half-open: the next call is a probe, and it succeeds
             recovered = await c.post("/models/linear/score", json=[0.25, 1])
-            assert recovered.json()["rtinfer_step"] == "model"
+            assert recovered.json()["rtinfer_step"] == "primary"
             assert recovered.json()["predictions"] == [[0.75, 0.25]]
             text = (await c.get("/metrics")).text
             assert metric(text, 'rtinfer_breaker_state{breaker="model:linear"}') == 0
@@ -302,7 +302,7 @@ async def test_fallback_chain_lighter_model_then_default_over_grpc(clock: FakeCl
                 data = list(reply.outputs[0].contents.fp32_contents)
                 return reply.parameters["rtinfer_step"].string_param, data
 
-            assert await step(0.25) == ("model", [0.75, 0.25])
+            assert await step(0.25) == ("primary", [0.75, 0.25])
             primary.broken.set()
             assert await step(0.25) == ("model:light", [0.75, 0.25])
             light.broken.set()
@@ -337,7 +337,7 @@ async def test_a_slow_model_expired_requests_are_never_batched() -> None:
             faulty.gate.set()
             assert (await first).status_code == 200
             again = await c.post("/v2/models/linear/infer", json=infer_body([[0.25, 1]]))
-            assert again.json()["parameters"] == {"rtinfer_step": "model"}
+            assert again.json()["parameters"] == {"rtinfer_step": "primary"}
     assert faulty.rows == [0.5, 0.25]  # the expired request never ran
 
 
@@ -483,7 +483,7 @@ async def test_a_cached_row_is_answered_while_the_models_breaker_is_open(
             assert hit.status_code == 200, hit.text
             assert hit.json()["outputs"][0]["data"] == [0.75, 0.25]
             if fallback:
-                assert hit.json()["parameters"] == {"rtinfer_step": "model"}
+                assert hit.json()["parameters"] == {"rtinfer_step": "primary"}
             text = (await c.get("/metrics")).text
     assert len(faulty.rows) == calls  # open: neither call reached the model
     assert metric(text, BREAKER_STATE) == 2  # still open: the hit was no probe
@@ -680,9 +680,9 @@ async def test_repository_config_sets_each_models_protections(
         assert fraud.breaker.consecutive_failures == 3
         assert fraud.breaker.open_seconds == 2
         assert fraud.chain is not None
-        assert [s.name for s in fraud.chain.steps] == ["model", "model:light", "rules", "default"]
+        assert [s.name for s in fraud.chain.steps] == ["primary", "model:light", "rules", "default"]
         answer = await server.infer("fraud", {"features": np.array([[0.25, 0]], np.float32)})
-        assert answer.step == "model"
+        assert answer.step == "primary"
         default = fraud.chain.steps[-1]
         out = await default.run({"features": np.zeros((2, 2), np.float32)}, None)
         assert out["probabilities"].dtype == np.float32  # the model's own output dtype

@@ -12,7 +12,7 @@ a client over its quota gets :class:`~rtinfer.exceptions.QuotaExceeded` (429), t
 model's adaptive limiter admits by priority or sheds (``Overloaded``, 503), then the
 model's path runs, built once at :meth:`ModelServer.start`::
 
-    fallback chain ─► step "model": cache ─► circuit breaker ─► micro-batcher (deadline)
+    fallback chain ─► step "primary": cache ─► circuit breaker ─► micro-batcher (deadline)
                    ─► step "model:<light>" ─► "rules" ─► "default"
 
 Every piece that is off costs nothing per request: a model without a cache, breaker
@@ -51,7 +51,7 @@ from .resilience import (
     Step,
     is_deterministic,
 )
-from .stages.predict import model_failure
+from .stages.predict import PRIMARY, model_failure
 from .types import Arrays, Model, TensorSpec
 
 if TYPE_CHECKING:
@@ -484,7 +484,7 @@ class ModelServer:
             served.cache = self.cache
         primary = served._primary()
         if policy.has_fallback:
-            steps = [Step("model", primary)]
+            steps = [Step(PRIMARY, primary)]
             if policy.fallback_model is not None:
                 light = self.get(policy.fallback_model)
                 if light is served:
@@ -644,7 +644,7 @@ class ModelServer:
         """Offer the default's answer to the model's shadow (never awaited, never raises)."""
         shadow = self.shadows.get(served.name)
         default = self._default.get(served.name)
-        if shadow is not None and step in (None, "model") and default is served:
+        if shadow is not None and step in (None, PRIMARY) and default is served:
             shadow.offer(inputs, outputs, served)
 
     def _admit(
@@ -738,7 +738,7 @@ class ModelServer:
         finally:
             if token is not None:
                 SERVICE_TIME.reset(token)
-        if permit is not None and service is not None and step in (None, "model"):
+        if permit is not None and service is not None and step in (None, PRIMARY):
             permit.service = service.seconds  # the model's own answer (not a fallback's)
         self._finish(permit, None)
         if self.shadows:
