@@ -225,7 +225,8 @@ sinks: [{{type: memory, topic: out}}]
     await server.start()
     try:
         breaker = server.get("linear").breaker
-        assert breaker is not None and breaker is scorer.breaker
+        assert breaker is not None
+        assert breaker is scorer.breaker
         assert breaker.consecutive_failures == 2
         # Load and lateness say nothing of the model's health; its own errors do.
         for exc in (Overloaded("queue full"), DeadlineExceeded("late"), RuntimeError("bad")):

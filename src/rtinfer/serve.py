@@ -286,7 +286,8 @@ def _policy(config: Mapping[str, Any], path: Path, others: set[str]) -> ModelPol
                 "give open_s or open_seconds (the same), not both", file=file, key="breaker"
             )
         options["breaker_failures"] = breaker.get("consecutive_failures", 5)
-        options["breaker_open_s"] = float(breaker.get("open_s", breaker.get("open_seconds", 5.0)))
+        open_s = breaker["open_s"] if "open_s" in breaker else breaker.get("open_seconds", 5.0)
+        options["breaker_open_s"] = float(open_s)
     else:
         raise ConfigError(
             f"must be true, false or a mapping of {', '.join(sorted(_BREAKER_KEYS))}; "
