@@ -401,7 +401,7 @@ class Cycle:
             log.exception("the ASGI app failed on %s %s", self.scope["method"], self.scope["path"])
             self._fail()
         except asyncio.CancelledError:  # the server stopped past its grace
-            self._fail()
+            self._fail(503, "the server stopped before answering this request; retry")
             raise
         else:
             if not self.done:
@@ -414,16 +414,16 @@ class Cycle:
             if shared.idle is not None:
                 shared.check_idle()
 
-    def _fail(self) -> None:
-        """An app that failed or left its response unfinished: 500 if nothing went out."""
+    def _fail(self, status: int = 500, message: str = "internal server error") -> None:
+        """An app that failed or left its response unfinished: ``status`` if nothing went
+        out (500; 503 for a request the server gave up as it stopped)."""
         if self.done:
             return
         self.done = True
         conn = self.conn
         if not self.disconnected and not conn.lost:
             if self.head is None or self.head:  # nothing written yet
-                message = "internal server error"
-                conn.transport.write(error_response(500, message, conn.shared.date))
+                conn.transport.write(error_response(status, message, conn.shared.date))
             conn.transport.close()  # a half-sent response cannot be finished
         self.keep_alive = False
         conn.response_done(self)

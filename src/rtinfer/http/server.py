@@ -33,7 +33,8 @@ server needs, with as little work per request as it can:
   pinged, and closed with 1011 if it stays silent as long again);
 - lifespan startup before the socket is bound, shutdown after the last connection;
   :meth:`HttpServer.stop` stops accepting, closes idle connections, lets requests in
-  flight finish for ``grace_s``, then cancels what is left.
+  flight finish for ``grace_s``, then cancels what is left (answered 503 when nothing
+  of its answer went out).
 
 :func:`run` is what ``rtinfer serve`` calls: one process, or N worker processes that
 each bind the port with ``SO_REUSEPORT`` (the kernel spreads connections over their
@@ -272,9 +273,11 @@ class HttpServer:
                 len(shared.cycles),
                 "when told to hurry" if hurry.is_set() else f"{grace_s} s after the stop",
             )
-            for cycle in list(shared.cycles):
-                if cycle.task is not None:
-                    cycle.task.cancel()
+            cancelled = [c.task for c in shared.cycles if c.task is not None]
+            for task in cancelled:
+                task.cancel()
+            if cancelled:  # each answers 503 as it ends, if nothing of its answer went out
+                await asyncio.wait(cancelled, timeout=1.0)
             for conn in list(shared.connections):
                 if isinstance(conn, WebSocketConnection) and conn.task is not None:
                     conn.task.cancel()
