@@ -435,8 +435,9 @@ class ModelHost:
                 return
             connection.send_bytes(slot.hello)
             while True:
-                request = _decode_call(connection.recv_bytes())
+                message = connection.recv_bytes()
                 try:
+                    request = _decode_call(message)
                     outputs = predict(_arrays(request.tensors), slot, request.deadline)
                     answer = _encode(_Answer(_tensors(outputs)))
                 except ModelInputError as exc:
