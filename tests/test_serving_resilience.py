@@ -1,10 +1,11 @@
 """The protections of ``rtinfer serve`` through real servers and clients, with faults injected.
 
-Real uvicorn (the ``serving`` helper of test_http) with httpx, a real ``grpc.aio`` server
-with the generated stubs, real Python models that fail, or hold at a gate until the test
-opens it, and the real Redis at ``REDIS_URL`` (keys under a unique prefix) for the shared
-cache, or a port where nothing listens for "Redis gone". Limiters, breakers and quotas
-run on a fake clock: no test depends on how fast this machine is.
+rtinfer's own HTTP server (the ``serving`` helper of test_http) with httpx, a real
+``grpc.aio`` server with the generated stubs, real Python models that fail, or hold at a
+gate until the test opens it, and the real Redis at ``REDIS_URL`` (keys under a unique
+prefix) for the shared cache, or a port where nothing listens for "Redis gone".
+Limiters, breakers and quotas run on a fake clock: no test depends on how fast this
+machine is.
 """
 
 from __future__ import annotations

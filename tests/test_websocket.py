@@ -1,4 +1,4 @@
-"""Streaming inference over WebSocket, against a real uvicorn server and the ``websockets`` client.
+"""Streaming inference over WebSocket, against rtinfer's own server and the ``websockets`` client.
 
 Each server runs in a background thread on a free port (as in test_http.py);
 the ASGI lifespan starts and closes the models.
