@@ -23,7 +23,7 @@ import pytest
 from conftest import SAFETY, payload, wait_until
 from rtinfer.broker import Broker
 from rtinfer.build import build_pipeline
-from rtinfer.config import parse_config
+from rtinfer.config import PipelineConfig, parse_config
 from rtinfer.exceptions import CircuitOpen, DeadlineExceeded, Overloaded
 from rtinfer.http import InferenceApp
 from rtinfer.resilience import BreakerState, Priority
@@ -152,6 +152,23 @@ async def test_stream_runs_beside_the_requests(tmp_path: Path, model_file: Path)
     assert {r["decision"] for r in written} == {"block"}
 
 
+def memory_pipeline(model_file: Path, *, model_extra: str = "", extra: str = "") -> PipelineConfig:
+    """A pipeline on the in-process broker (``readings`` in, ``out`` out) whose model,
+    ``linear``, is the ONNX fixture; ``model_extra`` goes in its model's mapping."""
+    return parse_config(
+        f"""
+name: shared
+source: {{type: memory, topic: readings, group: g}}
+decode: {{fields: {{id: str, key: str, x: float, y: float}}}}
+stages: [{{type: vectorize, fields: [x, y]}}]
+model: {{path: "{model_file}", name: linear{model_extra}}}
+decision: {{thresholds: {{review: 0.5, block: 0.9}}}}
+sinks: [{{type: memory, topic: out}}]
+{extra}
+"""
+    )
+
+
 async def test_a_best_effort_stream_waits_for_the_requests_limiter_and_loses_nothing(
     model_file: Path,
 ) -> None:
@@ -160,18 +177,7 @@ async def test_a_best_effort_stream_waits_for_the_requests_limiter_and_loses_not
     has no room, while a critical request is still admitted."""
     n = 40
     broker = Broker()
-    config = parse_config(
-        f"""
-name: shared
-source: {{type: memory, topic: readings, group: g}}
-decode: {{fields: {{id: str, key: str, x: float, y: float}}}}
-stages: [{{type: vectorize, fields: [x, y]}}]
-model: {{path: "{model_file}", name: linear}}
-decision: {{thresholds: {{review: 0.5, block: 0.9}}}}
-sinks: [{{type: memory, topic: out}}]
-runtime: {{priority: best_effort}}
-"""
-    )
+    config = memory_pipeline(model_file, extra="runtime: {priority: best_effort}")
     server = ModelServer(max_concurrency=10)
     server.add_pipeline(PipelineScorer(build_pipeline(config, broker=broker), stream=True))
     await server.start()
@@ -209,15 +215,8 @@ async def test_the_pipelines_breaker_is_its_models_breaker_behind_the_server(
 ) -> None:
     """One model, one breaker: what opens it on the stream or the pipeline's route opens
     it for the model's own route, and one state is exported under its name."""
-    config = parse_config(
-        f"""
-name: shared
-source: {{type: memory, topic: readings, group: g}}
-decode: {{fields: {{id: str, key: str, x: float, y: float}}}}
-stages: [{{type: vectorize, fields: [x, y]}}]
-model: {{path: "{model_file}", name: linear, breaker: {{consecutive_failures: 2, open_s: 60}}}}
-sinks: [{{type: memory, topic: out}}]
-"""
+    config = memory_pipeline(
+        model_file, model_extra=", breaker: {consecutive_failures: 2, open_s: 60}"
     )
     server = ModelServer()
     scorer = PipelineScorer(build_pipeline(config, broker=Broker(), metrics=server.metrics))
