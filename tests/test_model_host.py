@@ -635,7 +635,9 @@ async def test_rtinfer_serve_a_pipeline_through_one_model_process(
             assert got["score"] == pytest.approx(i / 20, abs=1e-6)
             assert (got["step"], got["model_version"]) == ("primary", "1")
     hosted = json.loads((tmp_path / "summary.json").read_text())["model_process"]
-    assert (hosted["restarts"], hosted["model_loads"], hosted["model_unloads"]) == (0, 2, 2)
+    loads = (hosted["restarts"], hosted["model_loads"], hosted["model_unloads"])
+    # Seen once in CI (session 12): three loads and unloads. The log says which file and when.
+    assert loads == (0, 2, 2), (tmp_path / "serve.log").read_text()[-6000:]
     # a warm-up call a model a worker (4), and the scoring, in batches of the requests
     assert hosted["worker_calls"] >= 5
 

@@ -844,6 +844,8 @@ def _host_main(
     # group must not take the model away from them. The parent ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not logging.getLogger().handlers:  # its loads and unloads, beside the workers' lines
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from . import load_model
 
     with contextlib.suppress(FileNotFoundError):
