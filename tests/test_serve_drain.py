@@ -96,6 +96,26 @@ def grpc_request(x: float) -> pb.ModelInferRequest:
     return request
 
 
+async def until_in_flight(client: httpx.AsyncClient, n: int) -> None:
+    """Poll ``/metrics`` until the gated model's limiter holds ``n`` requests."""
+    for _ in range(int(SAFETY / 0.02)):
+        if in_flight((await client.get("/metrics")).text) == n:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{n} request(s) never got in flight")
+
+
+async def until_not_ready(client: httpx.AsyncClient) -> None:
+    """Poll readiness until it answers 503 ``{"ready": false}`` (the drain began)."""
+    for _ in range(int(SAFETY / 0.02)):
+        ready = await client.get("/v2/health/ready")
+        if ready.status_code == 503:
+            assert ready.json() == {"ready": False}
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("readiness never turned false")
+
+
 def in_flight(metrics: str) -> float:
     for line in metrics.splitlines():
         if line.startswith('rtinfer_limiter_in_flight{limiter="gated"}'):
@@ -173,20 +193,9 @@ async def test_sigterm_drains_in_flight_requests_while_readiness_is_false(
                 asyncio.ensure_future(c.post("/v2/models/gated/infer", json=body(0.25)))
                 for _ in range(4)
             ]
-            for _ in range(int(SAFETY / 0.02)):
-                if in_flight((await c.get("/metrics")).text) == 4:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                pytest.fail("the requests never got in flight")
-
+            await until_in_flight(c, 4)
             process.send_signal(signal.SIGTERM)
-            for _ in range(int(SAFETY / 0.02)):
-                ready = await c.get("/v2/health/ready")
-                if ready.status_code == 503:
-                    break
-                await asyncio.sleep(0.02)
-            assert ready.json() == {"ready": False}
+            await until_not_ready(c)
             refused = await c.post("/v2/models/gated/infer", json=body(0.5))
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
@@ -235,20 +244,9 @@ async def test_a_request_held_past_the_drain_limit_is_given_up_and_the_server_st
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=SAFETY * 3) as c:
             await wait_ready(c, process, log)
             held = asyncio.ensure_future(c.post("/v2/models/gated/infer", json=body(0.25)))
-            for _ in range(int(SAFETY / 0.02)):
-                if in_flight((await c.get("/metrics")).text) == 1:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                pytest.fail("the request never got in flight")
-
+            await until_in_flight(c, 1)
             process.send_signal(signal.SIGTERM)
-            for _ in range(int(SAFETY / 0.02)):
-                ready = await c.get("/v2/health/ready")
-                if ready.status_code == 503:
-                    break
-                await asyncio.sleep(0.02)
-            assert ready.json() == {"ready": False}
+            await until_not_ready(c)
             assert not held.done()  # readiness turned false first
             refused = await c.post("/v2/models/gated/infer", json=body(0.5))
             assert refused.status_code == 503
