@@ -165,6 +165,30 @@ def shedding_pipeline(
     )
 
 
+def factory_pipeline(tmp_path: Path, name: str, factory: str) -> Path:
+    """``tmp_path/NAME.yaml``: a pipeline whose model ``factory`` (``module:function``)
+    builds, scoring ``x`` and ``y`` of events read from an empty file (requests give it
+    its work), written to a file sink."""
+    (tmp_path / "in.jsonl").write_text("")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"""\
+name: {name}
+source: {{type: file, path: {tmp_path / "in.jsonl"}}}
+decode:
+  fields: {{id: str, x: float, y: float}}
+stages:
+  - type: vectorize
+    fields: [x, y]
+model: {{factory: "{factory}"}}
+sinks:
+  - type: file
+    path: {tmp_path / "out.jsonl"}
+"""
+    )
+    return path
+
+
 async def wait_until(condition: Callable[[], bool], what: str = "condition") -> None:
     """Yield to the loop until ``condition()`` holds (a hang fails after ``SAFETY`` seconds)."""
 

@@ -25,7 +25,7 @@ import grpc
 import httpx
 import pytest
 
-from conftest import SAFETY
+from conftest import SAFETY, factory_pipeline
 from faults_helpers import free_port
 from rtinfer.grpc import inference_pb2 as pb
 from rtinfer.grpc import inference_pb2_grpc
@@ -62,24 +62,7 @@ def gated_model():
 
 def write_pipeline(tmp_path: Path) -> Path:
     (tmp_path / "drain_helpers.py").write_text(GATED)
-    (tmp_path / "in.jsonl").write_text("")
-    path = tmp_path / "gated.yaml"
-    path.write_text(
-        f"""\
-name: gated
-source: {{type: file, path: {tmp_path / "in.jsonl"}}}
-decode:
-  fields: {{id: str, x: float, y: float}}
-stages:
-  - type: vectorize
-    fields: [x, y]
-model: {{factory: "drain_helpers:gated_model"}}
-sinks:
-  - type: file
-    path: {tmp_path / "out.jsonl"}
-"""
-    )
-    return path
+    return factory_pipeline(tmp_path, "gated", "drain_helpers:gated_model")
 
 
 def body(x: float) -> dict[str, object]:

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SAFETY, linear, wait_until
+from conftest import SAFETY, factory_pipeline, linear, wait_until
 from faults_helpers import REDIS_URL, free_port, redis_or_skip
 from rtinfer.exceptions import Closed, ConfigError, Overloaded, QuotaExceeded
 from rtinfer.grpc import create_grpc_server, inference_pb2_grpc
@@ -359,24 +359,7 @@ def pipeline_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Pyt
     monkeypatch.syspath_prepend(str(tmp_path))
     helpers: Any = importlib.import_module(module)
     helpers.MODEL = model
-    (tmp_path / "in.jsonl").write_text("")
-    path = tmp_path / "slo.yaml"
-    path.write_text(
-        f"""\
-name: slo
-source: {{type: file, path: {tmp_path / "in.jsonl"}}}
-decode:
-  fields: {{id: str, x: float, y: float}}
-stages:
-  - type: vectorize
-    fields: [x, y]
-model: {{factory: "{module}:model"}}
-sinks:
-  - type: file
-    path: {tmp_path / "out.jsonl"}
-"""
-    )
-    return path
+    return factory_pipeline(tmp_path, "slo", f"{module}:model")
 
 
 async def test_serves_slo_is_the_deadline_of_a_request_that_sends_none(
